@@ -1,0 +1,74 @@
+import { InvalidImageError } from '../errors.js';
+import { computeIdentity, sha256Hex, type LayerIdentity } from './identity.js';
+import type { ByteSource, DiskImage, Extent, LayerInfo } from './types.js';
+
+const IDENTITY_SAMPLE = 64 * 1024;
+
+/** A raw image: guest bytes are the file bytes. */
+export class RawImage implements DiskImage {
+  readonly format = 'raw' as const;
+  readonly identity: string;
+
+  private constructor(
+    private readonly source: ByteSource,
+    private readonly layerIdentity: LayerIdentity,
+  ) {
+    this.identity = computeIdentity('raw', source.size, [layerIdentity]);
+  }
+
+  static async open(source: ByteSource): Promise<RawImage> {
+    const head = await source.read(0, Math.min(IDENTITY_SAMPLE, source.size));
+    const tailStart = Math.max(0, source.size - IDENTITY_SAMPLE);
+    const tail = await source.read(tailStart, source.size - tailStart);
+    return new RawImage(source, { format: 'raw', stamp: source.stamp, metadata: sha256Hex(head, tail) });
+  }
+
+  get name(): string {
+    return this.source.name;
+  }
+
+  get virtualSize(): number {
+    return this.source.size;
+  }
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    checkRange(this, offset, length);
+    return this.source.read(offset, length);
+  }
+
+  async extents(offset: number, length: number): Promise<Extent[]> {
+    checkRange(this, offset, length);
+    return length === 0 ? [] : [{ offset, length, kind: 'data' }];
+  }
+
+  layers(): LayerInfo[] {
+    return [
+      {
+        name: this.source.name,
+        format: 'raw',
+        virtualSize: this.source.size,
+        fileSize: this.source.size,
+        allocatedBytes: this.source.size,
+      },
+    ];
+  }
+
+  identityLayers(): LayerIdentity[] {
+    return [this.layerIdentity];
+  }
+
+  async close(): Promise<void> {
+    await this.source.close();
+  }
+}
+
+/** Rejects reads outside [0, virtualSize). */
+export function checkRange(image: DiskImage, offset: number, length: number): void {
+  if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 ||
+      offset + length > image.virtualSize) {
+    throw new InvalidImageError(
+      `read of ${length} bytes at offset ${offset} is outside the virtual disk (${image.virtualSize} bytes)`,
+      { file: image.name },
+    );
+  }
+}

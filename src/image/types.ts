@@ -1,0 +1,102 @@
+import type { LayerIdentity } from './identity.js';
+
+/**
+ * The disk image abstraction shared by every reader (raw, qcow2) and every
+ * consumer (segment builder, verifier, NBD exports).
+ */
+
+/** A read-only, range-addressable byte store: a local file, an object, ... */
+export interface ByteSource {
+  /** Path or object key, used in error messages and to resolve backing names. */
+  readonly name: string;
+  /** Size in bytes at open time. */
+  readonly size: number;
+  /**
+   * Storage identity of this version of the bytes: size plus mtime (files) or
+   * ETag (object stores). Changes whenever the object is rewritten.
+   */
+  readonly stamp: string;
+  /**
+   * Reads exactly `length` bytes at `offset`. Throws StorageIOError when the
+   * range goes past the end of the source.
+   */
+  read(offset: number, length: number): Promise<Buffer>;
+  close(): Promise<void>;
+}
+
+/** Opens sources by name; used for backing files. */
+export interface SourceOpener {
+  /**
+   * Opens `name` as referenced from `from` (relative names resolve against
+   * the directory of `from`). Returns the source and a canonical key (real
+   * path) used for cycle detection.
+   */
+  openRelative(from: ByteSource, name: string): Promise<{ source: ByteSource; key: string }>;
+}
+
+export type ImageFormat = 'raw' | 'qcow2';
+
+/**
+ * Allocation state of a guest range, as seen through the whole backing chain:
+ * - data: bytes come from some layer's data (may still be zeros)
+ * - zero: explicitly zero (qcow2 zero cluster / subcluster) in the topmost layer that decides
+ * - unallocated: no layer holds it; reads as zeros
+ */
+export type ExtentKind = 'data' | 'zero' | 'unallocated';
+
+export interface Extent {
+  offset: number;
+  length: number;
+  kind: ExtentKind;
+}
+
+/** One layer of a backing chain, top first. */
+export interface LayerInfo {
+  name: string;
+  format: ImageFormat;
+  virtualSize: number;
+  fileSize: number;
+  /** qcow2 only */
+  version?: number;
+  clusterSize?: number;
+  compressionType?: 'zlib' | 'zstd';
+  extendedL2?: boolean;
+  /** Backing file name as written in the header, and its format if given. */
+  backingFile?: string;
+  backingFormat?: string;
+  /** Host bytes used by data clusters of this layer (qcow2), or file size (raw). */
+  allocatedBytes: number;
+}
+
+export interface DiskImage {
+  readonly format: ImageFormat;
+  readonly name: string;
+  /** Guest-visible size in bytes. */
+  readonly virtualSize: number;
+  /**
+   * Guest-visible bytes [offset, offset+length). Ranges past virtualSize are
+   * an error (callers clamp).
+   */
+  read(offset: number, length: number): Promise<Buffer>;
+  /**
+   * Allocation extents covering [offset, offset+length), in order, adjacent
+   * extents of the same kind merged.
+   */
+  extents(offset: number, length: number): Promise<Extent[]>;
+  /** The chain, this image first. */
+  layers(): LayerInfo[];
+  /** Hex SHA-256 identity; see src/image/identity.ts for how it is formed. */
+  readonly identity: string;
+  /** The per-layer inputs of the identity, this image first. */
+  identityLayers(): LayerIdentity[];
+  close(): Promise<void>;
+}
+
+export interface OpenImageOptions {
+  /** Force a format for the top image instead of probing. */
+  format?: ImageFormat;
+  /** Open qcow2 images whose corrupt bit is set. */
+  force?: boolean;
+  /** Maximum backing chain depth (default 16). */
+  maxChainDepth?: number;
+}
