@@ -1,0 +1,199 @@
+import { randomBytes } from 'node:crypto';
+import { constants } from 'node:fs';
+import { mkdir, open, readdir, realpath, rename, rm, stat } from 'node:fs/promises';
+import { dirname, isAbsolute, join, posix, relative, sep } from 'node:path';
+import { FileNotFoundError, StorageIOError, UsageError, fromSystemError } from '../errors.js';
+import { FileByteSource } from '../image/file-source.js';
+import type { ByteSource } from '../image/types.js';
+import type { ObjectStat, Storage } from './types.js';
+
+/**
+ * A local directory (or an NFS mount) as the storage system. Keys are
+ * relative paths below the root; nothing outside the root is reachable, not
+ * even through symlinks.
+ */
+export class LocalDirStorage implements Storage {
+  readonly description: string;
+
+  private constructor(private readonly root: string) {
+    this.description = `dir:${root}`;
+  }
+
+  static async open(root: string): Promise<LocalDirStorage> {
+    let real: string;
+    try {
+      real = await realpath(root);
+      const st = await stat(real);
+      if (!st.isDirectory()) throw new StorageIOError('storage root is not a directory', { file: root });
+    } catch (err) {
+      throw fromSystemError(err, root, 'opening the storage directory');
+    }
+    return new LocalDirStorage(real);
+  }
+
+  /** Validates a key and maps it to a path inside the root (symlinks resolved). */
+  async pathOf(key: string, mustExist = true): Promise<string> {
+    validateKey(key);
+    const path = join(this.root, ...key.split('/'));
+    if (!mustExist) {
+      await this.checkInside(dirname(path), key, false);
+      return path;
+    }
+    await this.checkInside(path, key, true);
+    return path;
+  }
+
+  private async checkInside(path: string, key: string, mustExist: boolean): Promise<void> {
+    let real: string;
+    try {
+      real = await realpath(path);
+    } catch (err) {
+      if (!mustExist && (err as NodeJS.ErrnoException).code === 'ENOENT') return;
+      throw fromSystemError(err, key, 'resolving');
+    }
+    const rel = relative(this.root, real);
+    if (rel.startsWith('..') || isAbsolute(rel)) {
+      throw new UsageError(`key ${JSON.stringify(key)} resolves outside the storage root`);
+    }
+  }
+
+  async stat(key: string): Promise<ObjectStat | undefined> {
+    let path: string;
+    try {
+      path = await this.pathOf(key);
+    } catch (err) {
+      if (err instanceof FileNotFoundError) return undefined;
+      throw err;
+    }
+    const st = await stat(path, { bigint: true }).catch((err: unknown) => {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+      throw fromSystemError(err, key, 'stat');
+    });
+    if (!st || !st.isFile()) return undefined;
+    return { key, size: Number(st.size), stamp: `${st.size}:${st.mtimeNs}` };
+  }
+
+  async read(key: string, offset: number, length: number): Promise<Buffer> {
+    const source = await this.openSource(key);
+    try {
+      return await source.read(offset, length);
+    } finally {
+      await source.close();
+    }
+  }
+
+  async get(key: string): Promise<Buffer> {
+    const source = await this.openSource(key);
+    try {
+      return await source.read(0, source.size);
+    } finally {
+      await source.close();
+    }
+  }
+
+  async put(key: string, body: Buffer | AsyncIterable<Buffer>): Promise<ObjectStat> {
+    const path = await this.pathOf(key, false);
+    await mkdir(dirname(path), { recursive: true });
+    // Unique temp name per writer: concurrent writers never share a file, and
+    // rename(2) makes the last complete one win.
+    const tmp = `${path}.tmp-${process.pid}-${randomBytes(6).toString('hex')}`;
+    try {
+      const handle = await open(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, 0o644);
+      try {
+        if (Buffer.isBuffer(body)) {
+          await handle.writeFile(body);
+        } else {
+          for await (const chunk of body) await handle.write(chunk);
+        }
+        await handle.sync();
+      } finally {
+        await handle.close();
+      }
+      await rename(tmp, path);
+      await syncDir(dirname(path));
+    } catch (err) {
+      await rm(tmp, { force: true });
+      throw fromSystemError(err, key, 'publishing');
+    }
+    const st = await this.stat(key);
+    if (!st) throw new StorageIOError('object vanished right after publishing', { file: key });
+    return st;
+  }
+
+  async list(prefix = ''): Promise<ObjectStat[]> {
+    const out: ObjectStat[] = [];
+    const walk = async (dir: string, relDir: string): Promise<void> => {
+      let entries;
+      try {
+        entries = await readdir(dir, { withFileTypes: true });
+      } catch (err) {
+        throw fromSystemError(err, relDir || '.', 'listing');
+      }
+      for (const entry of entries) {
+        const key = relDir ? `${relDir}/${entry.name}` : entry.name;
+        if (entry.isDirectory()) {
+          if (prefix.startsWith(key) || key.startsWith(prefix) || prefix === '') await walk(join(dir, entry.name), key);
+        } else if (entry.isFile() && key.startsWith(prefix) && !entry.name.includes('.tmp-')) {
+          const st = await this.stat(key);
+          if (st) out.push(st);
+        }
+      }
+    };
+    await walk(this.root, '');
+    return out.sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0));
+  }
+
+  async openSource(key: string): Promise<ByteSource> {
+    const path = await this.pathOf(key);
+    const source = await FileByteSource.open(path);
+    return renamedSource(source, key);
+  }
+
+  resolveRelative(fromKey: string, name: string): string {
+    if (name.startsWith('/')) {
+      // An absolute backing path is only usable when it lies inside the root.
+      const rel = relative(this.root, name);
+      if (rel.startsWith('..') || isAbsolute(rel)) {
+        throw new UsageError(`backing file ${JSON.stringify(name)} lies outside the storage root`);
+      }
+      return rel.split(sep).join('/');
+    }
+    return posix.normalize(posix.join(posix.dirname(fromKey), name));
+  }
+}
+
+/** Keys: relative, '/'-separated, no '.'/'..' segments, no NUL, not empty. */
+export function validateKey(key: string): void {
+  if (typeof key !== 'string' || key.length === 0) throw new UsageError('empty object key');
+  if (key.length > 4096) throw new UsageError('object key longer than 4096 bytes');
+  if (key.includes('\0')) throw new UsageError('object key contains a NUL byte');
+  if (key.startsWith('/')) throw new UsageError(`object key ${JSON.stringify(key)} is absolute`);
+  if (key.includes('\\')) throw new UsageError(`object key ${JSON.stringify(key)} contains a backslash`);
+  for (const part of key.split('/')) {
+    if (part === '' || part === '.' || part === '..') {
+      throw new UsageError(`object key ${JSON.stringify(key)} has an empty, '.' or '..' segment`);
+    }
+  }
+}
+
+async function syncDir(dir: string): Promise<void> {
+  const handle = await open(dir, 'r');
+  try {
+    await handle.sync();
+  } catch {
+    // Some file systems (and NFS) refuse fsync on directories; rename is still atomic.
+  } finally {
+    await handle.close();
+  }
+}
+
+/** The same source under its storage key (error messages name the key). */
+function renamedSource(source: ByteSource, key: string): ByteSource {
+  return {
+    name: key,
+    size: source.size,
+    stamp: source.stamp,
+    read: (offset, length) => source.read(offset, length),
+    close: () => source.close(),
+  };
+}

@@ -1,0 +1,38 @@
+/**
+ * The storage system that holds images and their sidecars (.bcmap, .bcseg).
+ *
+ * Async and range-based so that an S3-compatible object store (ETag as the
+ * stamp, ranged GETs, PUT as the atomic publish) fits behind the same
+ * interface as a local directory or an NFS mount. Keys are '/'-separated
+ * relative paths; no file descriptors cross this interface.
+ */
+import type { ByteSource } from '../image/types.js';
+
+export interface ObjectStat {
+  key: string;
+  size: number;
+  /** Storage identity of this version: size and mtime (files) or ETag (objects). */
+  stamp: string;
+}
+
+export interface Storage {
+  /** Human-readable location, e.g. "dir:/srv/images". */
+  readonly description: string;
+  /** undefined when the object does not exist. */
+  stat(key: string): Promise<ObjectStat | undefined>;
+  /** Exactly `length` bytes at `offset` (one request). */
+  read(key: string, offset: number, length: number): Promise<Buffer>;
+  /** The whole object (meant for small objects: maps, segment headers). */
+  get(key: string): Promise<Buffer>;
+  /**
+   * Atomically publishes `body` under `key`: readers see the old object or
+   * the new one, never a part; concurrent writers never interleave.
+   */
+  put(key: string, body: Buffer | AsyncIterable<Buffer>): Promise<ObjectStat>;
+  /** Objects whose key starts with `prefix`, sorted by key. */
+  list(prefix?: string): Promise<ObjectStat[]>;
+  /** A ByteSource over one version of the object (ranged reads). */
+  openSource(key: string): Promise<ByteSource>;
+  /** Opens `name` relative to the directory of `fromKey` (qcow2 backing files). */
+  resolveRelative(fromKey: string, name: string): string;
+}
