@@ -14,9 +14,11 @@
 #     vmlinuz, or the host's /boot/vmlinuz): direct kernel boot with no initrd
 #     and `panic=-1`. The kernel walks its whole init (timers, SMP bring-up,
 #     device probe), fails to mount a root fs and prints "Kernel panic" on
-#     ttyS0 (then resets; -no-reboot makes QEMU exit). No "Kernel panic" on
-#     the serial console within 6 s -> tcg. QEMU exiting alone is no proof:
-#     a triple fault also ends it.
+#     ttyS0 (then resets; -no-reboot makes QEMU exit). "Kernel panic" on the
+#     serial console within 5 s -> kvm. Else, if the console (earlycon, so it
+#     starts at the first kernel instruction) grew in the last 1.5 s, the
+#     kernel is running, just slowly (loaded host) -> kvm; silent -> tcg.
+#     QEMU exiting alone is no proof: a triple fault also ends it.
 #
 # Usage: detect-accel.sh [--kernel VMLINUZ] [--verbose]
 # Env:   BOOTCACHE_ACCEL=kvm|tcg   skip the probe and use this answer
@@ -24,11 +26,14 @@
 # Test hooks (not for normal use): --probe-accel ACCEL probes with another
 #        accelerator (e.g. tcg, to exercise the "works" path on a host without
 #        KVM); BOOTCACHE_DETECT_QEMU_EXTRA adds QEMU arguments (e.g. -S freezes
-#        the guest, to exercise the "hangs" path).
+#        the guest, to exercise the "hangs" path);
+#        BOOTCACHE_DETECT_FIRMWARE_DEADLINE_S / _KERNEL_DEADLINE_S change the
+#        deadlines (3 s / 5 s). Worst case run time: both deadlines + 2 s.
 set -euo pipefail
 
-FIRMWARE_DEADLINE_S=3
-KERNEL_DEADLINE_S=6
+FIRMWARE_DEADLINE_S=${BOOTCACHE_DETECT_FIRMWARE_DEADLINE_S:-3}
+KERNEL_DEADLINE_S=${BOOTCACHE_DETECT_KERNEL_DEADLINE_S:-5}
+PROGRESS_WINDOW_MS=1500
 QEMU=${QEMU:-qemu-system-x86_64}
 
 kernel=""
@@ -90,32 +95,48 @@ trap cleanup EXIT
 
 # run_probe DEADLINE_S PATTERN FILE QEMU-ARGS...: starts QEMU in the background
 # and polls every 50 ms until FILE (a console QEMU writes) contains PATTERN.
-# Returns 0 when it does in time; otherwise 1, with the reason in $probe_failure.
+# Returns 0 when it does in time; otherwise 1, with the reason in $probe_failure
+# and in $probe_quiet_ms how long FILE had not grown (-1: it stayed empty).
 # QEMU exiting is not success in itself: with -no-reboot a guest triple fault
 # also ends QEMU with status 0. Never waits on a stuck QEMU: a process in
 # uninterruptible sleep inside KVM may not die at once, so after SIGKILL we
 # wait at most 1 s and then leave it behind.
 probe_failure=""
+probe_quiet_ms=-1
+# Sets NOW_MS (wall clock) without forking a subshell; needs bash >= 5.
+now_ms() { local t=${EPOCHREALTIME/./}; NOW_MS=$((10#$t / 1000)); }
 run_probe() {
   local deadline_s=$1 pattern=$2 file=$3; shift 3
-  local extra=() ticks=$((deadline_s * 20)) i j status found=0 exited=""
+  local extra=() status found=0 exited="" start deadline kill_deadline size last_size=0
+  probe_quiet_ms=-1
   read -r -a extra <<<"${BOOTCACHE_DETECT_QEMU_EXTRA:-}"
+  # Deadlines are wall-clock (a loaded host makes each poll slower).
+  now_ms; start=$NOW_MS
+  deadline=$((start + deadline_s * 1000))
   "$QEMU" "$@" "${extra[@]}" </dev/null >"$tmp/qemu.out" 2>&1 &
   qemu_pid=$!
-  for ((i = 0; i < ticks; i++)); do
+  local last_growth=$start
+  while now_ms && ((NOW_MS < deadline)); do
     if grep -qs "$pattern" "$file"; then found=1; break; fi
+    size=$(stat -c %s "$file" 2>/dev/null || echo 0)
+    if ((size > last_size)); then last_size=$size; last_growth=$NOW_MS; fi
     if ! kill -0 "$qemu_pid" 2>/dev/null; then
       status=0; wait "$qemu_pid" || status=$?
       qemu_pid=""
       grep -qs "$pattern" "$file" && found=1
-      exited="QEMU exited (status $status) after $((i * 50)) ms"
+      now_ms; exited="QEMU exited (status $status) after $((NOW_MS - start)) ms"
       break
     fi
     sleep 0.05
   done
+  # One last look: the pattern may have come during the last sleep.
+  [[ $found == 1 ]] || ! grep -qs "$pattern" "$file" || found=1
+  now_ms; local elapsed=$((NOW_MS - start))
+  if ((last_size > 0)); then probe_quiet_ms=$((NOW_MS - last_growth)); fi
   if [[ -n $qemu_pid ]]; then
     kill -KILL "$qemu_pid" 2>/dev/null || true
-    for ((j = 0; j < 20; j++)); do
+    now_ms; kill_deadline=$((NOW_MS + 1000))
+    while now_ms && ((NOW_MS < kill_deadline)); do
       kill -0 "$qemu_pid" 2>/dev/null || break
       sleep 0.05
     done
@@ -127,7 +148,7 @@ run_probe() {
     qemu_pid=""
   fi
   if [[ $found == 1 ]]; then
-    debug "'$pattern' seen after about $((i * 50)) ms"
+    debug "'$pattern' seen after about $elapsed ms"
     return 0
   fi
   if [[ -n $exited ]]; then
@@ -149,9 +170,17 @@ if [[ -z $kernel ]]; then
   answer "$probe_accel" "firmware runs under -accel $probe_accel (no kernel found for the kernel check)"
 fi
 
+# earlycon: console output from the kernel's first steps, not only once the
+# 8250 driver is up, so "no output" really means "not running".
 if ! run_probe "$KERNEL_DEADLINE_S" "Kernel panic" "$tmp/serial" "${common[@]}" -serial "file:$tmp/serial" \
-  -kernel "$kernel" -append "console=ttyS0 panic=-1 root=/dev/bootcache-no-root" 2>/dev/null; then
+  -kernel "$kernel" -append "earlycon=uart8250,io,0x3f8,115200 console=ttyS0 panic=-1 root=/dev/bootcache-no-root" 2>/dev/null; then
   last=$(tr -d '\r' <"$tmp/serial" 2>/dev/null | grep -v '^[[:space:]]*$' | tail -n1 | cut -c1-120 || true)
-  answer tcg "-accel $probe_accel kernel check failed: $probe_failure (last console line: ${last:-none})"
+  # A slow (loaded) host may not reach the panic in time; a kernel still
+  # printing in the last PROGRESS_WINDOW_MS counts as running, a silent one
+  # as hung.
+  if ((probe_quiet_ms >= 0 && probe_quiet_ms <= PROGRESS_WINDOW_MS)); then
+    answer "$probe_accel" "kernel $(basename "$kernel") still booting under -accel $probe_accel after ${KERNEL_DEADLINE_S}s but making progress (last console line: ${last:-none})"
+  fi
+  answer tcg "-accel $probe_accel kernel check failed: $probe_failure, $( ((probe_quiet_ms < 0)) && echo "console silent" || echo "console quiet for ${probe_quiet_ms}ms") (last console line: ${last:-none})"
 fi
 answer "$probe_accel" "firmware and kernel $(basename "$kernel") run under -accel $probe_accel"

@@ -15,6 +15,8 @@
  * 5 minute window bounds a boot that never goes idle.
  */
 
+import { Bitmap } from '../format/bitmap.js';
+
 export type BootEndReason = 'idle' | 'window' | 'mark-booted' | 'closed';
 
 export interface BootPolicy {
@@ -36,8 +38,8 @@ export interface BootSummary {
 }
 
 export class BootRecorder {
-  /** Bit i set when block i was read during the boot (LSB-first, as in .bcmap). */
-  readonly bitmap: Uint8Array;
+  /** Bit i set when block i was read during the boot. */
+  readonly bitmap: Bitmap;
   reads = 0;
   bytes = 0;
   blocks = 0;
@@ -51,8 +53,7 @@ export class BootRecorder {
     readonly policy: BootPolicy,
     readonly startedAt: number,
   ) {
-    const blockCount = Math.ceil(virtualSize / blockSize);
-    this.bitmap = new Uint8Array(Math.ceil(blockCount / 8));
+    this.bitmap = new Bitmap(Math.ceil(virtualSize / blockSize));
     this.lastNewBlockAt = startedAt;
   }
 
@@ -69,11 +70,9 @@ export class BootRecorder {
     const first = Math.floor(offset / this.blockSize);
     const last = Math.floor((offset + length - 1) / this.blockSize);
     let added = 0;
-    for (let block = first; block <= last; block++) {
-      const byte = block >>> 3;
-      const bit = 1 << (block & 7);
-      if ((this.bitmap[byte]! & bit) === 0) {
-        this.bitmap[byte] = this.bitmap[byte]! | bit;
+    for (let block = first; block <= last && block < this.bitmap.length; block++) {
+      if (!this.bitmap.get(block)) {
+        this.bitmap.set(block);
         added++;
       }
     }

@@ -36,8 +36,14 @@ export function classifyError(err: unknown): ErrorJson['error'] {
   return { code: 'BC_INTERNAL', exitCode: ExitCode.INTERNAL, message: firstLine(e.message ?? String(err)) };
 }
 
+/** Folds a (possibly multi-line) message into one line. */
 function firstLine(message: string | undefined): string {
-  return (message ?? 'unknown error').split('\n').find((l) => l.trim().length > 0)?.trim() ?? 'unknown error';
+  const text = (message ?? '')
+    .split('\n')
+    .map((l) => l.trim())
+    .filter((l) => l.length > 0 && !/^The following errors? occurred:?$/i.test(l) && !/^See more help with/.test(l))
+    .join(' ');
+  return text.length > 0 ? text : 'unknown error';
 }
 
 /**

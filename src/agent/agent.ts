@@ -1,0 +1,364 @@
+/**
+ * The bootcache agent: serves every image under the storage root over NBD,
+ * through a per-image cache manager (ImageService), a shared cache device,
+ * and a per-image prefetch stream of the image's boot segment. Boots are
+ * recorded; when one ends, the map is merged and a new segment is built and
+ * published next to the image (IMAGE.bcmap, IMAGE.bcseg).
+ */
+import { mkdir, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import cron from 'node-cron';
+import type { Logger } from 'pino';
+import { AgentError, BootcacheError } from '../errors.js';
+import { openImageFromSource } from '../image/open.js';
+import type { DiskImage, SourceOpener } from '../image/types.js';
+import { CountingStorage, FaultyStorage } from '../storage/filters.js';
+import { LocalDirStorage } from '../storage/local.js';
+import type { Storage } from '../storage/types.js';
+import { CacheDevice } from './cache/cache-device.js';
+import type { BootRecorder, BootSummary } from './boot-recorder.js';
+import type { AgentConfig } from './config.js';
+import { ControlServer } from './control.js';
+import { ImageService, type ReadCounters } from './image-service.js';
+import { ExportNotFoundError, type ExportDescription, type ExportProvider, type NbdExport } from './nbd/export.js';
+import { NbdServer } from './nbd/server.js';
+import { Prefetcher } from './prefetcher.js';
+import { SidecarStore, SIDECAR_SUFFIXES } from './sidecars.js';
+
+export interface AgentCounters {
+  storage: { readRequests: number; readBytes: number };
+  cache: ReadCounters;
+  prefetch: { bytes: number; unusedBytes: number };
+  boots: { recorded: number; skipped: number; failed: number };
+}
+
+export interface ExportStatus {
+  name: string;
+  size: number;
+  connections: number;
+  identity: string;
+  prefetch?: ReturnType<Prefetcher['progress']>;
+  lastBoot?: BootSummary;
+  rebuild?: { state: 'idle' | 'running' | 'failed'; lastError?: string; lastPublishedAt?: string };
+}
+
+export interface AgentStatus {
+  pid: number;
+  uptimeSeconds: number;
+  storage: string;
+  socket: string;
+  listen?: string;
+  exports: ExportStatus[];
+  cache: ReturnType<CacheDevice['stats']>;
+  counters: AgentCounters;
+}
+
+interface ServiceEntry {
+  service: ImageService;
+  stamp: string;
+  rebuild: Promise<void>;
+  rebuildState: 'idle' | 'running' | 'failed';
+  lastError?: string;
+  lastPublishedAt?: string;
+}
+
+export class Agent implements ExportProvider {
+  private readonly counters: AgentCounters = {
+    storage: { readRequests: 0, readBytes: 0 },
+    cache: { hits: 0, misses: 0 },
+    prefetch: { bytes: 0, unusedBytes: 0 },
+    boots: { recorded: 0, skipped: 0, failed: 0 },
+  };
+  private readonly services = new Map<string, ServiceEntry>();
+  private readonly opening = new Map<string, Promise<ServiceEntry>>();
+  private nbd: NbdServer | undefined;
+  private control: ControlServer | undefined;
+  private maintenance: cron.ScheduledTask | undefined;
+  private readonly startedAt = Date.now();
+  private storage!: CountingStorage;
+  private sidecars!: SidecarStore;
+  private cache!: CacheDevice;
+
+  constructor(
+    readonly config: AgentConfig,
+    private readonly log: Logger,
+  ) {}
+
+  /** Opens storage and cache and starts listening; clear errors when anything is wrong. */
+  async start(): Promise<void> {
+    const c = this.config;
+    let storage: Storage = await LocalDirStorage.open(c.storage).catch((err: unknown) => {
+      throw new AgentError(`storage: ${(err as Error).message}`, { cause: err });
+    });
+    if (c.storageDelayMs > 0 || c.storageErrorRate > 0) {
+      storage = new FaultyStorage(storage, { delayMs: c.storageDelayMs, errorRate: c.storageErrorRate });
+    }
+    this.storage = new CountingStorage(storage);
+    this.counters.storage = this.storage.counters;
+    this.sidecars = new SidecarStore(this.storage, c.blockSize, c.merge, this.log);
+    this.cache = await CacheDevice.open(c.cache, { capacityBytes: c.cacheSize, blockSize: c.blockSize, logger: this.log }).catch(
+      (err: unknown) => {
+        throw err instanceof AgentError ? err : new AgentError(`cache: ${(err as Error).message}`, { cause: err });
+      },
+    );
+    try {
+      this.nbd = new NbdServer(this, {
+        logger: (level, msg, fields) => this.log[level === 'warn' ? 'warn' : level === 'error' ? 'error' : 'debug'](fields ?? {}, msg),
+      });
+      await mkdir(join(c.socket, '..'), { recursive: true });
+      await this.nbd.listenUnix(c.socket);
+      if (c.listen) await this.nbd.listenTcp(c.listen.host, c.listen.port);
+      await mkdir(join(c.control, '..'), { recursive: true });
+      this.control = await ControlServer.start(c.control, {
+        status: async () => this.status(),
+        markBooted: async (name) => this.markBooted(name),
+      });
+    } catch (err) {
+      await this.stop();
+      throw err;
+    }
+    if (c.maintenance !== 'off') {
+      this.maintenance = cron.schedule(c.maintenance, () => void this.runMaintenance());
+    }
+    this.log.info(
+      { storage: this.storage.description, socket: c.socket, listen: c.listen, control: c.control, cacheSize: c.cacheSize },
+      'agent started',
+    );
+  }
+
+  /** Stops accepting, drains in-flight requests, finishes rebuilds, flushes the cache. */
+  async stop(): Promise<void> {
+    this.maintenance?.stop();
+    await this.nbd?.close().catch((err: unknown) => this.log.warn({ err }, 'closing NBD server'));
+    await this.control?.close().catch(() => undefined);
+    for (const entry of this.services.values()) {
+      entry.service.markBooted(); // flush a recording in progress into the map
+      await entry.rebuild;
+      entry.service.dispose();
+      await entry.service.image.close().catch(() => undefined);
+    }
+    await this.cache?.close().catch((err: unknown) => this.log.warn({ err }, 'closing cache'));
+    this.log.info({ counters: this.counters }, 'agent stopped');
+  }
+
+  async runMaintenance(): Promise<void> {
+    try {
+      await this.cache.compact();
+      this.log.info({ cache: this.cache.stats() }, 'maintenance: cache index compacted');
+    } catch (err) {
+      this.log.warn({ err: (err as Error).message }, 'maintenance failed');
+    }
+  }
+
+  // ExportProvider
+
+  async list(): Promise<string[]> {
+    return (await this.storage.list()).map((o) => o.key).filter(isImageKey);
+  }
+
+  async describe(name: string): Promise<ExportDescription> {
+    const entry = await this.serviceFor(name);
+    return { name, size: entry.service.virtualSize };
+  }
+
+  async open(name: string): Promise<NbdExport> {
+    const entry = await this.serviceFor(name);
+    const service = entry.service;
+    service.open();
+    if (service.connections === 1) void this.startPrefetch(entry);
+    let closed = false;
+    return {
+      name,
+      size: service.virtualSize,
+      read: (offset, length) => service.read(offset, length),
+      extents: (offset, length) => service.extents(offset, length),
+      cache: async (offset, length) => {
+        await service.readUnrecorded(offset, length);
+      },
+      close: async () => {
+        if (closed) return;
+        closed = true;
+        service.close();
+      },
+    };
+  }
+
+  private async serviceFor(name: string): Promise<ServiceEntry> {
+    if (!isImageKey(name)) throw new ExportNotFoundError(`no export named ${JSON.stringify(name)}`);
+    const stat = await this.storage.stat(name).catch((err: unknown) => {
+      if (err instanceof BootcacheError) throw new ExportNotFoundError(`no export named ${JSON.stringify(name)}: ${err.message}`);
+      throw err;
+    });
+    if (!stat) throw new ExportNotFoundError(`no export named ${JSON.stringify(name)}`);
+    const existing = this.services.get(name);
+    if (existing && existing.stamp === stat.stamp) return existing;
+    if (existing && existing.service.connections === 0) {
+      // The image was rewritten: drop the old service (its cache space no longer matches).
+      this.services.delete(name);
+      existing.service.dispose();
+      await existing.rebuild;
+      await existing.service.image.close().catch(() => undefined);
+    } else if (existing) {
+      return existing; // still in use by running VMs: keep serving the version they opened
+    }
+    let pending = this.opening.get(name);
+    if (!pending) {
+      pending = this.createService(name, stat.stamp).finally(() => this.opening.delete(name));
+      this.opening.set(name, pending);
+    }
+    return pending;
+  }
+
+  private async createService(name: string, stamp: string): Promise<ServiceEntry> {
+    const image = await this.openImage(name);
+    const service = new ImageService(name, image, this.cache, {
+      bootPolicy: this.config.boot,
+      mapBlockSize: this.config.blockSize,
+      cacheMisses: this.config.cacheMisses,
+      counters: this.counters.cache,
+      onBootEnd: (svc, boot) => this.onBootEnd(svc, boot),
+    });
+    const entry: ServiceEntry = { service, stamp, rebuild: Promise.resolve(), rebuildState: 'idle' };
+    this.services.set(name, entry);
+    this.log.info({ export: name, identity: image.identity, size: image.virtualSize, format: image.format }, 'export opened');
+    return entry;
+  }
+
+  private async openImage(key: string): Promise<DiskImage> {
+    const storage = this.storage;
+    const opener: SourceOpener = {
+      async openRelative(from, name) {
+        const backingKey = storage.resolveRelative(from.name, name);
+        return { source: await storage.openSource(backingKey), key: backingKey };
+      },
+    };
+    const source = await storage.openSource(key);
+    return openImageFromSource(source, opener, {}, [key]);
+  }
+
+  private async startPrefetch(entry: ServiceEntry): Promise<void> {
+    const service = entry.service;
+    if (service.prefetch && ['streaming', 'done'].includes(service.prefetch.progress().state)) {
+      // Another VM already streamed (or streams) this image's segment: one stream per image.
+      if (service.prefetch.progress().state === 'streaming') return;
+    }
+    try {
+      const loaded = await this.sidecars.loadForPrefetch(service.name, service.image);
+      if (!loaded) return;
+      if (loaded.map.blockSize < this.cache.blockSize) {
+        this.log.warn({ export: service.name }, 'segment block size is smaller than the cache block size; not prefetching');
+        return;
+      }
+      const prefetcher = new Prefetcher(
+        this.storage,
+        loaded.prefetchMap,
+        loaded.segment,
+        { store: (block, data) => service.storeMapBlock(block, data), has: (block) => service.hasMapBlock(block) },
+        {
+          chunkBytes: this.config.prefetchChunk,
+          depth: this.config.prefetchDepth,
+          onWarning: (message) => this.log.warn({ export: service.name }, message),
+        },
+      );
+      service.setPrefetcher(prefetcher);
+      this.log.info({ export: service.name, blocks: loaded.segment.blockCount }, 'prefetch started');
+      const before = this.storage.counters.readBytes;
+      await prefetcher.start();
+      const p = prefetcher.progress();
+      this.counters.prefetch.bytes += p.bytesRead;
+      this.log.info({ export: service.name, ...p, storageBytesDuringPrefetch: this.storage.counters.readBytes - before }, 'prefetch finished');
+    } catch (err) {
+      this.log.warn({ export: service.name, err: (err as Error).message }, 'prefetch skipped');
+    }
+  }
+
+  private onBootEnd(service: ImageService, boot: BootRecorder): void {
+    const entry = this.services.get(service.name);
+    if (!entry) return;
+    const summary = boot.summary(performance.now());
+    this.log.info({ export: service.name, ...summary }, 'boot ended');
+    // Prefetched blocks this boot never read.
+    const prefetcher = service.prefetch;
+    if (prefetcher) this.counters.prefetch.unusedBytes += prefetcher.unusedBytes(boot.bitmap, boot.blockSize);
+    if (boot.blocks === 0) {
+      this.counters.boots.skipped++;
+      this.log.info({ export: service.name }, 'boot read nothing: no new map or segment');
+      return;
+    }
+    // Rebuilds of one image run one after the other.
+    entry.rebuild = entry.rebuild.then(async () => {
+      entry.rebuildState = 'running';
+      try {
+        const published = await this.sidecars.publishBoot(service, boot, join(this.config.cache, 'tmp'));
+        if (published) {
+          this.counters.boots.recorded++;
+          entry.lastPublishedAt = new Date().toISOString();
+        } else {
+          this.counters.boots.skipped++;
+        }
+        entry.rebuildState = 'idle';
+      } catch (err) {
+        this.counters.boots.failed++;
+        entry.rebuildState = 'failed';
+        entry.lastError = (err as Error).message;
+        this.log.error({ export: service.name, err: (err as Error).message }, 'segment rebuild failed');
+      }
+    });
+  }
+
+  markBooted(name: string): BootSummary {
+    const entry = this.services.get(name);
+    if (!entry) throw new ExportNotFoundError(`export ${JSON.stringify(name)} is not open`);
+    const summary = entry.service.markBooted();
+    if (!summary) throw new ExportNotFoundError(`export ${JSON.stringify(name)} has no boot recorded`);
+    return summary;
+  }
+
+  /** Waits for all pending rebuilds (tests, shutdown). */
+  async settled(): Promise<void> {
+    await Promise.all([...this.services.values()].map((e) => e.rebuild));
+  }
+
+  status(): AgentStatus {
+    const exports: ExportStatus[] = [];
+    for (const [name, entry] of this.services) {
+      const s: ExportStatus = {
+        name,
+        size: entry.service.virtualSize,
+        connections: entry.service.connections,
+        identity: entry.service.image.identity,
+        rebuild: { state: entry.rebuildState },
+      };
+      if (entry.lastError) s.rebuild!.lastError = entry.lastError;
+      if (entry.lastPublishedAt) s.rebuild!.lastPublishedAt = entry.lastPublishedAt;
+      const prefetch = entry.service.prefetch?.progress();
+      if (prefetch) s.prefetch = prefetch;
+      const boot = entry.service.bootSummary();
+      if (boot) s.lastBoot = boot;
+      exports.push(s);
+    }
+    const status: AgentStatus = {
+      pid: process.pid,
+      uptimeSeconds: Math.round((Date.now() - this.startedAt) / 1000),
+      storage: this.storage.description,
+      socket: this.config.socket,
+      exports,
+      cache: this.cache.stats(),
+      counters: this.counters,
+    };
+    if (this.config.listen) status.listen = `${this.config.listen.host}:${this.config.listen.port}`;
+    return status;
+  }
+
+  /** Removes leftovers of interrupted rebuilds. */
+  static async cleanTmp(cacheDir: string): Promise<void> {
+    await rm(join(cacheDir, 'tmp'), { recursive: true, force: true });
+  }
+}
+
+/** Export names: any storage object but the sidecars and temp files. */
+export function isImageKey(key: string): boolean {
+  if (SIDECAR_SUFFIXES.some((s) => key.endsWith(s))) return false;
+  if (/\.tmp-[^/]*$/.test(key)) return false;
+  return true;
+}

@@ -1,0 +1,959 @@
+/**
+ * The agent's local cache device: blocks of images (read from storage, or
+ * streamed in by the prefetcher from a boot segment) kept on local disk so
+ * that later reads are local.
+ *
+ * A fixed-size data file of blockSize slots holds the bytes; an in-memory
+ * index maps (space, block) to a slot and is persisted as a snapshot plus an
+ * append-only journal. The ordering rules that make it crash-safe (see
+ * docs/cache-device.md, "Crash safety"):
+ *   1. data is written only into a slot that no durable record maps;
+ *   2. the data file is fdatasync'd before the journal records that map its
+ *      slots are appended (group commit: one fdatasync pair per batch);
+ *   3. a slot leaves the index (eviction, overwrite, invalidation) at once,
+ *      but is reused only after the record saying so is durable.
+ */
+import { constants, read } from 'node:fs';
+import { mkdir, open, readdir, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { randomInt } from 'node:crypto';
+import { dirname, join } from 'node:path';
+import { crc32 } from 'node:zlib';
+import { AgentError, BootcacheError, StorageIOError, fromSystemError } from '../../errors.js';
+import type { BlockCache, CacheBlockKind } from '../block-cache.js';
+import { isTempName, writeFileAtomic } from '../../format/atomic-write.js';
+import { acquireLock, pwriteAll, readHead, readIfExists, releaseLock, writevAll } from './file-io.js';
+import {
+  JOURNAL_HEADER_SIZE,
+  PUT_FLAG_BOOT,
+  RecordBuffer,
+  RecordType,
+  decodeJournalHeader,
+  encodeJournalHeader,
+  scanJournal,
+  type JournalHeader,
+  type JournalRecord,
+} from './journal.js';
+import { SlotFlag, SlotIndex, SlotState, type Space } from './slot-index.js';
+import { SNAPSHOT_HEADER_SIZE, decodeSnapshotHeader, encodeSnapshot, isSpaceHex, loadSnapshot } from './snapshot.js';
+
+export type { CacheBlockKind } from '../block-cache.js';
+
+/** Where the cache reports what it recovered from (pino's logger fits). */
+export interface CacheLogger {
+  warn(message: string): void;
+  info?(message: string): void;
+}
+
+export interface CacheDeviceOptions {
+  /** Upper bound of the data file; it holds floor(capacityBytes / blockSize) blocks. */
+  capacityBytes: number;
+  /** Bytes per block, a power of two from 512 to 2 MiB; fixed per directory (default: the directory's, else 4096). */
+  blockSize?: number;
+  /** Recovery warnings; default: process warnings. */
+  logger?: CacheLogger;
+  /** Check each block's CRC-32 on every get (default true; see docs/cache-device.md). */
+  verifyReads?: boolean;
+}
+
+export interface CacheSpaceStats {
+  space: string;
+  blocks: number;
+  bootBlocks: number;
+  /** When an image of this space last booted (ms since the Unix epoch). */
+  lastBootedAt?: number;
+}
+
+export interface CacheStats {
+  blockSize: number;
+  /** The data file size: slots × blockSize (at most the configured capacity). */
+  capacityBytes: number;
+  usedBytes: number;
+  blocks: number;
+  bootBlocks: number;
+  hits: number;
+  misses: number;
+  evictions: number;
+  /** Blocks dropped because their bytes no longer matched their checksum. */
+  checksumFailures: number;
+  /** Puts skipped because every slot was being written at once. */
+  droppedPuts: number;
+  journalBytes: number;
+  spaces: CacheSpaceStats[];
+}
+
+export const DEFAULT_BLOCK_SIZE = 4096;
+/** The smallest cache accepted, in blocks. */
+export const MIN_SLOTS = 8;
+/** The in-memory index costs about 40 bytes a slot: 2^27 slots is 512 GiB of 4 KiB blocks. */
+export const MAX_SLOTS = 2 ** 27;
+const MIN_BLOCK_SIZE = 512;
+const MAX_BLOCK_SIZE = 2 * 1024 * 1024;
+/** Group commit: records wait at most this long for companions... */
+const COMMIT_DELAY_MS = 4;
+/** ...or until this many are queued. */
+const COMMIT_MAX_RECORDS = 4096;
+/** Compact when the journal outgrows this plus twice the snapshot's size. */
+const COMPACT_MIN_JOURNAL = 8 * 1024 * 1024;
+const SNAPSHOT_BYTES_PER_ENTRY = 24;
+
+const MISS: Promise<undefined> = Promise.resolve(undefined);
+
+const FILES = {
+  data: 'cache.data',
+  snapshot: 'cache.snap',
+  journal: 'cache.journal',
+  lock: 'cache.lock',
+} as const;
+
+/** Records queued for one journal append, and the slots that become free once it is durable. */
+class Batch {
+  readonly records: RecordBuffer;
+  readonly freed: number[] = [];
+  readonly done: Promise<void>;
+  resolve!: () => void;
+  reject!: (err: Error) => void;
+
+  constructor(salt: number) {
+    this.records = new RecordBuffer(salt);
+    this.done = new Promise<void>((resolve, reject) => {
+      this.resolve = resolve;
+      this.reject = reject;
+    });
+    this.done.catch(() => undefined); // failures surface through put/flush, never as unhandled
+  }
+
+  get empty(): boolean {
+    return this.records.count === 0;
+  }
+}
+
+interface Files {
+  data: FileHandle;
+  journal: FileHandle;
+}
+
+interface Persisted {
+  index: SlotIndex;
+  epoch: number;
+  salt: number;
+  journalSize: number;
+}
+
+export class CacheDevice implements BlockCache {
+  private pending: Batch;
+  /** The batch being committed (or covered by a compaction in progress). */
+  private inflight: Batch | undefined;
+  private timer: NodeJS.Timeout | undefined;
+  private commitQueued = false;
+  /** Serializes commits and compactions. */
+  private writerTail: Promise<void> = Promise.resolve();
+  /** Set when a data write finished since the last fdatasync of the data file. */
+  private dataDirty = false;
+  private failed: BootcacheError | undefined;
+  private closed = false;
+  private active = 0;
+  private idleWaiters: (() => void)[] = [];
+  private counters = { hits: 0, misses: 0, evictions: 0, checksumFailures: 0, droppedPuts: 0 };
+  /** Free slots the device keeps ready ahead of demand (0 for small caches: evict on demand). */
+  private readonly reserve: number;
+
+  private constructor(
+    readonly dir: string,
+    readonly blockSize: number,
+    private readonly index: SlotIndex,
+    private readonly slotCount: number,
+    private files: Files,
+    private epoch: number,
+    private salt: number,
+    private journalSize: number,
+    private readonly verifyReads: boolean,
+    private readonly log: CacheLogger,
+  ) {
+    this.pending = new Batch(salt);
+    this.reserve = slotCount >= 1024 ? Math.min(1024, Math.floor(slotCount / 64)) : 0;
+  }
+
+  /**
+   * Opens (creating it if needed) the cache in `dir`. A damaged index is
+   * recovered (see docs/cache-device.md) with a warning; unusable options,
+   * a directory that is a file, no permission or a directory in use by
+   * another process are one-line errors.
+   */
+  static async open(dir: string, options: CacheDeviceOptions): Promise<CacheDevice> {
+    const requested = options.blockSize;
+    if (requested !== undefined) checkBlockSize(requested);
+    const cap = options.capacityBytes;
+    if (!Number.isSafeInteger(cap) || cap <= 0) {
+      throw new AgentError(`cache size ${String(cap)} is not a positive number of bytes`);
+    }
+    const log = options.logger ?? processWarnings;
+    await prepareDir(dir);
+    const lockPath = join(dir, FILES.lock);
+    await acquireLock(lockPath, dir);
+    let loaded: Loaded;
+    try {
+      await removeStaleTempFiles(dir);
+      loaded = await loadPersisted(dir, requested, cap, log); // closes what it opened if it fails
+    } catch (err) {
+      await releaseLock(lockPath);
+      throw fromSystemError(err, dir, 'opening the cache');
+    }
+    const { blockSize, slotCount, files, persisted: p } = loaded;
+    p.index.rebuildFreeList(slotCount);
+    return new CacheDevice(dir, blockSize, p.index, slotCount, files, p.epoch, p.salt, p.journalSize, options.verifyReads ?? true, log);
+  }
+
+  // --- the block interface ---
+
+  /** True when (space, block) is cached (a get may still miss if it is evicted meanwhile). */
+  has(space: string, block: number): boolean {
+    if (this.closed || this.failed) return false;
+    return this.index.lookup(space, block) >= 0;
+  }
+
+  /**
+   * The bytes put for (space, block), or undefined on a miss. With `into`
+   * (exactly blockSize bytes) the block is read there and `into` returned;
+   * on a miss its contents are unspecified. The hit path is one positional
+   * read plus map lookups, written with callbacks (one promise per get).
+   */
+  get(space: string, block: number, into?: Buffer): Promise<Buffer | undefined> {
+    if (this.closed) return Promise.reject(this.closedError());
+    if (into !== undefined && into.length !== this.blockSize) {
+      return Promise.reject(new AgentError(`cache get: target buffer is ${into.length} bytes, not the block size ${this.blockSize}`));
+    }
+    const sp = this.index.spaces.get(space);
+    if (this.failed || sp === undefined) {
+      this.counters.misses++;
+      return MISS;
+    }
+    const buf = into ?? Buffer.allocUnsafe(this.blockSize);
+    this.active++;
+    return new Promise((resolve) => this.readAttempt(sp, block, buf, 0, resolve));
+  }
+
+  /**
+   * One lookup and read for get(). Retried when the slot was reused while
+   * being read (it then held someone else's bytes).
+   */
+  private readAttempt(sp: Space, block: number, buf: Buffer, attempt: number, done: (result: Buffer | undefined) => void): void {
+    const index = this.index;
+    const slot = attempt < 3 ? sp.blocks.get(block) : undefined;
+    if (slot === undefined) return this.endGet(undefined, done);
+    const generation = index.generation[slot];
+    index.touch(slot);
+    this.readSlot(buf, slot, (err, bytesRead) => {
+      if (err || bytesRead !== buf.length) {
+        // A failing local disk must not fail the guest's read: it is served from storage instead.
+        const why = err ?? new StorageIOError(`short read (${bytesRead} bytes) of slot ${slot}`);
+        this.log.warn(fromSystemError(why, join(this.dir, FILES.data), 'reading a cached block').message);
+        return this.endGet(undefined, done);
+      }
+      if (this.failed) return this.endGet(undefined, done);
+      if (index.generation[slot] !== generation) return this.readAttempt(sp, block, buf, attempt + 1, done);
+      if (this.verifyReads || index.flags[slot] & SlotFlag.UNVERIFIED) {
+        if (crc32(buf) !== index.crcOf[slot]) {
+          this.dropCorrupt(slot, sp, block);
+          return this.endGet(undefined, done);
+        }
+        index.flags[slot] &= ~SlotFlag.UNVERIFIED;
+      }
+      this.endGet(buf, done);
+    });
+  }
+
+  private endGet(result: Buffer | undefined, done: (result: Buffer | undefined) => void): void {
+    if (result) this.counters.hits++;
+    else this.counters.misses++;
+    this.opDone();
+    done(result);
+  }
+
+  /**
+   * Stores `data` (exactly blockSize bytes, not modified until the promise
+   * settles) as (space, block). Resolves once the bytes are in the data
+   * file and the index; durable after the next group commit (or flush()).
+   * A later put of the same key replaces it; a 'boot' put marks the block
+   * as a boot block of its space.
+   */
+  async put(space: string, block: number, data: Buffer, kind: CacheBlockKind): Promise<void> {
+    this.checkOpen();
+    if (this.failed) throw this.failed;
+    if (!Number.isSafeInteger(block) || block < 0) throw new AgentError(`cache put: block ${block} is not a block index`);
+    if (data.length !== this.blockSize) {
+      throw new AgentError(`cache put: ${data.length} bytes of data, expected the block size ${this.blockSize}`);
+    }
+    if (kind !== 'boot' && kind !== 'other') throw new AgentError(`cache put: unknown block kind ${JSON.stringify(kind)}`);
+    const sp = this.intern(space);
+    const crc = crc32(data);
+    this.active++;
+    try {
+      // One put per key at a time: two puts of a key never both allocate a slot.
+      for (let prior = sp.writers.get(block); prior; prior = sp.writers.get(block)) await prior;
+      let release!: () => void;
+      sp.writers.set(block, new Promise<void>((resolve) => (release = resolve)));
+      try {
+        await this.putLocked(sp, block, data, crc, kind === 'boot');
+      } finally {
+        sp.writers.delete(block);
+        release();
+      }
+    } finally {
+      this.opDone();
+    }
+  }
+
+  /** An image whose blocks live in `space` booted now: its boot blocks are evicted last. */
+  markBooted(space: string): void {
+    this.checkOpen();
+    if (this.failed) return;
+    const sp = this.intern(space);
+    const now = Date.now();
+    this.index.markBooted(sp, now);
+    this.pending.records.booted(sp.id, now);
+    this.kick(false);
+  }
+
+  /** Drops every block of `space`; resolves when that is durable. Puts in flight for it are discarded. */
+  async invalidateSpace(space: string): Promise<void> {
+    this.checkOpen();
+    if (this.failed) throw this.failed;
+    const sp = this.index.spaces.get(space);
+    if (!sp) return;
+    sp.epoch++;
+    for (const slot of [...sp.blocks.values()]) this.retire(slot);
+    this.pending.records.dropSpace(sp.id);
+    await this.commitQueuedRecords();
+  }
+
+  stats(): CacheStats {
+    const spaces: CacheSpaceStats[] = [];
+    for (const sp of this.index.spacesById) {
+      if (!sp || (sp.blocks.size === 0 && sp.lastBootedAt === undefined)) continue;
+      const entry: CacheSpaceStats = { space: sp.hex, blocks: sp.blocks.size, bootBlocks: sp.boot.size };
+      if (sp.lastBootedAt !== undefined) entry.lastBootedAt = sp.lastBootedAt;
+      spaces.push(entry);
+    }
+    return {
+      blockSize: this.blockSize,
+      capacityBytes: this.slotCount * this.blockSize,
+      usedBytes: this.index.mapped * this.blockSize,
+      blocks: this.index.mapped,
+      bootBlocks: this.index.bootMapped,
+      ...this.counters,
+      journalBytes: this.journalSize,
+      spaces,
+    };
+  }
+
+  /** Makes every put that has resolved (and every markBooted) durable. */
+  async flush(): Promise<void> {
+    this.checkOpen();
+    if (this.failed) throw this.failed;
+    await this.commitQueuedRecords();
+  }
+
+  /**
+   * Maintenance: rewrites the index as a snapshot (temp file, fsync, rename)
+   * and starts an empty journal. Also runs by itself when the journal grows.
+   */
+  async compact(): Promise<void> {
+    this.checkOpen();
+    if (this.failed) throw this.failed;
+    await this.exclusive(() => this.compactLocked());
+  }
+
+  /** Waits for operations in flight, makes everything durable and closes the files. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    if (this.active > 0) await new Promise<void>((resolve) => this.idleWaiters.push(resolve));
+    let error: unknown;
+    if (!this.failed) await this.commitQueuedRecords().catch((err: unknown) => (error = err));
+    await this.writerTail;
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = undefined;
+    await this.files.data.close().catch((err: unknown) => (error ??= err));
+    await this.files.journal.close().catch((err: unknown) => (error ??= err));
+    await releaseLock(join(this.dir, FILES.lock));
+    if (error !== undefined) throw fromSystemError(error, this.dir, 'closing the cache');
+  }
+
+  // --- puts and slots ---
+
+  /** Reads a whole slot into buf (one pread; the file is sized, so short reads do not happen). */
+  private readSlot(buf: Buffer, slot: number, done: (err: NodeJS.ErrnoException | null, bytesRead: number) => void): void {
+    read(this.files.data.fd, buf, 0, buf.length, slot * this.blockSize, done);
+  }
+
+  private async putLocked(sp: Space, block: number, data: Buffer, crc: number, boot: boolean): Promise<void> {
+    const index = this.index;
+    const existing = sp.blocks.get(block);
+    if (existing !== undefined && index.crcOf[existing] === crc && !(index.flags[existing] & SlotFlag.UNVERIFIED)) {
+      // The same bytes again: no write; a boot put still marks it as a boot block.
+      if (boot && !(index.flags[existing] & SlotFlag.BOOT)) {
+        index.promoteToBoot(existing);
+        this.pending.records.put(sp.id, block, existing, true, crc);
+        this.kick(false);
+      }
+      index.touch(existing);
+      return;
+    }
+    const epoch = sp.epoch;
+    const slot = await this.allocateSlot();
+    if (slot < 0) {
+      this.counters.droppedPuts++;
+      return;
+    }
+    try {
+      await pwriteAll(this.files.data.fd, data, slot * this.blockSize);
+    } catch (err) {
+      index.pushFree(slot); // no record maps it: still free
+      throw fromSystemError(err, join(this.dir, FILES.data), `writing cache slot ${slot}`);
+    }
+    this.dataDirty = true;
+    if (this.failed || sp.epoch !== epoch) {
+      index.pushFree(slot);
+      if (this.failed) throw this.failed;
+      return;
+    }
+    const old = sp.blocks.get(block);
+    if (old !== undefined) {
+      boot ||= (index.flags[old] & SlotFlag.BOOT) !== 0;
+      this.retire(old); // superseded by the put record below, free once it is durable
+    }
+    index.attach(slot, sp, block, boot, crc);
+    this.pending.records.put(sp.id, block, slot, boot, crc);
+    this.kick(false);
+  }
+
+  /**
+   * A free slot (state WRITING), evicting when none is free; -1 when nothing
+   * can be evicted because every slot is being written.
+   */
+  private async allocateSlot(): Promise<number> {
+    for (let attempt = 0; attempt < 1000; attempt++) {
+      if (this.failed) throw this.failed;
+      const slot = this.index.popFree();
+      if (slot >= 0) {
+        this.evictAhead();
+        return slot;
+      }
+      // Evicted slots are reusable once their invalidation is durable.
+      if (this.index.retired === 0 && !this.evictOne()) return -1;
+      await this.commitQueuedRecords();
+    }
+    return -1;
+  }
+
+  /** Keeps `reserve` slots free or freeing, so that puts rarely wait for a commit. */
+  private evictAhead(): void {
+    if (this.reserve === 0) return;
+    const short = this.reserve - (this.index.freeCount + this.index.retired);
+    if (short <= 0) return;
+    for (let i = 0; i < short + this.reserve && this.evictOne(); i++);
+    this.kick(false);
+  }
+
+  private evictOne(): boolean {
+    const slot = this.index.victim();
+    if (slot < 0) return false;
+    this.retire(slot);
+    this.pending.records.invalidate(slot);
+    this.counters.evictions++;
+    return true;
+  }
+
+  /** Takes a mapped slot out of the index; it is reused once the pending batch is durable. */
+  private retire(slot: number): void {
+    this.index.detach(slot);
+    this.index.state[slot] = SlotState.RETIRED;
+    this.index.retired++;
+    this.pending.freed.push(slot);
+  }
+
+  private dropCorrupt(slot: number, sp: Space, block: number): void {
+    if (this.index.state[slot] !== SlotState.LIVE || sp.blocks.get(block) !== slot) return;
+    this.counters.checksumFailures++;
+    this.log.warn(
+      `${join(this.dir, FILES.data)}: cached block ${block} of space ${sp.hex} (slot ${slot}) fails its checksum; dropped`,
+    );
+    this.retire(slot);
+    this.pending.records.invalidate(slot);
+    this.kick(false);
+  }
+
+  private intern(hex: string): Space {
+    const known = this.index.spaces.get(hex);
+    if (known) return known;
+    if (!isSpaceHex(hex)) {
+      throw new AgentError(`cache: space ${JSON.stringify(hex.slice(0, 140))} is not a lowercase hex string of 1 to 128 digits`);
+    }
+    const sp = this.index.space(hex);
+    this.pending.records.space(sp.id, hex);
+    return sp;
+  }
+
+  // --- group commit ---
+
+  /** Schedules a commit of the pending batch: soon (`now`), or after a short delay to gather companions. */
+  private kick(now: boolean): void {
+    if (this.pending.empty || this.commitQueued) return;
+    if (now || this.pending.records.count >= COMMIT_MAX_RECORDS) {
+      if (this.timer) clearTimeout(this.timer);
+      this.timer = undefined;
+      this.commitQueued = true;
+      this.exclusive(() => this.commitPending()).catch(() => undefined); // failures reach waiters via the batch
+    } else if (!this.timer) {
+      this.timer = setTimeout(() => {
+        this.timer = undefined;
+        this.kick(true);
+      }, COMMIT_DELAY_MS);
+      this.timer.unref();
+    }
+  }
+
+  /** Resolves when every record queued so far is durable. */
+  private async commitQueuedRecords(): Promise<void> {
+    const target = this.pending.empty ? this.inflight : this.pending;
+    if (!target) return;
+    if (target === this.pending) this.kick(true);
+    await target.done;
+  }
+
+  private exclusive(task: () => Promise<void>): Promise<void> {
+    const run = this.writerTail.then(task);
+    this.writerTail = run.catch(() => undefined);
+    return run;
+  }
+
+  private async commitPending(): Promise<void> {
+    this.commitQueued = false;
+    const batch = this.pending;
+    if (batch.empty) return;
+    this.pending = new Batch(this.salt);
+    await this.commitBatch(batch);
+    if (this.journalSize > COMPACT_MIN_JOURNAL + 2 * SNAPSHOT_BYTES_PER_ENTRY * this.index.mapped) {
+      await this.compactLocked().catch((err: unknown) => this.log.warn(`cache compaction failed: ${(err as Error).message}`));
+    }
+  }
+
+  /** One group commit: data fdatasync, journal append, journal fdatasync, then freed slots become reusable. */
+  private async commitBatch(batch: Batch): Promise<void> {
+    this.inflight = batch;
+    try {
+      if (this.failed) throw this.failed;
+      if (this.dataDirty) {
+        this.dataDirty = false;
+        await this.files.data.datasync();
+      }
+      const bytes = batch.records.bytes;
+      await writevAll(this.files.journal, batch.records.take(), this.journalSize);
+      this.journalSize += bytes;
+      await this.files.journal.datasync();
+    } catch (err) {
+      const error = this.fail(err, 'committing the cache journal');
+      batch.reject(error);
+      this.pending.reject(error);
+      return;
+    } finally {
+      this.inflight = undefined;
+    }
+    this.release(batch);
+  }
+
+  /** The batch is durable: its freed slots may be written again. */
+  private release(batch: Batch): void {
+    for (const slot of batch.freed) {
+      this.index.retired--;
+      this.index.pushFree(slot);
+    }
+    batch.resolve();
+  }
+
+  /**
+   * Writes the index as a new snapshot and starts a new journal (the epoch
+   * goes up by one). Records queued before the capture are covered by the
+   * snapshot and never appended; their batch completes with it. Runs inside
+   * exclusive(). Serializing the index is synchronous (a few hundred ms per
+   * million blocks: it is the consistent capture).
+   */
+  private async compactLocked(): Promise<void> {
+    if (this.failed) throw this.failed;
+    const epoch = (this.epoch + 1) >>> 0;
+    const salt = randomSalt();
+    // Capture the index and the records it covers in one synchronous step.
+    const snapshot = encodeSnapshot(this.index, { blockSize: this.blockSize, slotCount: this.slotCount, epoch });
+    const covered = this.pending;
+    this.pending = new Batch(salt);
+    this.inflight = covered;
+    let journal: FileHandle;
+    try {
+      // Every slot the snapshot maps was written before the capture: make those bytes durable first.
+      this.dataDirty = false;
+      await this.files.data.datasync();
+      journal = await writeIndexFiles(this.dir, snapshot, { blockSize: this.blockSize, slotCount: this.slotCount, epoch, salt });
+    } catch (err) {
+      const error = fromSystemError(err, this.dir, 'compacting the cache index');
+      this.inflight = undefined;
+      if ((await snapshotEpochOnDisk(this.dir)) !== this.epoch) {
+        // The old journal no longer counts on disk: nothing can be committed safely any more.
+        this.fail(error, 'compacting the cache index');
+        covered.reject(error);
+        this.pending.reject(error);
+        throw error;
+      }
+      // The old snapshot and journal still rule: append the covered records there after all,
+      // and what was queued since after them.
+      this.pending.records.resalt(this.salt);
+      await this.commitBatch(covered);
+      this.kick(false);
+      throw error;
+    }
+    const old = this.files.journal;
+    this.files.journal = journal;
+    this.journalSize = JOURNAL_HEADER_SIZE;
+    this.epoch = epoch;
+    this.salt = salt;
+    this.inflight = undefined;
+    await old.close().catch(() => undefined);
+    this.release(covered);
+    this.kick(false);
+  }
+
+  private fail(err: unknown, doing: string): BootcacheError {
+    if (!this.failed) {
+      this.failed = fromSystemError(err, this.dir, doing);
+      this.log.warn(`${this.failed.message}; the cache is disabled until the agent restarts`);
+    }
+    return this.failed;
+  }
+
+  private checkOpen(): void {
+    if (this.closed) throw this.closedError();
+  }
+
+  private closedError(): AgentError {
+    return new AgentError(`cache ${this.dir} is closed`);
+  }
+
+  private opDone(): void {
+    if (--this.active === 0 && this.idleWaiters.length > 0) {
+      for (const wake of this.idleWaiters.splice(0)) wake();
+    }
+  }
+}
+
+// --- opening ---
+
+const processWarnings: CacheLogger = {
+  warn: (message) => process.emitWarning(message, { code: 'BC_CACHE' }),
+};
+
+function checkBlockSize(bs: number): void {
+  if (!Number.isInteger(bs) || bs < MIN_BLOCK_SIZE || bs > MAX_BLOCK_SIZE || (bs & (bs - 1)) !== 0) {
+    throw new AgentError(`cache block size ${bs} is not a power of two from ${MIN_BLOCK_SIZE} to ${MAX_BLOCK_SIZE}`);
+  }
+}
+
+function slotsFor(capacityBytes: number, blockSize: number): number {
+  const slots = Math.floor(capacityBytes / blockSize);
+  if (slots < MIN_SLOTS) {
+    throw new AgentError(
+      `cache size ${capacityBytes} bytes is too small: it must hold at least ${MIN_SLOTS} blocks of ${blockSize} bytes (${MIN_SLOTS * blockSize} bytes)`,
+    );
+  }
+  if (slots > MAX_SLOTS) {
+    throw new AgentError(
+      `cache size ${capacityBytes} bytes is too large for ${blockSize}-byte blocks (at most ${MAX_SLOTS} blocks); use a larger block size`,
+    );
+  }
+  return slots;
+}
+
+async function prepareDir(dir: string): Promise<void> {
+  try {
+    const st = await stat(dir).catch((err: unknown) => {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+      throw err;
+    });
+    if (st && !st.isDirectory()) throw new AgentError(`cache directory ${dir} exists and is not a directory`);
+    if (!st) await makeDir(dir);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOTDIR' || code === 'ENOENT') {
+      throw new AgentError(`cache directory ${dir} cannot be created (${code}: a parent is missing or not a directory)`, { cause: err });
+    }
+    throw fromSystemError(err, dir, 'creating the cache directory');
+  }
+}
+
+/**
+ * mkdir -p. Not fs.mkdir's recursive mode: that loops forever where mkdir
+ * fails with ENOENT under an existing parent (e.g. in /proc).
+ */
+async function makeDir(dir: string): Promise<void> {
+  try {
+    await mkdir(dir);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'EEXIST') return;
+    const parent = dirname(dir);
+    if (code !== 'ENOENT' || parent === dir) throw err;
+    await makeDir(parent);
+    await mkdir(dir).catch((again: unknown) => {
+      if ((again as NodeJS.ErrnoException).code !== 'EEXIST') throw again;
+    });
+  }
+}
+
+function randomSalt(): number {
+  return randomInt(0, 0xffffffff);
+}
+
+interface Loaded {
+  blockSize: number;
+  slotCount: number;
+  files: Files;
+  persisted: Persisted;
+}
+
+/**
+ * Reads snapshot, journal and data file; anything damaged beyond what a
+ * crash leaves behind is recovered by starting empty (or, when the journal
+ * alone is damaged, by checking blocks before serving them) with a warning.
+ */
+async function loadPersisted(dir: string, requested: number | undefined, capacity: number, log: CacheLogger): Promise<Loaded> {
+  const snapPath = join(dir, FILES.snapshot);
+  const journalPath = join(dir, FILES.journal);
+  const dataPath = join(dir, FILES.data);
+  const startEmpty = async (blockSize: number, why?: string): Promise<Loaded> => {
+    if (why) log.warn(`${why}; starting with an empty cache`);
+    const slotCount = slotsFor(capacity, blockSize);
+    return { blockSize, slotCount, ...(await initialize(dir, blockSize, slotCount)) };
+  };
+
+  const snapBuf = await readIfExists(snapPath, 'reading the cache snapshot');
+  if (!snapBuf) {
+    const leftovers = (await readIfExists(journalPath, 'reading the cache journal')) !== undefined;
+    return startEmpty(requested ?? DEFAULT_BLOCK_SIZE, leftovers ? `${snapPath}: missing` : undefined);
+  }
+  const header = decodeSnapshotHeader(snapBuf);
+  if (typeof header === 'string') return startEmpty(requested ?? DEFAULT_BLOCK_SIZE, `${snapPath}: ${header}`);
+  const blockSize = header.blockSize;
+  if (requested !== undefined && requested !== blockSize) {
+    throw new AgentError(
+      `cache directory ${dir} holds ${blockSize}-byte blocks, not ${requested}: use block size ${blockSize} or another (or emptied) cache directory`,
+    );
+  }
+  try {
+    checkBlockSize(blockSize);
+  } catch {
+    return startEmpty(DEFAULT_BLOCK_SIZE, `${snapPath}: block size ${blockSize} is invalid`);
+  }
+  if (header.slotCount < MIN_SLOTS || header.slotCount > MAX_SLOTS) {
+    return startEmpty(blockSize, `${snapPath}: slot count ${header.slotCount} is invalid`);
+  }
+  const slotCount = slotsFor(capacity, blockSize);
+  const dataSize = await stat(dataPath).then(
+    (st) => (st.isFile() ? st.size : -1),
+    (err: unknown) => {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return -1;
+      throw fromSystemError(err, dataPath, 'checking the cache data file');
+    },
+  );
+  if (dataSize < header.slotCount * blockSize) {
+    const what = dataSize < 0 ? 'missing' : `${dataSize} bytes, shorter than the ${header.slotCount * blockSize} the index needs`;
+    return startEmpty(blockSize, `${dataPath}: ${what}`);
+  }
+
+  const index = new SlotIndex(Math.max(header.slotCount, slotCount));
+  const usable = Math.min(header.slotCount, slotCount);
+  const snapError = loadSnapshot(snapBuf, header, index, usable);
+  if (snapError) return startEmpty(blockSize, `${snapPath}: ${snapError}`);
+
+  let rewrite = slotCount !== header.slotCount;
+  let suspect = false;
+  let journalSize = JOURNAL_HEADER_SIZE;
+  let salt = 0;
+  const journalBuf = await readIfExists(journalPath, 'reading the cache journal');
+  const jh = journalBuf ? decodeJournalHeader(journalBuf) : 'missing';
+  if (!journalBuf || typeof jh === 'string') {
+    if (journalBuf) return startEmpty(blockSize, `${journalPath}: ${jh}`);
+    if (index.mapped > 0) {
+      log.warn(`${journalPath}: missing; cached blocks will be checked against their checksums before use`);
+      suspect = true;
+    }
+    rewrite = true;
+  } else if (jh.blockSize !== blockSize || jh.slotCount !== header.slotCount) {
+    return startEmpty(blockSize, `${journalPath}: block size or slot count differ from the snapshot's`);
+  } else if (jh.epoch === ((header.epoch - 1) >>> 0)) {
+    // Left by a compaction interrupted after the new snapshot was in place: the snapshot covers it.
+    rewrite = true;
+  } else if (jh.epoch !== header.epoch) {
+    log.warn(
+      `${journalPath}: epoch ${jh.epoch} does not follow snapshot epoch ${header.epoch}; ignored, and cached blocks will be checked before use`,
+    );
+    suspect = rewrite = true;
+  } else {
+    salt = jh.salt;
+    const scan = scanJournal(journalBuf, salt, (rec) => replay(index, rec, header.slotCount, usable));
+    journalSize = scan.validEnd;
+    if (scan.damagedInMiddle || scan.rejected > 0) {
+      log.warn(
+        `${journalPath}: ${scan.damagedBytes} damaged bytes and ${scan.rejected} inconsistent records; ` +
+          'cached blocks will be checked against their checksums before use',
+      );
+      suspect = rewrite = true;
+    } else if (scan.damagedBytes > 0) {
+      log.info?.(`${journalPath}: dropped a torn tail of ${scan.damagedBytes} bytes (an interrupted write)`);
+    }
+  }
+  if (suspect) for (let slot = 0; slot < usable; slot++) index.flags[slot] |= SlotFlag.UNVERIFIED;
+
+  const data = await open(dataPath, constants.O_RDWR);
+  let journal: FileHandle | undefined;
+  try {
+    let epoch = header.epoch;
+    if (rewrite) {
+      // A new snapshot of what was loaded, with the new size, and an empty journal.
+      if (slotCount > header.slotCount) {
+        await data.truncate(slotCount * blockSize);
+        await data.sync();
+      }
+      epoch = (epoch + 1) >>> 0;
+      salt = randomSalt();
+      journalSize = JOURNAL_HEADER_SIZE;
+      const snapshot = encodeSnapshot(index, { blockSize, slotCount, epoch });
+      journal = await writeIndexFiles(dir, snapshot, { blockSize, slotCount, epoch, salt });
+    } else {
+      journal = await open(journalPath, constants.O_RDWR);
+      if (journalSize < (journalBuf?.length ?? 0)) {
+        await journal.truncate(journalSize);
+        await journal.sync();
+      }
+    }
+    // A data file longer than the index's slots (an interrupted resize) is cut back.
+    if ((await data.stat()).size !== slotCount * blockSize) {
+      await data.truncate(slotCount * blockSize);
+      await data.sync();
+    }
+    return {
+      blockSize,
+      slotCount,
+      files: { data, journal },
+      persisted: { index, epoch, salt, journalSize },
+    };
+  } catch (err) {
+    await journal?.close().catch(() => undefined);
+    await data.close().catch(() => undefined);
+    throw err;
+  }
+}
+
+/**
+ * Writes a snapshot of the index for `epoch`, then an empty journal of the
+ * same epoch (each atomically: temp file, fsync, rename, directory fsync),
+ * and returns the journal opened for appending. A crash between the two
+ * leaves the journal of the previous epoch, which loading recognises as
+ * covered by the snapshot.
+ */
+async function writeIndexFiles(dir: string, snapshot: Buffer[], journalHeader: JournalHeader): Promise<FileHandle> {
+  await writeFileAtomic(join(dir, FILES.snapshot), snapshot);
+  const journalPath = join(dir, FILES.journal);
+  await writeFileAtomic(journalPath, [encodeJournalHeader(journalHeader)]);
+  return open(journalPath, constants.O_RDWR);
+}
+
+/** The epoch of the snapshot on disk; undefined when it cannot be read (treated as changed). */
+async function snapshotEpochOnDisk(dir: string): Promise<number | undefined> {
+  const head = await readHead(join(dir, FILES.snapshot), SNAPSHOT_HEADER_SIZE + 4).catch(() => undefined);
+  const header = head ? decodeSnapshotHeader(head) : undefined;
+  return typeof header === 'object' ? header.epoch : undefined;
+}
+
+/** Removes temp files a crash left behind while replacing the snapshot or the journal. */
+async function removeStaleTempFiles(dir: string): Promise<void> {
+  const names = await readdir(dir).catch(() => [] as string[]);
+  const ours = names.filter((n) => isTempName(n) && (n.startsWith(`.${FILES.snapshot}.`) || n.startsWith(`.${FILES.journal}.`)));
+  await Promise.all(ours.map((n) => unlink(join(dir, n)).catch(() => undefined)));
+}
+
+/** Applies one journal record to the index; false when it does not fit (it is then ignored). */
+function replay(index: SlotIndex, rec: JournalRecord, slotCount: number, usable: number): boolean {
+  switch (rec.type) {
+    case RecordType.SPACE: {
+      const byId = index.spacesById[rec.spaceId];
+      if (byId) return byId.hex === rec.hex;
+      if (!isSpaceHex(rec.hex) || index.spaces.has(rec.hex) || rec.spaceId > 0xffffff) return false;
+      index.space(rec.hex, rec.spaceId);
+      return true;
+    }
+    case RecordType.PUT: {
+      const sp = index.spacesById[rec.spaceId];
+      if (!sp || rec.slot >= slotCount || !Number.isSafeInteger(rec.block)) return false;
+      const current = sp.blocks.get(rec.block);
+      if (current !== undefined) unmap(index, current);
+      if (rec.slot >= usable) return true; // the cache shrank: the block is gone
+      if (index.state[rec.slot] === SlotState.LIVE) unmap(index, rec.slot);
+      index.attach(rec.slot, sp, rec.block, (rec.flags & PUT_FLAG_BOOT) !== 0, rec.crc);
+      return true;
+    }
+    case RecordType.INVALIDATE:
+      if (rec.slot >= slotCount) return false;
+      if (rec.slot < usable && index.state[rec.slot] === SlotState.LIVE) unmap(index, rec.slot);
+      return true;
+    case RecordType.BOOTED: {
+      const sp = index.spacesById[rec.spaceId];
+      if (!sp || !Number.isFinite(rec.time)) return false;
+      index.markBooted(sp, rec.time);
+      return true;
+    }
+    case RecordType.DROP_SPACE: {
+      const sp = index.spacesById[rec.spaceId];
+      if (!sp) return false;
+      for (const slot of [...sp.blocks.values()]) unmap(index, slot);
+      return true;
+    }
+    default:
+      return false;
+  }
+}
+
+function unmap(index: SlotIndex, slot: number): void {
+  index.detach(slot);
+  index.state[slot] = SlotState.FREE;
+}
+
+/**
+ * Creates an empty cache, replacing whatever is there. Order matters: an
+ * empty snapshot first (from then on nothing old is trusted; its epoch
+ * differs from any journal left behind, so that journal never replays), then
+ * the data file is emptied, then the new journal is written. A crash at any
+ * point leaves an empty cache or a damaged one that starts empty again.
+ */
+async function initialize(dir: string, blockSize: number, slotCount: number): Promise<{ files: Files; persisted: Persisted }> {
+  const dataPath = join(dir, FILES.data);
+  const journalPath = join(dir, FILES.journal);
+  const st = await stat(dataPath).catch(() => undefined);
+  if (st && !st.isFile()) throw new StorageIOError('cache data file is not a regular file', { file: dataPath });
+  const old = await readHead(journalPath, JOURNAL_HEADER_SIZE);
+  const oldHeader = old ? decodeJournalHeader(old) : undefined;
+  const epoch = typeof oldHeader === 'object' && oldHeader.epoch === 1 ? 2 : 1;
+  const salt = randomSalt();
+  const index = new SlotIndex(slotCount);
+  let data: FileHandle | undefined;
+  try {
+    await writeFileAtomic(join(dir, FILES.snapshot), encodeSnapshot(index, { blockSize, slotCount, epoch }));
+    data = await open(dataPath, constants.O_RDWR | constants.O_CREAT, 0o644);
+    await data.truncate(0); // frees the old blocks
+    await data.truncate(slotCount * blockSize); // sparse: takes no space until written
+    await data.sync();
+    await writeFileAtomic(journalPath, [encodeJournalHeader({ blockSize, slotCount, epoch, salt })]);
+    const journal = await open(journalPath, constants.O_RDWR);
+    return { files: { data, journal }, persisted: { index, epoch, salt, journalSize: JOURNAL_HEADER_SIZE } };
+  } catch (err) {
+    await data?.close().catch(() => undefined);
+    throw fromSystemError(err, dir, 'creating the cache');
+  }
+}

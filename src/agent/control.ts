@@ -1,0 +1,105 @@
+/**
+ * The agent's control socket: a tiny HTTP/JSON API on a unix socket
+ * (curl --unix-socket PATH http://agent/status works too).
+ *   GET  /status                      -> AgentStatus
+ *   POST /mark-booted?export=NAME      -> the ended boot's summary
+ */
+import { chmod, rm } from 'node:fs/promises';
+import { createServer, request, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import { AgentError, BootcacheError } from '../errors.js';
+
+export interface ControlHandlers {
+  status(): Promise<unknown>;
+  markBooted(exportName: string): Promise<unknown>;
+}
+
+export class ControlServer {
+  private constructor(private readonly server: Server, readonly path: string) {}
+
+  static async start(path: string, handlers: ControlHandlers): Promise<ControlServer> {
+    await removeStaleSocket(path);
+    const server = createServer((req, res) => {
+      void handle(req, res, handlers);
+    });
+    server.headersTimeout = 10_000;
+    server.requestTimeout = 30_000;
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', (err: NodeJS.ErrnoException) =>
+        reject(new AgentError(`cannot listen on the control socket: ${err.code ?? err.message}`, { file: path })));
+      server.listen(path, () => resolve());
+    });
+    await chmod(path, 0o660).catch(() => undefined);
+    return new ControlServer(server, path);
+  }
+
+  async close(): Promise<void> {
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+    await rm(this.path, { force: true });
+  }
+}
+
+async function handle(req: IncomingMessage, res: ServerResponse, handlers: ControlHandlers): Promise<void> {
+  const url = new URL(req.url ?? '/', 'http://agent');
+  try {
+    let body: unknown;
+    if (req.method === 'GET' && url.pathname === '/status') {
+      body = await handlers.status();
+    } else if (req.method === 'POST' && url.pathname === '/mark-booted') {
+      const name = url.searchParams.get('export');
+      if (!name) throw new AgentError('mark-booted needs ?export=NAME');
+      body = await handlers.markBooted(name);
+    } else {
+      res.writeHead(404, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ error: { code: 'BC_NOT_FOUND', message: `no such endpoint: ${req.method} ${url.pathname}` } }));
+      return;
+    }
+    res.writeHead(200, { 'content-type': 'application/json' });
+    res.end(JSON.stringify(body));
+  } catch (err) {
+    const code = err instanceof BootcacheError ? err.code : 'BC_INTERNAL';
+    res.writeHead(err instanceof BootcacheError ? 400 : 500, { 'content-type': 'application/json' });
+    res.end(JSON.stringify({ error: { code, message: (err as Error).message } }));
+  }
+}
+
+/** Calls the agent's control API; errors name the socket and the cause. */
+export async function controlRequest<T>(path: string, method: 'GET' | 'POST', url: string): Promise<T> {
+  return new Promise<T>((resolve, reject) => {
+    const req = request({ socketPath: path, method, path: url, timeout: 10_000 }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (c: Buffer) => chunks.push(c));
+      res.on('end', () => {
+        let parsed: { error?: { message?: string } } & Record<string, unknown>;
+        try {
+          parsed = JSON.parse(Buffer.concat(chunks).toString('utf8')) as typeof parsed;
+        } catch {
+          reject(new AgentError('the agent sent an answer that is not JSON', { file: path }));
+          return;
+        }
+        if (res.statusCode !== 200) reject(new AgentError(parsed.error?.message ?? `HTTP ${res.statusCode}`));
+        else resolve(parsed as T);
+      });
+    });
+    req.on('timeout', () => req.destroy(new Error('timed out after 10 s')));
+    req.on('error', (err: NodeJS.ErrnoException) => {
+      const why = err.code === 'ENOENT' || err.code === 'ECONNREFUSED' ? 'is the agent running?' : err.message;
+      reject(new AgentError(`cannot reach the agent's control socket (${err.code ?? 'error'}: ${why})`, { file: path }));
+    });
+    req.end();
+  });
+}
+
+/** Removes a leftover socket file, but never one a live process listens on. */
+export async function removeStaleSocket(path: string): Promise<void> {
+  const { connect } = await import('node:net');
+  const alive = await new Promise<boolean>((resolve) => {
+    const sock = connect(path);
+    sock.once('connect', () => {
+      sock.destroy();
+      resolve(true);
+    });
+    sock.once('error', () => resolve(false));
+  });
+  if (alive) throw new AgentError('socket is in use by a running process (another agent?)', { file: path });
+  await rm(path, { force: true });
+}

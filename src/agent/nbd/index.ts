@@ -1,0 +1,11 @@
+export { NbdServer, type NbdServerOptions, type NbdServerStats, type NbdLogger, type NbdLogLevel } from './server.js';
+export {
+  DiskImageExport,
+  DiskImageExportProvider,
+  ExportNotFoundError,
+  type DiskImageExportEntry,
+  type ExportDescription,
+  type ExportProvider,
+  type NbdExport,
+} from './export.js';
+export { toBlockStatus, allocationFlags, type BlockStatusDescriptor } from './block-status.js';

@@ -1,0 +1,268 @@
+import { lstat, unlink } from 'node:fs/promises';
+import net from 'node:net';
+import { AgentError } from '../../errors.js';
+import { NbdConnection, type ConnectionLimits, type NbdLogger, type ServerCounters } from './connection.js';
+import type { ExportProvider } from './export.js';
+import { NBD_DEFAULT_PORT, PORTABLE_MAX_BLOCK } from './protocol.js';
+
+export type { NbdLogger, NbdLogLevel } from './connection.js';
+
+export interface NbdServerOptions {
+  /** Connections at once, handshaking or not (default 128); more are closed on accept. */
+  maxConnections?: number;
+  /** Requests served concurrently per connection (default 64); beyond it the socket is not read. */
+  maxInFlightPerConnection?: number;
+  /** Read bytes in flight per connection before the socket is not read (default 64 MiB). */
+  maxInFlightBytesPerConnection?: number;
+  /** Largest READ/CACHE length, advertised as the maximum block size (default 32 MiB). */
+  maxRequestBytes?: number;
+  /** Largest option payload accepted during negotiation (default 64 KiB). */
+  maxOptionBytes?: number;
+  /** Options per connection before it is considered a flood (default 256). */
+  maxOptions?: number;
+  /** Time allowed from connect to the transmission phase (default 30 s; 0 = none). */
+  handshakeTimeoutMs?: number;
+  /** Time allowed to finish a started request or option (default 30 s; 0 = none). */
+  stallTimeoutMs?: number;
+  /** close(): time to drain in-flight requests before connections are dropped (default 30 s). */
+  closeTimeoutMs?: number;
+  logger?: NbdLogger;
+}
+
+export interface NbdServerStats {
+  /** Connections open now (handshaking or transmitting). */
+  activeConnections: number;
+  /** Connections accepted since start. */
+  totalConnections: number;
+  /** Connections closed on accept because maxConnections was reached. */
+  rejectedConnections: number;
+  /** Connections that reached the transmission phase. */
+  handshakes: number;
+  /** Transmission requests received (NBD_CMD_DISC excluded). */
+  requests: number;
+  /** Requests whose replies are not yet sent, over all connections. */
+  requestsInFlight: number;
+  /** Bytes served by successful reads. */
+  bytesRead: number;
+  /** Reads that failed in the export (answered EIO). */
+  readErrors: number;
+  /** Connections dropped for breaking the protocol, stalling or flooding. */
+  protocolErrors: number;
+}
+
+const MiB = 1024 * 1024;
+
+function positiveInteger(name: string, value: number | undefined, fallback: number, min = 1, max = Number.MAX_SAFE_INTEGER): number {
+  const v = value ?? fallback;
+  if (!Number.isSafeInteger(v) || v < min || v > max) {
+    throw new AgentError(`NBD server option ${name} must be an integer from ${min} to ${max}, got ${String(value)}`);
+  }
+  return v;
+}
+
+/** The server will not replace a path that is not a socket, or a socket someone answers on. */
+async function socketInUse(path: string): Promise<boolean> {
+  return new Promise<boolean>((resolve, reject) => {
+    const probe = net.connect({ path });
+    const timer = setTimeout(() => {
+      probe.destroy();
+      resolve(true); // Something holds it but does not answer promptly: do not steal it.
+    }, 1000);
+    probe.once('connect', () => {
+      clearTimeout(timer);
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once('error', (err: NodeJS.ErrnoException) => {
+      clearTimeout(timer);
+      if (err.code === 'ECONNREFUSED' || err.code === 'ENOENT') resolve(false);
+      else reject(new AgentError(`cannot check socket ${path}: ${err.message}`, { cause: err }));
+    });
+  });
+}
+
+function listenError(err: NodeJS.ErrnoException, where: string): AgentError {
+  switch (err.code) {
+    case 'EADDRINUSE':
+      return new AgentError(`${where} is already in use by another process`, { cause: err });
+    case 'EACCES':
+    case 'EPERM':
+      return new AgentError(`permission denied listening on ${where}`, { cause: err });
+    case 'ENOENT':
+      return new AgentError(`cannot listen on ${where}: directory does not exist`, { cause: err });
+    case 'EADDRNOTAVAIL':
+      return new AgentError(`cannot listen on ${where}: address not available on this host`, { cause: err });
+    default:
+      return new AgentError(`cannot listen on ${where}: ${err.message}`, { cause: err });
+  }
+}
+
+/**
+ * A read-only NBD server (fixed newstyle; INFO/GO, structured replies,
+ * base:allocation block status) over an ExportProvider.
+ */
+export class NbdServer {
+  private readonly limits: ConnectionLimits;
+  private readonly maxConnections: number;
+  private readonly closeTimeoutMs: number;
+  private readonly log: NbdLogger;
+  private readonly listeners: net.Server[] = [];
+  private readonly connections = new Set<NbdConnection>();
+  private readonly counters: ServerCounters = { handshakes: 0, requests: 0, bytesRead: 0, readErrors: 0, protocolErrors: 0 };
+  private totalConnections = 0;
+  private rejectedConnections = 0;
+  private closing: Promise<void> | null = null;
+
+  constructor(
+    private readonly provider: ExportProvider,
+    options: NbdServerOptions = {},
+  ) {
+    const maxRequestBytes = positiveInteger('maxRequestBytes', options.maxRequestBytes, PORTABLE_MAX_BLOCK, 4096, 0x7fffffff);
+    this.limits = {
+      maxInFlight: positiveInteger('maxInFlightPerConnection', options.maxInFlightPerConnection, 64, 1, 65536),
+      maxInFlightBytes: positiveInteger('maxInFlightBytesPerConnection', options.maxInFlightBytesPerConnection, Math.max(64 * MiB, maxRequestBytes)),
+      maxRequestBytes,
+      maxOptionBytes: positiveInteger('maxOptionBytes', options.maxOptionBytes, 64 * 1024, 4096 + 64, 16 * MiB),
+      maxOptions: positiveInteger('maxOptions', options.maxOptions, 256),
+      handshakeTimeoutMs: positiveInteger('handshakeTimeoutMs', options.handshakeTimeoutMs, 30_000, 0),
+      stallTimeoutMs: positiveInteger('stallTimeoutMs', options.stallTimeoutMs, 30_000, 0),
+    };
+    this.maxConnections = positiveInteger('maxConnections', options.maxConnections, 128);
+    this.closeTimeoutMs = positiveInteger('closeTimeoutMs', options.closeTimeoutMs, 30_000, 0);
+    const logger = options.logger;
+    // A throwing logger must not break a connection or leave a rejection unhandled.
+    this.log = logger === undefined ? () => undefined : (level, msg, fields) => {
+      try {
+        logger(level, msg, fields);
+      } catch {
+        // ignored
+      }
+    };
+  }
+
+  get stats(): NbdServerStats {
+    let requestsInFlight = 0;
+    for (const c of this.connections) requestsInFlight += c.requestsInFlight;
+    return {
+      activeConnections: this.connections.size,
+      totalConnections: this.totalConnections,
+      rejectedConnections: this.rejectedConnections,
+      handshakes: this.counters.handshakes,
+      requests: this.counters.requests,
+      requestsInFlight,
+      bytesRead: this.counters.bytesRead,
+      readErrors: this.counters.readErrors,
+      protocolErrors: this.counters.protocolErrors,
+    };
+  }
+
+  /**
+   * Listens on a unix socket. A leftover socket file nobody answers on is
+   * replaced; a live one, or a path that is not a socket, is an AgentError.
+   */
+  async listenUnix(path: string): Promise<void> {
+    this.assertOpen();
+    let existing;
+    try {
+      existing = await lstat(path);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw listenError(err as NodeJS.ErrnoException, `socket ${path}`);
+    }
+    if (existing !== undefined) {
+      if (!existing.isSocket()) throw new AgentError(`cannot listen on ${path}: the path exists and is not a socket`);
+      if (await socketInUse(path)) throw new AgentError(`socket ${path} is already in use by another process`);
+      this.log('info', 'removing stale NBD socket', { path });
+      await unlink(path).catch((err: NodeJS.ErrnoException) => {
+        if (err.code !== 'ENOENT') throw listenError(err, `socket ${path}`);
+      });
+    }
+    await this.listen({ path }, `socket ${path}`);
+  }
+
+  /** Listens on TCP (default 127.0.0.1:10809); returns the bound address (useful with port 0). */
+  async listenTcp(host = '127.0.0.1', port: number = NBD_DEFAULT_PORT): Promise<{ host: string; port: number }> {
+    this.assertOpen();
+    const server = await this.listen({ host, port }, `${host.includes(':') ? `[${host}]` : host}:${port}`);
+    const address = server.address() as net.AddressInfo;
+    return { host: address.address, port: address.port };
+  }
+
+  /**
+   * Stops accepting, lets every connection in transmission finish the
+   * requests it has read (no new ones are read), then closes them; drops
+   * connections still negotiating. Connections left after closeTimeoutMs are
+   * dropped. Idempotent.
+   */
+  close(): Promise<void> {
+    this.closing ??= this.doClose();
+    return this.closing;
+  }
+
+  private async doClose(): Promise<void> {
+    const listenersClosed = Promise.all(this.listeners.map((l) => new Promise<void>((resolve) => l.close(() => resolve()))));
+    const connections = [...this.connections];
+    for (const c of connections) c.shutdown();
+    const drained = Promise.all(connections.map((c) => c.done));
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = await Promise.race([
+      drained.then(() => false),
+      new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(true), this.closeTimeoutMs))),
+    ]);
+    clearTimeout(timer);
+    if (timedOut) {
+      this.log('warn', 'dropping connections that did not drain in time', { connections: this.connections.size, timeoutMs: this.closeTimeoutMs });
+      for (const c of this.connections) c.destroy('server close timed out');
+    }
+    // Closing a unix listener also removes its socket file (libuv does it).
+    await listenersClosed;
+    this.log('info', 'NBD server closed', { ...this.stats });
+  }
+
+  private assertOpen(): void {
+    if (this.closing !== null) throw new AgentError('NBD server is closed');
+  }
+
+  private listen(options: net.ListenOptions, where: string): Promise<net.Server> {
+    const server = net.createServer({ allowHalfOpen: true }, (socket) => this.accept(socket));
+    return new Promise<net.Server>((resolve, reject) => {
+      const onError = (err: NodeJS.ErrnoException): void => reject(listenError(err, where));
+      server.once('error', onError);
+      server.listen(options, () => {
+        server.off('error', onError);
+        server.on('error', (err) => this.log('error', 'listener error', { where, error: err.message }));
+        this.listeners.push(server);
+        this.log('info', 'NBD server listening', { where });
+        resolve(server);
+      });
+    });
+  }
+
+  private accept(socket: net.Socket): void {
+    if (this.closing !== null || this.connections.size >= this.maxConnections) {
+      if (this.closing === null) {
+        this.rejectedConnections++;
+        this.log('warn', 'connection refused: too many connections', { maxConnections: this.maxConnections });
+      }
+      socket.on('error', () => undefined);
+      socket.destroy();
+      return;
+    }
+    this.totalConnections++;
+    // "both the client and server SHOULD disable Nagle's algorithm" (TCP only; a no-op on unix sockets).
+    socket.setNoDelay(true);
+    const connection = new NbdConnection(
+      socket,
+      {
+        provider: this.provider,
+        limits: this.limits,
+        log: this.log,
+        counters: this.counters,
+        isShuttingDown: () => this.closing !== null,
+      },
+      this.totalConnections,
+    );
+    this.connections.add(connection);
+    this.log('debug', 'connection accepted', { connection: connection.id, remote: socket.remoteAddress ?? 'unix' });
+    void connection.done.finally(() => this.connections.delete(connection));
+  }
+}

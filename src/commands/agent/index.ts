@@ -1,0 +1,89 @@
+import { Flags } from '@oclif/core';
+import { pino } from 'pino';
+import { Agent, type AgentStatus } from '../../agent/agent.js';
+import {
+  CONFIG_DEFAULTS, DEFAULT_CONTROL, DEFAULT_NBD_PORT, DEFAULT_SOCKET, loadConfigFile, resolveConfig,
+} from '../../agent/config.js';
+import { BaseCommand, EXIT_CODES_HELP } from '../../cli/base-command.js';
+
+export type AgentRunResult = Pick<AgentStatus, 'counters' | 'uptimeSeconds'>;
+
+export default class AgentRun extends BaseCommand<typeof AgentRun> {
+  static override summary = 'Run the bootcache agent: serve images over NBD with caching, prefetch and boot recording.';
+  static override description = `Serves every image under the storage root as a read-only NBD export named by its path relative to the root (a qcow2 image is served as its guest-visible disk, format raw for the client). On the first open of an export it streams the image's boot segment (IMAGE.bcseg) into the local cache; it records the blocks each boot reads and, when the boot ends (idle gap, window, mark-booted or last close), merges them into IMAGE.bcmap and publishes a new IMAGE.bcseg next to the image.
+
+Runs in the foreground until SIGTERM or SIGINT: it then stops accepting, finishes in-flight requests, and flushes maps and the cache index. Logs are JSON lines (pino) on stdout. TCP is used only with --listen (default port ${DEFAULT_NBD_PORT}).
+
+Settings come from flags or a JSON config file (--config); flags win. Config keys: storage, cache, socket, listen, control, cacheSize, cacheMisses, storageDelayMs, storageErrorRate, boot {idleMs, windowMs, minReads}, merge {minSeen, window}, prefetchChunk, prefetchDepth, blockSize, maintenance, logLevel.
+
+${EXIT_CODES_HELP}`;
+
+  static override examples = [
+    '<%= config.bin %> <%= command.id %> --storage /srv/images --cache /var/cache/bootcache --socket /run/bootcache/nbd.sock',
+    "qemu-system-x86_64 -drive file=nbd+unix:///debian12.qcow2?socket=/run/bootcache/nbd.sock,format=raw,snapshot=on ...",
+    '<%= config.bin %> <%= command.id %> --config /etc/bootcache/agent.json --listen 0.0.0.0:10809',
+  ];
+
+  static override flags = {
+    config: Flags.string({ description: 'JSON config file.', helpValue: 'FILE' }),
+    storage: Flags.string({ description: 'Storage root holding the images (a local directory or an NFS mount).', helpValue: 'DIR' }),
+    cache: Flags.string({ description: 'Cache directory (the local cache device).', helpValue: 'DIR' }),
+    socket: Flags.string({ description: `NBD unix socket (default ${DEFAULT_SOCKET}).`, helpValue: 'PATH' }),
+    listen: Flags.string({ description: `Also listen on TCP HOST:PORT (default port ${DEFAULT_NBD_PORT}).`, helpValue: 'HOST:PORT' }),
+    control: Flags.string({ description: `Control socket for status and mark-booted (default ${DEFAULT_CONTROL}).`, helpValue: 'PATH' }),
+    'cache-size': Flags.string({ description: `Cache capacity, e.g. 8G (default ${CONFIG_DEFAULTS.cacheSize / 1024 ** 3}G).`, helpValue: 'BYTES' }),
+    'cache-misses': Flags.boolean({ description: 'Cache blocks read on a miss, not only prefetched ones.', allowNo: true }),
+    'storage-delay': Flags.integer({ description: 'Test/benchmark: delay every storage read by MS milliseconds.', helpValue: 'MS' }),
+    'storage-error-rate': Flags.string({ description: 'Test/benchmark: fail this fraction of storage reads.', helpValue: 'FRACTION' }),
+    'boot-idle': Flags.string({ description: 'End of boot: seconds with no new block read (default 20).', helpValue: 'SECONDS' }),
+    'boot-window': Flags.string({ description: 'End of boot: maximum seconds of recording (default 300).', helpValue: 'SECONDS' }),
+    'boot-min-reads': Flags.integer({ description: 'Reads before an idle gap may end the boot (default 64).', helpValue: 'N' }),
+    'merge-min-seen': Flags.integer({ description: 'Keep blocks read in at least M of the last K boots (default 2).', helpValue: 'M' }),
+    'merge-window': Flags.integer({ description: 'K, the boots remembered for merging (default 4).', helpValue: 'K' }),
+    'prefetch-chunk': Flags.string({ description: 'Segment bytes per sequential prefetch read (default 4M).', helpValue: 'BYTES' }),
+    'prefetch-depth': Flags.integer({ description: 'Prefetch reads in flight (the bounded buffer, default 4).', helpValue: 'N' }),
+    'log-level': Flags.string({ description: 'pino log level.', options: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] }),
+    maintenance: Flags.string({ description: 'Cron schedule for maintenance (cache index compaction), or "off".', helpValue: 'CRON' }),
+  };
+
+  async run(): Promise<AgentRunResult> {
+    const f = this.flags;
+    const fromFile = f.config ? await loadConfigFile(f.config) : {};
+    const seconds = (v: string | undefined): number | undefined => (v === undefined ? undefined : Number(v) * 1000);
+    const boot: Record<string, number> = { ...((fromFile.boot as Record<string, number> | undefined) ?? {}) };
+    if (f['boot-idle'] !== undefined) boot.idleMs = seconds(f['boot-idle'])!;
+    if (f['boot-window'] !== undefined) boot.windowMs = seconds(f['boot-window'])!;
+    if (f['boot-min-reads'] !== undefined) boot.minReads = f['boot-min-reads'];
+    const merge: Record<string, number> = { ...((fromFile.merge as Record<string, number> | undefined) ?? {}) };
+    if (f['merge-min-seen'] !== undefined) merge.minSeen = f['merge-min-seen'];
+    if (f['merge-window'] !== undefined) merge.window = f['merge-window'];
+    const config = resolveConfig(fromFile, {
+      storage: f.storage,
+      cache: f.cache,
+      socket: f.socket,
+      listen: f.listen,
+      control: f.control,
+      cacheSize: f['cache-size'],
+      cacheMisses: f['cache-misses'],
+      storageDelayMs: f['storage-delay'],
+      storageErrorRate: f['storage-error-rate'],
+      boot,
+      merge,
+      prefetchChunk: f['prefetch-chunk'],
+      prefetchDepth: f['prefetch-depth'],
+      logLevel: f['log-level'],
+      maintenance: f.maintenance,
+    });
+    const log = pino({ level: config.logLevel, base: { pid: process.pid } });
+    const agent = new Agent(config, log);
+    await agent.start();
+    const signal = await new Promise<NodeJS.Signals>((resolve) => {
+      process.once('SIGTERM', () => resolve('SIGTERM'));
+      process.once('SIGINT', () => resolve('SIGINT'));
+    });
+    log.info({ signal }, 'stopping');
+    const { counters, uptimeSeconds } = agent.status();
+    await agent.stop();
+    return { counters, uptimeSeconds };
+  }
+}

@@ -1,0 +1,35 @@
+import { Flags } from '@oclif/core';
+import type { AgentStatus } from '../../agent/agent.js';
+import { DEFAULT_CONTROL } from '../../agent/config.js';
+import { controlRequest } from '../../agent/control.js';
+import { BaseCommand, EXIT_CODES_HELP } from '../../cli/base-command.js';
+import { formatBytes } from '../../cli/progress.js';
+
+export default class AgentStatusCommand extends BaseCommand<typeof AgentStatusCommand> {
+  static override summary = "Show a running agent's exports, cache, prefetch progress and counters.";
+  static override description = `Asks the agent on its control socket. The --json result has "exports" (name, size, connections, prefetch progress, last boot: state recording/complete, reads, duration), "cache" (capacity and use) and "counters": {"storage": {"readRequests", "readBytes"}, "cache": {"hits", "misses"}, "prefetch": {"bytes", "unusedBytes"}, "boots": {"recorded", ...}}.
+
+${EXIT_CODES_HELP}`;
+
+  static override examples = ['<%= config.bin %> <%= command.id %> --json', '<%= config.bin %> <%= command.id %> --control /tmp/agent.ctl'];
+
+  static override flags = {
+    control: Flags.string({ description: `The agent's control socket (default ${DEFAULT_CONTROL}).`, helpValue: 'PATH', default: DEFAULT_CONTROL }),
+  };
+
+  async run(): Promise<AgentStatus> {
+    const status = await controlRequest<AgentStatus>(this.flags.control, 'GET', '/status');
+    const c = status.counters;
+    this.log(`agent pid ${status.pid}, up ${status.uptimeSeconds}s, storage ${status.storage}`);
+    this.log(`cache: ${formatBytes(status.cache.usedBytes)} of ${formatBytes(status.cache.capacityBytes)} used`);
+    this.log(
+      `counters: storage ${c.storage.readRequests} reads / ${formatBytes(c.storage.readBytes)}; cache ${c.cache.hits} hits / ${c.cache.misses} misses; prefetch ${formatBytes(c.prefetch.bytes)} (${formatBytes(c.prefetch.unusedBytes)} unused); boots recorded ${c.boots.recorded}`,
+    );
+    for (const e of status.exports) {
+      const boot = e.lastBoot ? `last boot ${e.lastBoot.state}, ${e.lastBoot.reads} reads, ${(e.lastBoot.durationMs / 1000).toFixed(1)} s` : 'no boot yet';
+      const prefetch = e.prefetch ? `, prefetch ${e.prefetch.state} ${formatBytes(e.prefetch.bytesRead)}/${formatBytes(e.prefetch.bytesTotal)}` : '';
+      this.log(`  ${e.name}: ${formatBytes(e.size)}, ${e.connections} connections, ${boot}${prefetch}`);
+    }
+    return status;
+  }
+}

@@ -1,0 +1,62 @@
+import { Args, Flags } from '@oclif/core';
+import { BaseCommand, EXIT_CODES_HELP } from '../cli/base-command.js';
+import { imageFlags, withImage } from '../cli/image-flags.js';
+import { formatBytes } from '../cli/progress.js';
+import { inspectImage, type ImageInspection } from '../core/inspect-image.js';
+import { detectFileKind, inspectMap, inspectSegment, type MapInspection, type SegmentInspection } from '../core/inspect.js';
+
+export type InspectResult = ImageInspection | MapInspection | SegmentInspection;
+
+export default class Inspect extends BaseCommand<typeof Inspect> {
+  static override summary = 'Describe an image, a boot workload map or a boot segment.';
+  static override description = `Recognises the file by its first bytes.
+- image: format, virtual size, cluster size, backing chain, allocated bytes;
+- map: blockSize, blocksSet, bytes, runs (contiguous runs of blocks), boots merged;
+- segment: blocks, bytes, identity, dataSha256.
+
+${EXIT_CODES_HELP}`;
+
+  static override examples = [
+    '<%= config.bin %> <%= command.id %> debian12.qcow2',
+    '<%= config.bin %> <%= command.id %> debian12.qcow2.bcmap --json',
+    '<%= config.bin %> <%= command.id %> debian12.qcow2.bcseg',
+  ];
+
+  static override args = {
+    file: Args.string({ description: 'Image, map (.bcmap) or segment (.bcseg).', required: true }),
+  };
+
+  static override flags = {
+    ...imageFlags,
+    kind: Flags.string({ description: 'Treat the file as this kind instead of detecting it.', options: ['image', 'map', 'segment'] }),
+  };
+
+  async run(): Promise<InspectResult> {
+    const path = this.args.file;
+    const kind = this.flags.kind ?? (await detectFileKind(path));
+    if (kind === 'map') {
+      const m = await inspectMap(path);
+      this.log(`${path}: boot workload map v${m.version}`);
+      this.log(`  block size ${m.blockSize} B, virtual size ${formatBytes(m.virtualSize)}`);
+      this.log(`  ${m.blocksSet} blocks set (${formatBytes(m.bytes)}) in ${m.runs} runs, ${m.boots} boot(s) merged`);
+      this.log(`  image identity ${m.identity}`);
+      return m;
+    }
+    if (kind === 'segment') {
+      const s = await inspectSegment(path);
+      this.log(`${path}: boot segment v${s.version}`);
+      this.log(`  ${s.blocks} blocks of ${s.blockSize} B (${formatBytes(s.bytes)})`);
+      this.log(`  image identity ${s.identity}`);
+      this.log(`  map digest ${s.mapDigest}`);
+      this.log(`  dataSha256 ${s.dataSha256}`);
+      return s;
+    }
+    const info = await withImage(path, this.flags, (image) => inspectImage(image));
+    this.log(`${path}: ${info.format}, virtual size ${formatBytes(info.virtualSize)} (${info.virtualSize} bytes)`);
+    if (info.clusterSize !== undefined) this.log(`  cluster size ${formatBytes(info.clusterSize)}`);
+    this.log(`  allocated ${formatBytes(info.allocatedBytes)}, guest data ${formatBytes(info.dataBytes)}`);
+    for (const layer of info.backingChain) this.log(`  backing: ${layer.name} (${layer.format}, ${formatBytes(layer.virtualSize)})`);
+    this.log(`  identity ${info.identity}`);
+    return info;
+  }
+}

@@ -1,0 +1,123 @@
+/**
+ * Per-block checksums on a worker thread, so that they run in parallel with
+ * the main thread's SHA-256 over the whole data (buildSegment, verify hash
+ * every byte twice). Data goes to the worker in SharedArrayBuffer-backed
+ * buffers, so nothing is copied on the way.
+ */
+import { Worker } from 'node:worker_threads';
+import { BLOCK_CHECKSUM_LENGTH, blockChecksum } from '../format/segment.js';
+
+/** The worker: receives {id, data, blockSize}, answers {id, table} or {id, error}. */
+const WORKER_SOURCE = `
+const { parentPort } = require('node:worker_threads');
+const { hash } = require('node:crypto');
+parentPort.on('message', ({ id, data, offset, length, blockSize }) => {
+  try {
+    const bytes = new Uint8Array(data, offset, length);
+    const table = new Uint8Array((length / blockSize) * ${BLOCK_CHECKSUM_LENGTH});
+    for (let o = 0, t = 0; o < length; o += blockSize, t += ${BLOCK_CHECKSUM_LENGTH}) {
+      table.set(hash('sha256', bytes.subarray(o, o + blockSize), 'buffer').subarray(0, ${BLOCK_CHECKSUM_LENGTH}), t);
+    }
+    parentPort.postMessage({ id, table: table.buffer }, [table.buffer]);
+  } catch (err) {
+    parentPort.postMessage({ id, error: String(err && err.message || err) });
+  }
+});
+`;
+
+interface Pending {
+  resolve: (table: Buffer) => void;
+  reject: (err: Error) => void;
+}
+
+/** Checksum tables (BLOCK_CHECKSUM_LENGTH bytes per block) of whole-block buffers. */
+export interface BlockChecksummer {
+  /** `data` is a whole number of blocks; worker-backed checksummers want it in a SharedArrayBuffer. */
+  checksums(data: Buffer, blockSize: number): Promise<Buffer>;
+  /** True when `data` must live in a SharedArrayBuffer (see sharedBuffer). */
+  readonly wantsShared: boolean;
+  close(): Promise<void>;
+}
+
+/** Checksums on the calling thread. */
+export const inlineChecksummer: BlockChecksummer = {
+  wantsShared: false,
+  async checksums(data, blockSize) {
+    return checksumTable(data, blockSize);
+  },
+  async close() {},
+};
+
+export function checksumTable(data: Uint8Array, blockSize: number): Buffer {
+  const table = Buffer.allocUnsafe((data.length / blockSize) * BLOCK_CHECKSUM_LENGTH);
+  for (let o = 0, t = 0; o < data.length; o += blockSize, t += BLOCK_CHECKSUM_LENGTH) {
+    blockChecksum(data.subarray(o, o + blockSize)).copy(table, t);
+  }
+  return table;
+}
+
+class WorkerChecksummer implements BlockChecksummer {
+  readonly wantsShared = true;
+  private readonly pending = new Map<number, Pending>();
+  private nextId = 0;
+  private failure: Error | undefined;
+
+  // Not unref'd: while a result is awaited the worker may be the only thing
+  // keeping the event loop alive. close() (always called) terminates it.
+  constructor(private readonly worker: Worker) {
+    worker.on('message', (msg: { id: number; table?: ArrayBuffer; error?: string }) => {
+      const p = this.pending.get(msg.id);
+      if (!p) return;
+      this.pending.delete(msg.id);
+      if (msg.table) p.resolve(Buffer.from(msg.table));
+      else p.reject(new Error(`checksum worker: ${msg.error ?? 'no result'}`));
+    });
+    worker.on('error', (err) => this.fail(err));
+    worker.on('exit', (code) => this.fail(new Error(`checksum worker exited with code ${code}`)));
+  }
+
+  private fail(err: Error): void {
+    this.failure ??= err;
+    for (const p of this.pending.values()) p.reject(err);
+    this.pending.clear();
+  }
+
+  checksums(data: Buffer, blockSize: number): Promise<Buffer> {
+    if (!(data.buffer instanceof SharedArrayBuffer)) return Promise.resolve(checksumTable(data, blockSize));
+    if (this.failure) return Promise.reject(this.failure);
+    const id = this.nextId++;
+    return new Promise<Buffer>((resolve, reject) => {
+      this.pending.set(id, { resolve, reject });
+      this.worker.postMessage({ id, data: data.buffer, offset: data.byteOffset, length: data.length, blockSize });
+    });
+  }
+
+  async close(): Promise<void> {
+    this.failure ??= new Error('checksum worker closed');
+    await this.worker.terminate();
+  }
+}
+
+/** Below this many bytes a worker (about 30 ms to start) does not pay off. */
+const WORKER_MIN_BYTES = 16 * 1024 * 1024;
+
+/**
+ * A worker-backed checksummer when asked for and the work is large enough to
+ * pay for a thread; else the inline one. The worker is opt-in: it shortens
+ * the wall time only when a core is idle, and costs more CPU in total (a copy
+ * into shared memory unless the image can read into a buffer, and messages),
+ * so on a busy host it is slower (measured on a loaded 2-core VM).
+ */
+export function createChecksummer(totalBytes: number, useWorker = false): BlockChecksummer {
+  if (!useWorker || totalBytes < WORKER_MIN_BYTES) return inlineChecksummer;
+  try {
+    return new WorkerChecksummer(new Worker(WORKER_SOURCE, { eval: true }));
+  } catch {
+    return inlineChecksummer;
+  }
+}
+
+/** A Buffer backed by a SharedArrayBuffer (so a worker can read it in place). */
+export function sharedBuffer(length: number): Buffer {
+  return Buffer.from(new SharedArrayBuffer(length));
+}

@@ -1,0 +1,106 @@
+/** inspect (map and segment part) and file kind detection by magic. */
+import { MAP_MAGIC, loadMap } from '../format/map.js';
+import { SEGMENT_MAGIC, SegmentReader } from '../format/segment.js';
+import { FileByteSource } from '../image/file-source.js';
+
+export type FileKind = 'map' | 'segment' | 'image';
+
+/** 'map' or 'segment' by magic; anything else is taken to be an image. */
+export async function detectFileKind(path: string): Promise<FileKind> {
+  const file = await FileByteSource.open(path);
+  try {
+    const magic = await file.read(0, Math.min(file.size, MAP_MAGIC.length));
+    if (magic.equals(MAP_MAGIC)) return 'map';
+    if (magic.equals(SEGMENT_MAGIC)) return 'segment';
+    return 'image';
+  } finally {
+    await file.close().catch(() => undefined);
+  }
+}
+
+export interface MapInspection {
+  kind: 'map';
+  path: string;
+  version: number;
+  blockSize: number;
+  virtualSize: number;
+  blockCount: number;
+  blocksSet: number;
+  /** blocksSet × blockSize: the size of the segment's data. */
+  bytes: number;
+  /** Maximal runs of set blocks (image reads needed to build the segment). */
+  runs: number;
+  boots: number;
+  identity: string;
+  mapDigest: string;
+  /** The merge history, when the map has one. */
+  history: { window: number; minSeen: number; recorded: number; entries: number } | null;
+}
+
+export interface SegmentInspection {
+  kind: 'segment';
+  path: string;
+  version: number;
+  blockSize: number;
+  blocks: number;
+  /** Bytes of block data (blocks × blockSize). */
+  bytes: number;
+  fileBytes: number;
+  virtualSize: number;
+  dataOffset: number;
+  identity: string;
+  mapDigest: string;
+  dataSha256: string;
+}
+
+/** Loads (and so fully checks) a map and summarises it. */
+export async function inspectMap(path: string): Promise<MapInspection> {
+  const map = await loadMap(path);
+  const blocksSet = map.blocksSet;
+  return {
+    kind: 'map',
+    path,
+    version: map.version,
+    blockSize: map.blockSize,
+    virtualSize: map.virtualSize,
+    blockCount: map.blockCount,
+    blocksSet,
+    bytes: blocksSet * map.blockSize,
+    runs: map.bitmap.countRuns(),
+    boots: map.boots,
+    identity: map.identity,
+    mapDigest: map.mapDigest(),
+    history: map.history
+      ? {
+          window: map.history.window,
+          minSeen: map.history.minSeen,
+          recorded: map.history.recorded,
+          entries: map.history.blocks.length,
+        }
+      : null,
+  };
+}
+
+/** Reads a segment's header and checksum table (not its data; that is verify's job). */
+export async function inspectSegment(path: string): Promise<SegmentInspection> {
+  const reader = await SegmentReader.open(path);
+  try {
+    const h = reader.header;
+    return {
+      kind: 'segment',
+      path,
+      version: h.version,
+      blockSize: h.blockSize,
+      blocks: h.blockCount,
+      bytes: reader.dataLength,
+      fileBytes: reader.source.size,
+      virtualSize: h.virtualSize,
+      dataOffset: h.dataOffset,
+      identity: h.identity,
+      mapDigest: h.mapDigest,
+      dataSha256: h.dataSha256,
+    };
+  } finally {
+    await reader.close();
+  }
+}

@@ -1,0 +1,124 @@
+/**
+ * `bootcache agent` as a real process: start-up errors, status over the
+ * control socket, QEMU's own client, JSON logs and a clean SIGTERM.
+ */
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdir, mkdtemp, writeFile } from 'node:fs/promises';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { cli } from './helpers/cli.js';
+
+const run = promisify(execFile);
+const bin = fileURLToPath(new URL('../bin/run.js', import.meta.url));
+let dir: string;
+const children: ChildProcess[] = [];
+
+beforeAll(async () => {
+  dir = await mkdtemp(join(tmpdir(), 'bc-agent-cli-'));
+  await mkdir(join(dir, 'storage'));
+  await writeFile(join(dir, 'storage', 'disk.raw'), randomBytes(8 * 1024 * 1024));
+});
+
+afterEach(() => {
+  for (const c of children.splice(0)) c.kill('SIGKILL');
+});
+
+interface Started {
+  child: ChildProcess;
+  stdout: () => string;
+  stderr: () => string;
+  exited: Promise<number>;
+}
+
+function startAgent(args: string[]): Started {
+  const child = spawn(process.execPath, [bin, 'agent', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  children.push(child);
+  let out = '';
+  let err = '';
+  child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+  child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
+  const exited = new Promise<number>((resolve) => child.on('exit', (code) => resolve(code ?? -1)));
+  return { child, stdout: () => out, stderr: () => err, exited };
+}
+
+async function waitForLog(s: Started, pattern: RegExp, timeoutMs = 30_000): Promise<void> {
+  const start = Date.now();
+  while (!pattern.test(s.stdout())) {
+    if (Date.now() - start > timeoutMs) throw new Error(`agent did not log ${pattern}: ${s.stdout()} ${s.stderr()}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+const paths = (name: string) => ({
+  socket: join(dir, `${name}.sock`),
+  control: join(dir, `${name}.ctl`),
+  cache: join(dir, `cache-${name}`),
+});
+
+describe('bootcache agent (process)', () => {
+  it('serves QEMU, answers status, logs JSON, and stops cleanly on SIGTERM', async () => {
+    const p = paths('ok');
+    const a = startAgent(['--storage', join(dir, 'storage'), '--cache', p.cache, '--socket', p.socket, '--control', p.control, '--cache-size', '64M']);
+    await waitForLog(a, /agent started/);
+    await run('qemu-io', ['-f', 'raw', '-r', `nbd+unix:///disk.raw?socket=${p.socket}`, '-c', 'read 0 64k', '-c', 'read 1M 4k']);
+    const status = await cli('agent', 'status', '--control', p.control, '--json');
+    expect(status.status, status.stderr).toBe(0);
+    expect(status.json).toMatchObject({
+      exports: [{ name: 'disk.raw', size: 8 * 1024 * 1024 }],
+      counters: { storage: { readRequests: expect.any(Number) }, cache: { misses: expect.any(Number) } },
+    });
+    const human = await cli('agent', 'status', '--control', p.control);
+    expect(human.stdout).toMatch(/disk\.raw: 8\.0 MiB/);
+    a.child.kill('SIGTERM');
+    expect(await a.exited).toBe(0);
+    // Every stdout line is a JSON log record.
+    for (const line of a.stdout().trim().split('\n')) expect(() => JSON.parse(line)).not.toThrow();
+    expect(a.stdout()).toMatch(/"msg":"agent stopped"/);
+  });
+
+  it('gives one clear line and exit 7 for a missing storage directory, an unwritable cache, a port in use', async () => {
+    const p = paths('bad');
+    const missing = startAgent(['--storage', join(dir, 'nope'), '--cache', p.cache, '--socket', p.socket, '--control', p.control]);
+    expect(await missing.exited).toBe(7);
+    expect(missing.stderr()).toMatch(/storage: .*nope.*no such file/);
+    expect(missing.stderr().trim().split('\n')).toHaveLength(1);
+
+    const notDir = join(dir, 'cache-is-a-file');
+    await writeFile(notDir, 'x');
+    const badCache = startAgent(['--storage', join(dir, 'storage'), '--cache', notDir, '--socket', p.socket, '--control', p.control]);
+    expect(await badCache.exited).toBe(7);
+    expect(badCache.stderr()).toMatch(/cache-is-a-file/);
+
+    const busy = createServer();
+    await new Promise<void>((r) => busy.listen(0, '127.0.0.1', () => r()));
+    const port = (busy.address() as { port: number }).port;
+    const inUse = startAgent(['--storage', join(dir, 'storage'), '--cache', p.cache, '--socket', p.socket, '--control', p.control, '--listen', `127.0.0.1:${port}`]);
+    expect(await inUse.exited).toBe(7);
+    expect(inUse.stderr()).toMatch(new RegExp(`${port}.*(in use|EADDRINUSE)`, 'i'));
+    busy.close();
+  });
+
+  it('rejects a broken config file with exit 2', async () => {
+    const p = paths('cfg');
+    const cfg = join(dir, 'agent.json');
+    await writeFile(cfg, JSON.stringify({ storage: join(dir, 'storage'), cache: p.cache, cacheSize: 'lots' }));
+    const a = startAgent(['--config', cfg, '--socket', p.socket, '--control', p.control]);
+    expect(await a.exited).toBe(2);
+    expect(a.stderr()).toMatch(/cacheSize.*lots/);
+    await writeFile(cfg, '{ not json');
+    const b = startAgent(['--config', cfg, '--socket', p.socket, '--control', p.control]);
+    expect(await b.exited).toBe(2);
+    expect(b.stderr()).toMatch(/agent\.json: config file is not valid JSON/);
+  });
+
+  it('status without an agent is a clear error', async () => {
+    const r = await cli('agent', 'status', '--control', join(dir, 'none.ctl'));
+    expect(r.status).toBe(7);
+    expect(r.stderr).toMatch(/none\.ctl: cannot reach the agent's control socket .*is the agent running/);
+  });
+});

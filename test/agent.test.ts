@@ -1,0 +1,216 @@
+/**
+ * The agent end to end, in-process, with real clients: boots are recorded,
+ * maps and segments published, segments prefetched on a cold host, stale
+ * segments skipped, export names confined to the storage root.
+ */
+import { execFile, execFileSync } from 'node:child_process';
+import { promisify } from 'node:util';
+import { randomBytes } from 'node:crypto';
+import { mkdir, mkdtemp, readFile, symlink, utimes, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { pino } from 'pino';
+import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { Agent } from '../src/agent/agent.js';
+import { resolveConfig, type AgentConfig } from '../src/agent/config.js';
+import { controlRequest } from '../src/agent/control.js';
+import { verifySegment } from '../src/core/verify.js';
+import { loadMap } from '../src/format/map.js';
+import { openImage } from '../src/image/open.js';
+import { NbdClient } from '../src/nbd-client/index.js';
+
+const MiB = 1024 * 1024;
+// Async: the NBD server runs in this process, so a sync child would deadlock it.
+const run = promisify(execFile);
+let root: string;
+let template: string;
+let storageDir: string;
+let rawBytes: Buffer;
+const agents: Agent[] = [];
+
+beforeAll(async () => {
+  root = await mkdtemp(join(tmpdir(), 'bc-agent-'));
+  template = join(root, 'template');
+  await mkdir(join(template, 'pool'), { recursive: true });
+  rawBytes = randomBytes(64 * MiB);
+  await writeFile(join(template, 'disk.raw'), rawBytes);
+  execFileSync('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', join(template, 'disk.raw'), join(template, 'pool', 'disk.qcow2')]);
+  const outside = join(root, 'outside.raw');
+  await writeFile(outside, Buffer.alloc(MiB, 1));
+  await symlink(outside, join(template, 'escape.raw'));
+});
+
+/** A fresh storage root per test (copies keep their mtimes, so identities match across copies). */
+function freshStorage(name: string): string {
+  storageDir = join(root, `storage-${name}`);
+  execFileSync('cp', ['-a', template, storageDir]);
+  return storageDir;
+}
+
+afterEach(async () => {
+  while (agents.length) await agents.pop()!.stop();
+});
+
+async function startAgent(name: string, overrides: Record<string, unknown> = {}): Promise<{ agent: Agent; config: AgentConfig }> {
+  const dir = join(root, name);
+  await mkdir(dir, { recursive: true });
+  const config = resolveConfig(
+    {},
+    {
+      storage: storageDir,
+      cache: join(dir, 'cache'),
+      socket: join(dir, 'nbd.sock'),
+      control: join(dir, 'control.sock'),
+      cacheSize: '256M',
+      boot: { idleMs: 60_000, windowMs: 600_000, minReads: 1 },
+      merge: { minSeen: 1, window: 4 },
+      prefetchChunk: '1M',
+      maintenance: 'off',
+      logLevel: 'silent',
+      ...overrides,
+    },
+  );
+  const agent = new Agent(config, pino({ level: 'silent' }));
+  await agent.start();
+  agents.push(agent);
+  return { agent, config };
+}
+
+/** Polls until `check` holds (the server closes exports asynchronously after a client leaves). */
+async function waitFor(check: () => boolean, what: string, timeoutMs = 20_000): Promise<void> {
+  const start = Date.now();
+  while (!check()) {
+    if (Date.now() - start > timeoutMs) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+const bootComplete = (agent: Agent, name: string) => () =>
+  agent.status().exports.find((e) => e.name === name)?.lastBoot?.state === 'complete';
+
+const uri = (config: AgentConfig, name: string): string => `nbd+unix:///${name}?socket=${config.socket}`;
+
+/** A "boot": 200 scattered 4 KiB..64 KiB reads, checked against the image bytes. */
+async function boot(config: AgentConfig, name: string, seed: number): Promise<void> {
+  const client = await NbdClient.connect(uri(config, name));
+  try {
+    let x = seed;
+    const reads: Array<Promise<void>> = [];
+    for (let i = 0; i < 200; i++) {
+      x = (x * 1103515245 + 12345) >>> 0;
+      const offset = (x % (60 * 2048)) * 512;
+      const length = 4096 * (1 + (i % 16));
+      reads.push(client.read(offset, length).then((data) => {
+        expect(data.equals(rawBytes.subarray(offset, offset + length))).toBe(true);
+      }));
+    }
+    await Promise.all(reads);
+  } finally {
+    await client.close();
+  }
+}
+
+describe('bootcache agent', () => {
+  it('serves raw and qcow2 exports byte-exact (qemu-img compare)', async () => {
+    freshStorage('compare');
+    const { config } = await startAgent('compare');
+    for (const name of ['disk.raw', 'pool/disk.qcow2']) {
+      await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', uri(config, name), join(storageDir, 'disk.raw')]);
+    }
+    const { stdout: list } = await run('nbdinfo', ['--list', '--json', `nbd+unix://?socket=${config.socket}`], { encoding: 'utf8' });
+    const names = (JSON.parse(list) as { exports: Array<{ 'export-name': string }> }).exports.map((e) => e['export-name']);
+    expect(names.sort()).toEqual(['disk.raw', 'pool/disk.qcow2']);
+  });
+
+  it('records a boot, publishes map and segment that verify, and prefetches them on a cold host', async () => {
+    freshStorage('boot');
+    const first = await startAgent('first');
+    await boot(first.config, 'pool/disk.qcow2', 1);
+    // Closing the last connection ended the boot; wait for the rebuild.
+    await waitFor(bootComplete(first.agent, 'pool/disk.qcow2'), 'the end of the boot');
+    await first.agent.settled();
+    const status1 = first.agent.status();
+    expect(status1.counters.boots.recorded).toBe(1);
+    expect(status1.exports.find((e) => e.name === 'pool/disk.qcow2')?.lastBoot).toMatchObject({ state: 'complete', endReason: 'closed' });
+    const imagePath = join(storageDir, 'pool', 'disk.qcow2');
+    const image = await openImage(imagePath);
+    try {
+      const map = await loadMap(`${imagePath}.bcmap`);
+      expect(map.blocksSet).toBeGreaterThan(200);
+      const report = await verifySegment(image, map, `${imagePath}.bcseg`);
+      expect(report.ok, report.problems.join('; ')).toBe(true);
+    } finally {
+      await image.close();
+    }
+    const firstRequests = status1.counters.storage.readRequests;
+
+    // A cold host: empty cache, segment on storage. The same boot is served from the prefetched segment.
+    const cold = await startAgent('cold');
+    const client = await NbdClient.connect(uri(cold.config, 'pool/disk.qcow2'));
+    await new Promise((r) => setTimeout(r, 500)); // let the prefetch stream run
+    await client.close();
+    await boot(cold.config, 'pool/disk.qcow2', 1);
+    const status2 = cold.agent.status();
+    const e = status2.exports.find((x) => x.name === 'pool/disk.qcow2')!;
+    expect(e.prefetch?.state).toBe('done');
+    expect(e.prefetch?.blocksLoaded).toBeGreaterThan(200);
+    expect(status2.counters.prefetch.bytes).toBeGreaterThan(0);
+    expect(status2.counters.cache.hits).toBeGreaterThan(0);
+    expect(status2.counters.cache.misses).toBe(0);
+    expect(status2.counters.storage.readRequests).toBeLessThan(firstRequests);
+  });
+
+  it('status and mark-booted over the control socket', async () => {
+    freshStorage('control');
+    const { config } = await startAgent('control');
+    const client = await NbdClient.connect(uri(config, 'disk.raw'));
+    await client.read(0, 4096);
+    const status = await controlRequest<{ exports: Array<{ name: string; lastBoot: { state: string; reads: number } }>; counters: unknown }>(
+      config.control, 'GET', '/status');
+    expect(status.exports[0]).toMatchObject({ name: 'disk.raw', lastBoot: { state: 'recording', reads: 1 } });
+    expect(status.counters).toMatchObject({
+      storage: { readRequests: expect.any(Number), readBytes: expect.any(Number) },
+      cache: { hits: expect.any(Number), misses: expect.any(Number) },
+      prefetch: { bytes: expect.any(Number), unusedBytes: expect.any(Number) },
+      boots: { recorded: expect.any(Number) },
+    });
+    const ended = await controlRequest<{ state: string; endReason: string }>(config.control, 'POST', '/mark-booted?export=disk.raw');
+    expect(ended).toMatchObject({ state: 'complete', endReason: 'mark-booted' });
+    await client.close();
+    await expect(controlRequest(config.control, 'POST', '/mark-booted?export=nope.raw')).rejects.toThrow(/not open/);
+  });
+
+  it('skips a stale segment after the image is rewritten, and still serves correct data', async () => {
+    freshStorage('stale');
+    const first = await startAgent('stale-1');
+    await boot(first.config, 'disk.raw', 3);
+    await waitFor(bootComplete(first.agent, 'disk.raw'), 'the end of the boot');
+    await first.agent.stop();
+    agents.pop();
+    const path = join(storageDir, 'disk.raw');
+    expect((await readFile(`${path}.bcseg`)).length).toBeGreaterThan(4096);
+    const later = new Date(Date.now() + 5_000);
+    await utimes(path, later, later); // a rewrite: new mtime, so a new identity
+    const { agent, config } = await startAgent('stale-2');
+    await boot(config, 'disk.raw', 3);
+    const e = agent.status().exports.find((x) => x.name === 'disk.raw');
+    expect(e?.prefetch).toBeUndefined();
+    await waitFor(bootComplete(agent, 'disk.raw'), 'the end of the boot');
+    await agent.settled();
+    // The boot was recorded afresh, for the new identity.
+    const image = await openImage(path);
+    try {
+      expect((await loadMap(`${path}.bcmap`)).identity).toBe(image.identity);
+    } finally {
+      await image.close();
+    }
+  });
+
+  it('refuses export names outside the storage root and the sidecars', async () => {
+    freshStorage('names');
+    const { config } = await startAgent('names');
+    for (const name of ['../outside.raw', '/etc/passwd', 'escape.raw', 'pool/disk.qcow2.bcmap', 'pool/disk.qcow2.bcseg', 'pool/../../x', 'missing.raw']) {
+      await expect(NbdClient.connect(uri(config, encodeURIComponent(name).replaceAll('%2F', '/'))), name).rejects.toThrow();
+    }
+  });
+});
