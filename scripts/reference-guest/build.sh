@@ -245,7 +245,8 @@ echo force-unsafe-io >"$MNT/etc/dpkg/dpkg.cfg.d/bootcache-build-unsafe-io"
 step "debootstrap --variant=minbase $SUITE from $MIRROR (this takes a few minutes)"
 export DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 LC_ALL=C.UTF-8
 # .debs are kept between builds (debootstrap re-checks their checksums), so a
-# rebuild downloads only what changed; ones unused for 90 days are dropped.
+# rebuild downloads only what changed; ones older than 90 days are dropped
+# (debootstrap does not touch a cached file it reuses, so mtime = download).
 DEB_CACHE="$PARENT/debootstrap-cache"
 mkdir -p "$DEB_CACHE"
 find "$DEB_CACHE" -name '*.deb' -mtime +90 -delete

@@ -53,7 +53,7 @@ export const CONFIG_DEFAULTS: Omit<AgentConfig, 'storage' | 'cache'> = {
   boot: DEFAULT_BOOT_POLICY,
   merge: DEFAULT_MERGE_POLICY,
   prefetchChunk: 4 * 1024 * 1024,
-  prefetchDepth: 4,
+  prefetchDepth: 8,
   blockSize: 4096,
   maintenance: '17 3 * * *',
   logLevel: 'info',

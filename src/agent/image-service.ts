@@ -179,10 +179,13 @@ export class ImageService {
       this.options.counters.hits++;
       return pending;
     }
-    const chunk = this.prefetcher?.pending(this.toMapBlock(block));
-    if (chunk) {
+    const mapBlock = this.toMapBlock(block);
+    const streamed = this.prefetcher?.pending(mapBlock);
+    if (streamed) {
+      // Its segment chunk is being read: take the block from the chunk, no second read.
       this.options.counters.hits++;
-      return chunk.then(async () => (await this.cache.get(this.space, block)) ?? this.refetch(block));
+      const at = block * this.blockSize - mapBlock * this.options.mapBlockSize;
+      return streamed.then((data) => (data ? data.subarray(at, at + this.blockSize) : this.refetch(block)));
     }
     missing.push(block);
     return Promise.resolve(Buffer.alloc(0)); // replaced by the run's promise

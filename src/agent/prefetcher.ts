@@ -65,6 +65,12 @@ export class Prefetcher {
   private readonly chunkCount: number;
   /** Chunk index -> its load (read + store), while in flight. */
   private readonly inFlight = new Map<number, Promise<void>>();
+  /**
+   * Chunk index -> its data, resolved as soon as the storage read returns
+   * (before the blocks are written to the cache), so a waiting foreground read
+   * is served from memory without waiting for the cache writes.
+   */
+  private readonly chunkData = new Map<number, Promise<Buffer>>();
   private nextChunk = 0;
   private stopped = false;
   private bytesRead = 0;
@@ -116,10 +122,25 @@ export class Prefetcher {
     return unused;
   }
 
-  /** Promise for the chunk holding `block` if that chunk is being read now. */
-  pending(block: number): Promise<void> | undefined {
+  /**
+   * If `block` (a map block) is in a chunk being read now, a promise of its
+   * data (undefined when it fails its checksum or the read fails).
+   */
+  pending(block: number): Promise<Buffer | undefined> | undefined {
     if (this.state !== 'streaming' || !this.map.isSet(block)) return undefined;
-    return this.inFlight.get(Math.floor(this.map.rank(block) / this.blocksPerChunk));
+    const rank = this.map.rank(block);
+    const chunk = Math.floor(rank / this.blocksPerChunk);
+    const data = this.chunkData.get(chunk);
+    if (!data) return undefined;
+    const bs = this.segment.blockSize;
+    const at = (rank - chunk * this.blocksPerChunk) * bs;
+    return data.then(
+      (buf) => {
+        const blockData = buf.subarray(at, at + bs);
+        return this.segment.checkBlock(rank, blockData) ? blockData : undefined;
+      },
+      () => undefined,
+    );
   }
 
   /** Whether the stream will still reach `block` (it is in the segment and its chunk is not done). */
@@ -171,6 +192,7 @@ export class Prefetcher {
         await load;
       } finally {
         this.inFlight.delete(chunk);
+        this.chunkData.delete(chunk);
       }
     }
   }
@@ -179,7 +201,9 @@ export class Prefetcher {
     const { blockSize, dataOffset, key } = this.segment;
     const firstRank = chunk * this.blocksPerChunk;
     const ranks = Math.min(this.blocksPerChunk, this.segment.blockCount - firstRank);
-    const data = await this.storage.read(key, dataOffset + firstRank * blockSize, ranks * blockSize);
+    const read = this.storage.read(key, dataOffset + firstRank * blockSize, ranks * blockSize);
+    this.chunkData.set(chunk, read);
+    const data = await read;
     this.bytesRead += data.length;
     const stores: Promise<void>[] = [];
     for (let i = 0; i < ranks; i++) {

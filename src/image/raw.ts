@@ -1,4 +1,5 @@
 import { InvalidImageError } from '../errors.js';
+import { readSourceInto } from './file-source.js';
 import { computeIdentity, sha256Hex, type LayerIdentity } from './identity.js';
 import type { ByteSource, DiskImage, Extent, LayerInfo } from './types.js';
 
@@ -34,6 +35,11 @@ export class RawImage implements DiskImage {
   async read(offset: number, length: number): Promise<Buffer> {
     checkRange(this, offset, length);
     return this.source.read(offset, length);
+  }
+
+  async readInto(offset: number, length: number, target: Buffer, targetOffset: number): Promise<void> {
+    checkRange(this, offset, length);
+    return readSourceInto(this.source, offset, length, target, targetOffset);
   }
 
   async extents(offset: number, length: number): Promise<Extent[]> {

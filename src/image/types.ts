@@ -21,6 +21,12 @@ export interface ByteSource {
    * range goes past the end of the source.
    */
   read(offset: number, length: number): Promise<Buffer>;
+  /**
+   * Optional: like read(), but into target[targetOffset, targetOffset + length).
+   * Lets callers reuse buffers: faulting in fresh memory for every read can
+   * cost more than the read itself. See readSourceInto for the fallback.
+   */
+  readInto?(offset: number, length: number, target: Buffer, targetOffset: number): Promise<void>;
   close(): Promise<void>;
 }
 
@@ -78,6 +84,11 @@ export interface DiskImage {
    * an error (callers clamp).
    */
   read(offset: number, length: number): Promise<Buffer>;
+  /**
+   * Optional: like read(), but into target[targetOffset, targetOffset + length),
+   * so callers can reuse buffers (see ByteSource.readInto).
+   */
+  readInto?(offset: number, length: number, target: Buffer, targetOffset: number): Promise<void>;
   /**
    * Allocation extents covering [offset, offset+length), in order, adjacent
    * extents of the same kind merged.

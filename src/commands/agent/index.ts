@@ -41,7 +41,7 @@ ${EXIT_CODES_HELP}`;
     'merge-min-seen': Flags.integer({ description: 'Keep blocks read in at least M of the last K boots (default 2).', helpValue: 'M' }),
     'merge-window': Flags.integer({ description: 'K, the boots remembered for merging (default 4).', helpValue: 'K' }),
     'prefetch-chunk': Flags.string({ description: 'Segment bytes per sequential prefetch read (default 4M).', helpValue: 'BYTES' }),
-    'prefetch-depth': Flags.integer({ description: 'Prefetch reads in flight (the bounded buffer, default 4).', helpValue: 'N' }),
+    'prefetch-depth': Flags.integer({ description: 'Prefetch reads in flight (the bounded buffer, default 8).', helpValue: 'N' }),
     'log-level': Flags.string({ description: 'pino log level.', options: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] }),
     maintenance: Flags.string({ description: 'Cron schedule for maintenance (cache index compaction), or "off".', helpValue: 'CRON' }),
   };
