@@ -6,7 +6,7 @@ import { InvalidTraceError, UsageError } from '../src/errors.js';
 import { parseMap, serializeMap } from '../src/format/map.js';
 import type { TraceEvent } from '../src/format/trace.js';
 
-const TRACES = fileURLToPath(new URL('../../shared/traces/', import.meta.url));
+const TRACES = fileURLToPath(new URL('./data/', import.meta.url));
 const PLAIN = join(TRACES, 'debian12-minbase-boot.csv');
 const TIMED = join(TRACES, 'debian12-minbase-boot-timed.csv');
 const ID = 'c'.repeat(64);

@@ -18,7 +18,7 @@ import { FileByteSource } from '../src/image/file-source.js';
 import { RawImage } from '../src/image/raw.js';
 import type { DiskImage } from '../src/image/types.js';
 
-const TRACE = fileURLToPath(new URL('../../shared/traces/debian12-minbase-boot.csv', import.meta.url));
+const TRACE = fileURLToPath(new URL('./data/debian12-minbase-boot.csv', import.meta.url));
 const BS = 4096;
 /** 64 MiB plus a partial last block. */
 const IMAGE_SIZE = 64 * 1024 * 1024 + 1000;

@@ -6,7 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FileNotFoundError, InvalidTraceError } from '../src/errors.js';
 import { MAX_TRACE_LINE, parseTrace, readTrace, type TraceEvent } from '../src/format/trace.js';
 
-const TRACES = fileURLToPath(new URL('../../shared/traces/', import.meta.url));
+const TRACES = fileURLToPath(new URL('./data/', import.meta.url));
 const PLAIN = join(TRACES, 'debian12-minbase-boot.csv');
 const TIMED = join(TRACES, 'debian12-minbase-boot-timed.csv');
 
