@@ -343,8 +343,13 @@ export class Qcow2Image implements DiskImage {
         }
         const cluster = output.subarray(i * clusterSize, (i + 1) * clusterSize);
         copyRun(cluster, run, target, base);
-        // The scratch buffer is reused: the cache keeps a copy.
-        if (run.length < clusterSize) this.clusterCache.set(run.host, Buffer.from(cluster));
+        if (run.length < clusterSize) {
+          // The scratch buffer is reused: the cache keeps a copy (Buffer.from
+          // would copy byte by byte from shared memory).
+          const copy = Buffer.allocUnsafeSlow(clusterSize);
+          cluster.copy(copy);
+          this.clusterCache.set(run.host, copy);
+        }
       });
     } finally {
       this.compressedScratch.give(input);
