@@ -190,7 +190,7 @@ describe('CacheDevice against models', () => {
       { numRuns: 60 },
     );
     expect(runsThatEvicted).toBeGreaterThan(10); // the property is about eviction: make sure it happens
-  });
+  }, 600_000); // each run opens, fills and reopens a cache: slow on a loaded 2-core host
 
   it('concurrent operations and restarts: every hit is a version put for that key', async () => {
     const batchArb = fc.array(opArb.filter((o) => o.op !== 'compactReopen'), { minLength: 1, maxLength: 40, size: 'max' });
