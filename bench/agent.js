@@ -15,7 +15,7 @@
 // BENCH_SKIP_HIT=1, BENCH_WORK (default /var/tmp/bootcache-bench).
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { createReadStream, existsSync, mkdirSync, writeFileSync, readFileSync, linkSync, rmSync, openSync, closeSync, createWriteStream } from 'node:fs';
+import { createReadStream, existsSync, mkdirSync, writeFileSync, readFileSync, linkSync, rmSync, openSync, closeSync } from 'node:fs';
 import { open, rm, stat, mkdir, readFile } from 'node:fs/promises';
 import { loadavg, cpus, totalmem, freemem, hostname, release } from 'node:os';
 import { dirname, join } from 'node:path';
