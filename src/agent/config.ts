@@ -5,19 +5,13 @@
 import { readFile } from 'node:fs/promises';
 import cron from 'node-cron';
 import { UsageError, fromSystemError } from '../errors.js';
+import { DEFAULT_MERGE_POLICY, type MergePolicy } from '../format/map.js';
 import { DEFAULT_BOOT_POLICY, type BootPolicy } from './boot-recorder.js';
 
 export const DEFAULT_NBD_PORT = 10809;
 export const DEFAULT_SOCKET = '/run/bootcache/nbd.sock';
 export const DEFAULT_CONTROL = '/run/bootcache/control.sock';
 
-export interface MergePolicy {
-  /** A block stays in the map when read in at least minSeen of the last window boots. */
-  minSeen: number;
-  window: number;
-}
-
-export const DEFAULT_MERGE_POLICY: MergePolicy = { minSeen: 2, window: 4 };
 
 export interface AgentConfig {
   storage: string;
