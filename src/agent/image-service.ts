@@ -254,7 +254,7 @@ export class ImageService {
     this.options.counters.misses += count;
     const offset = start * bs;
     const end = Math.min(this.image.virtualSize, (start + count) * bs);
-    const whole = this.image.read(offset, end - offset).then((data) => {
+    const whole = (this.readAhead(offset, end) ?? this.image.read(offset, end - offset)).then((data) => {
       // The last block of an image whose size is not a block multiple is zero-padded.
       if (data.length === count * bs) return data;
       const padded = Buffer.alloc(count * bs);
@@ -279,6 +279,25 @@ export class ImageService {
       promises.push(p);
     }
     return promises;
+  }
+
+  /**
+   * Guest bytes [offset, end) of a qcow2 image from its segment when every
+   * map block there is still ahead of the prefetch stream: one ranged read,
+   * checksums verified, no L2 table or compressed cluster read (see
+   * bench/results/2026-11-26-far-ahead.md; raw images gain nothing). Falls
+   * back to the image when the segment read fails or a checksum differs.
+   */
+  private readAhead(offset: number, end: number): Promise<Buffer> | undefined {
+    const prefetcher = this.prefetcher;
+    if (!prefetcher || this.image.format === 'raw') return undefined;
+    const mbs = this.options.mapBlockSize;
+    const first = Math.floor(offset / mbs);
+    const last = Math.floor((end - 1) / mbs);
+    for (let block = first; block <= last; block++) if (!prefetcher.ahead(block)) return undefined;
+    return prefetcher
+      .readAhead(first, last - first + 1)
+      .then((data) => (data ? data.subarray(offset - first * mbs, end - first * mbs) : this.image.read(offset, end - offset)));
   }
 
   /** Stores one map block loaded by the prefetcher (split into cache blocks). */
