@@ -129,7 +129,11 @@ describe('cache shared by overlays on one backing file', () => {
       const exports = agent.status().exports;
       const spacesA = exports.find((e) => e.name === `${stem}a.qcow2`)!.spaces;
       const spacesB = exports.find((e) => e.name === `${stem}b.qcow2`)!.spaces;
-      expect(spacesA.filter((s) => spacesB.includes(s)).length).toBeGreaterThan(0);
+      const shared = spacesA.filter((s) => spacesB.includes(s));
+      expect(shared.length).toBeGreaterThan(0);
+      // The base's space holds the shared blocks and was marked booted when the boots ended.
+      const base = agent.status().cache.spaces.filter((s) => shared.includes(s.space));
+      expect(base.some((s) => s.blocks >= SIZE / BLOCK - ownOrShadowed && s.lastBootedAt !== undefined)).toBe(true);
     });
   }
 

@@ -8,7 +8,9 @@
  *   2. being fetched by another request -> waits for that fetch (one storage read);
  *   3. its segment chunk is in flight   -> waits for the chunk (no second read);
  *   4. otherwise                        -> read from the image on storage, in one
- *      request per contiguous run of missing blocks (miss), and cached.
+ *      request per contiguous run of missing blocks (miss), and cached; a
+ *      qcow2 run still ahead of the prefetch stream is read from the segment
+ *      instead (no L2 or compressed reads; see readAhead).
  *
  * Cache space of a block: the owner identity of the layer that supplies it
  * (DiskImage.owner), so overlays on one backing file share its cached blocks;
@@ -56,6 +58,8 @@ export class ImageService {
   /** More than one layer: blocks may belong to a backing file's space. */
   private readonly layered: boolean;
   private readonly ownerMemo = new Map<number, string>();
+  /** Spaces this image's blocks were found in (marked booted when a boot ends). */
+  private readonly usedSpaces = new Set<string>();
   private prefetcher: Prefetcher | undefined;
   private boot: BootRecorder | undefined;
   private lastBoot: BootRecorder | undefined;
@@ -141,7 +145,9 @@ export class ImageService {
     this.bootTimer = undefined;
     this.boot = undefined;
     this.lastBoot = boot;
-    for (const space of this.spaces) this.cache.markBooted(space);
+    // Only spaces in use: marking creates a space in the cache index.
+    this.cache.markBooted(this.space);
+    for (const space of this.usedSpaces) if (space !== this.space) this.cache.markBooted(space);
     this.options.onBootEnd(this, boot);
   }
 
@@ -209,6 +215,7 @@ export class ImageService {
       if (this.ownerMemo.size >= OWNER_MEMO_MAX) this.ownerMemo.clear();
       const space = owner ?? this.space;
       this.ownerMemo.set(block, space);
+      this.usedSpaces.add(space);
       return space;
     });
   }
