@@ -37,6 +37,8 @@ export interface ExportStatus {
   size: number;
   connections: number;
   identity: string;
+  /** Cache spaces its blocks may live in: its identity, its layers' (shared with other overlays). */
+  spaces: string[];
   prefetch?: ReturnType<Prefetcher['progress']>;
   lastBoot?: BootSummary;
   rebuild?: { state: 'idle' | 'running' | 'failed'; lastError?: string; lastPublishedAt?: string };
@@ -55,6 +57,7 @@ export interface AgentStatus {
 
 interface ServiceEntry {
   service: ImageService;
+  /** Storage stamps of every layer of the chain, top first, joined. */
   stamp: string;
   rebuild: Promise<void>;
   rebuildState: 'idle' | 'running' | 'failed';
@@ -70,6 +73,8 @@ export class Agent implements ExportProvider {
     boots: { recorded: 0, skipped: 0, failed: 0 },
   };
   private readonly services = new Map<string, ServiceEntry>();
+  /** Blocks being read from storage by any export (see ImageServiceOptions.inFlight). */
+  private readonly inFlight = new Map<string, Promise<Buffer>>();
   private readonly opening = new Map<string, Promise<ServiceEntry>>();
   private nbd: NbdServer | undefined;
   private control: ControlServer | undefined;
@@ -191,9 +196,9 @@ export class Agent implements ExportProvider {
     });
     if (!stat) throw new ExportNotFoundError(`no export named ${JSON.stringify(name)}`);
     const existing = this.services.get(name);
-    if (existing && existing.stamp === stat.stamp) return existing;
+    if (existing && (await this.chainStamp(stat.stamp, existing.service.image)) === existing.stamp) return existing;
     if (existing && existing.service.connections === 0) {
-      // The image was rewritten: drop the old service (its cache space no longer matches).
+      // The image or a backing file was rewritten: drop the old service (its cache spaces no longer match).
       this.services.delete(name);
       existing.service.dispose();
       await existing.rebuild;
@@ -203,19 +208,29 @@ export class Agent implements ExportProvider {
     }
     let pending = this.opening.get(name);
     if (!pending) {
-      pending = this.createService(name, stat.stamp).finally(() => this.opening.delete(name));
+      pending = this.createService(name).finally(() => this.opening.delete(name));
       this.opening.set(name, pending);
     }
     return pending;
   }
 
-  private async createService(name: string, stamp: string): Promise<ServiceEntry> {
+  /** The stamps of `image`'s chain on storage now, top first (`top`: the top's, just read). */
+  private async chainStamp(top: string, image: DiskImage): Promise<string> {
+    const backing = image.layers().slice(1);
+    const stamps = await Promise.all(backing.map(async (layer) => (await this.storage.stat(layer.name).catch(() => undefined))?.stamp ?? 'gone'));
+    return [top, ...stamps].join('|');
+  }
+
+  private async createService(name: string): Promise<ServiceEntry> {
     const image = await this.openImage(name);
+    // The stamps the image was opened with: a later rewrite of any layer shows as a difference.
+    const stamp = image.identityLayers().map((layer) => layer.stamp).join('|');
     const service = new ImageService(name, image, this.cache, {
       bootPolicy: this.config.boot,
       mapBlockSize: this.config.blockSize,
       cacheMisses: this.config.cacheMisses,
       counters: this.counters.cache,
+      inFlight: this.inFlight,
       onBootEnd: (svc, boot) => this.onBootEnd(svc, boot),
     });
     const entry: ServiceEntry = { service, stamp, rebuild: Promise.resolve(), rebuildState: 'idle' };
@@ -327,6 +342,7 @@ export class Agent implements ExportProvider {
         size: entry.service.virtualSize,
         connections: entry.service.connections,
         identity: entry.service.image.identity,
+        spaces: entry.service.spaces,
         rebuild: { state: entry.rebuildState },
       };
       if (entry.lastError) s.rebuild!.lastError = entry.lastError;

@@ -8,8 +8,16 @@
  *   2. being fetched by another request -> waits for that fetch (one storage read);
  *   3. its segment chunk is in flight   -> waits for the chunk (no second read);
  *   4. otherwise                        -> read from the image on storage, in one
- *      request per contiguous run of missing blocks (miss), and cached.
+ *      request per contiguous run of missing blocks (miss), and cached; a
+ *      qcow2 run still ahead of the prefetch stream is read from the segment
+ *      instead (no L2 or compressed reads; see readAhead).
+ *
+ * Cache space of a block: the owner identity of the layer that supplies it
+ * (DiskImage.owner), so overlays on one backing file share its cached blocks;
+ * the chain identity when layers mix within the block. Single-layer images
+ * use their identity without a lookup.
  */
+import { chainSpaces } from '../image/identity.js';
 import type { DiskImage, Extent } from '../image/types.js';
 import type { BlockCache, CacheBlockKind } from './block-cache.js';
 import { BootRecorder, type BootPolicy, type BootSummary } from './boot-recorder.js';
@@ -27,15 +35,31 @@ export interface ImageServiceOptions {
   /** Cache blocks read on a miss. */
   cacheMisses: boolean;
   counters: ReadCounters;
+  /**
+   * Blocks being read from storage, keyed by space and block; shared by the
+   * services of one cache so overlays missing the same backing block read it once.
+   */
+  inFlight?: Map<string, Promise<Buffer>>;
   /** Called once when a boot ends (idle, window, mark-booted, closed). */
   onBootEnd: (service: ImageService, boot: BootRecorder) => void;
   now?: () => number;
 }
 
+/** Owner spaces remembered per layered image (block -> space), at most. */
+const OWNER_MEMO_MAX = 1 << 18;
+
 export class ImageService {
+  /** The chain identity: the space of single-layer images and of mixed blocks. */
   readonly space: string;
+  /** Every space this image's blocks may live in (see chainSpaces). */
+  readonly spaces: string[];
   private readonly blockSize: number;
-  private readonly inFlight = new Map<number, Promise<Buffer>>();
+  private readonly inFlight: Map<string, Promise<Buffer>>;
+  /** More than one layer: blocks may belong to a backing file's space. */
+  private readonly layered: boolean;
+  private readonly ownerMemo = new Map<number, string>();
+  /** Spaces this image's blocks were found in (marked booted when a boot ends). */
+  private readonly usedSpaces = new Set<string>();
   private prefetcher: Prefetcher | undefined;
   private boot: BootRecorder | undefined;
   private lastBoot: BootRecorder | undefined;
@@ -50,6 +74,9 @@ export class ImageService {
     private readonly options: ImageServiceOptions,
   ) {
     this.space = image.identity;
+    this.spaces = chainSpaces(image);
+    this.layered = image.layers().length > 1;
+    this.inFlight = options.inFlight ?? new Map();
     this.blockSize = cache.blockSize;
     this.now = options.now ?? (() => performance.now());
   }
@@ -118,7 +145,9 @@ export class ImageService {
     this.bootTimer = undefined;
     this.boot = undefined;
     this.lastBoot = boot;
+    // Only spaces in use: marking creates a space in the cache index.
     this.cache.markBooted(this.space);
+    for (const space of this.usedSpaces) if (space !== this.space) this.cache.markBooted(space);
     this.options.onBootEnd(this, boot);
   }
 
@@ -150,15 +179,16 @@ export class ImageService {
     const last = Math.floor((offset + length - 1) / bs);
     const parts: Array<Promise<Buffer>> = new Array(last - first + 1);
     const missing: number[] = [];
+    const spaces = this.layered ? await this.ownerSpaces(first, last) : undefined;
     for (let block = first; block <= last; block++) {
-      parts[block - first] = this.lookup(block, missing);
+      parts[block - first] = this.lookup(block, spaces?.[block - first] ?? this.space, missing);
     }
     // Contiguous runs of missing blocks: one storage read each.
     let i = 0;
     while (i < missing.length) {
       let j = i + 1;
       while (j < missing.length && missing[j] === missing[j - 1]! + 1) j++;
-      const run = this.fetchRun(missing[i]!, j - i, kind);
+      const run = this.fetchRun(missing[i]!, j - i, kind, spaces?.slice(missing[i]! - first, missing[j - 1]! - first + 1));
       for (let k = i; k < j; k++) parts[missing[k]! - first] = run[k - i]!;
       i = j;
     }
@@ -168,13 +198,35 @@ export class ImageService {
     return out.subarray(start, start + length);
   }
 
+  /** The cache space of blocks [first, last] (layered images only). */
+  private async ownerSpaces(first: number, last: number): Promise<string[]> {
+    const out: Array<string | Promise<string>> = [];
+    for (let block = first; block <= last; block++) out.push(this.ownerSpace(block));
+    return Promise.all(out);
+  }
+
+  private ownerSpace(block: number): string | Promise<string> {
+    const known = this.ownerMemo.get(block);
+    if (known !== undefined) return known;
+    const offset = block * this.blockSize;
+    const length = Math.min(this.image.virtualSize, offset + this.blockSize) - offset;
+    return this.image.owner(offset, length).then((owner) => {
+      // The image is immutable while this service lives: remember the answer.
+      if (this.ownerMemo.size >= OWNER_MEMO_MAX) this.ownerMemo.clear();
+      const space = owner ?? this.space;
+      this.ownerMemo.set(block, space);
+      this.usedSpaces.add(space);
+      return space;
+    });
+  }
+
   /** A pending buffer for `block`, or a placeholder after pushing it to `missing`. */
-  private lookup(block: number, missing: number[]): Promise<Buffer> {
-    if (this.cache.has(this.space, block)) {
+  private lookup(block: number, space: string, missing: number[]): Promise<Buffer> {
+    if (this.cache.has(space, block)) {
       this.options.counters.hits++;
-      return this.cache.get(this.space, block).then((data) => data ?? this.refetch(block));
+      return this.cache.get(space, block).then((data) => data ?? this.refetch(block, space));
     }
-    const pending = this.inFlight.get(block);
+    const pending = this.inFlight.get(flightKey(space, block));
     if (pending) {
       this.options.counters.hits++;
       return pending;
@@ -185,28 +237,31 @@ export class ImageService {
       // Its segment chunk is being read: take the block from the chunk, no second read.
       this.options.counters.hits++;
       const at = block * this.blockSize - mapBlock * this.options.mapBlockSize;
-      return streamed.then((data) => (data ? data.subarray(at, at + this.blockSize) : this.refetch(block)));
+      return streamed.then((data) => (data ? data.subarray(at, at + this.blockSize) : this.refetch(block, space)));
     }
     missing.push(block);
     return Promise.resolve(Buffer.alloc(0)); // replaced by the run's promise
   }
 
   /** A block that vanished from the cache between has() and get() (evicted). */
-  private refetch(block: number): Promise<Buffer> {
-    return this.inFlight.get(block) ?? this.fetchRun(block, 1, 'other')[0]!;
+  private refetch(block: number, space: string): Promise<Buffer> {
+    return this.inFlight.get(flightKey(space, block)) ?? this.fetchRun(block, 1, 'other', [space])[0]!;
   }
 
   private toMapBlock(cacheBlock: number): number {
     return Math.floor((cacheBlock * this.blockSize) / this.options.mapBlockSize);
   }
 
-  /** Reads blocks [start, start+count) from storage in one request; one promise per block. */
-  private fetchRun(start: number, count: number, kind: CacheBlockKind): Array<Promise<Buffer>> {
+  /**
+   * Reads blocks [start, start+count) from storage in one request; one promise
+   * per block. `spaces`: each block's cache space (default: the chain's).
+   */
+  private fetchRun(start: number, count: number, kind: CacheBlockKind, spaces?: string[]): Array<Promise<Buffer>> {
     const bs = this.blockSize;
     this.options.counters.misses += count;
     const offset = start * bs;
     const end = Math.min(this.image.virtualSize, (start + count) * bs);
-    const whole = this.image.read(offset, end - offset).then((data) => {
+    const whole = (this.readAhead(offset, end) ?? this.image.read(offset, end - offset)).then((data) => {
       // The last block of an image whose size is not a block multiple is zero-padded.
       if (data.length === count * bs) return data;
       const padded = Buffer.alloc(count * bs);
@@ -216,19 +271,40 @@ export class ImageService {
     const promises: Array<Promise<Buffer>> = [];
     for (let k = 0; k < count; k++) {
       const block = start + k;
+      const space = spaces?.[k] ?? this.space;
+      const key = flightKey(space, block);
       const p = whole.then((data) => data.subarray(k * bs, (k + 1) * bs));
-      this.inFlight.set(block, p);
+      this.inFlight.set(key, p);
       p.then(
         async (data) => {
-          if (this.options.cacheMisses) await this.cache.put(this.space, block, data, kind).catch(() => undefined);
+          if (this.options.cacheMisses) await this.cache.put(space, block, data, kind).catch(() => undefined);
         },
         () => undefined,
       ).finally(() => {
-        if (this.inFlight.get(block) === p) this.inFlight.delete(block);
+        if (this.inFlight.get(key) === p) this.inFlight.delete(key);
       });
       promises.push(p);
     }
     return promises;
+  }
+
+  /**
+   * Guest bytes [offset, end) of a qcow2 image from its segment when every
+   * map block there is still ahead of the prefetch stream: one ranged read,
+   * checksums verified, no L2 table or compressed cluster read (see
+   * bench/results/2026-11-26-far-ahead.md; raw images gain nothing). Falls
+   * back to the image when the segment read fails or a checksum differs.
+   */
+  private readAhead(offset: number, end: number): Promise<Buffer> | undefined {
+    const prefetcher = this.prefetcher;
+    if (!prefetcher || this.image.format === 'raw') return undefined;
+    const mbs = this.options.mapBlockSize;
+    const first = Math.floor(offset / mbs);
+    const last = Math.floor((end - 1) / mbs);
+    for (let block = first; block <= last; block++) if (!prefetcher.ahead(block)) return undefined;
+    return prefetcher
+      .readAhead(first, last - first + 1)
+      .then((data) => (data ? data.subarray(offset - first * mbs, end - first * mbs) : this.image.read(offset, end - offset)));
   }
 
   /** Stores one map block loaded by the prefetcher (split into cache blocks). */
@@ -238,8 +314,9 @@ export class ImageService {
     for (let k = 0; k < per; k++) {
       const block = mapBlock * per + k;
       if (block * this.blockSize >= this.image.virtualSize) break;
-      if (!this.cache.has(this.space, block)) {
-        stores.push(this.cache.put(this.space, block, data.subarray(k * this.blockSize, (k + 1) * this.blockSize), 'boot'));
+      const space = this.layered ? await this.ownerSpace(block) : this.space;
+      if (!this.cache.has(space, block)) {
+        stores.push(this.cache.put(space, block, data.subarray(k * this.blockSize, (k + 1) * this.blockSize), 'boot'));
       }
     }
     await Promise.all(stores);
@@ -250,8 +327,14 @@ export class ImageService {
     for (let k = 0; k < per; k++) {
       const block = mapBlock * per + k;
       if (block * this.blockSize >= this.image.virtualSize) break;
-      if (!this.cache.has(this.space, block)) return false;
+      // Layered: a block whose owner is not known yet counts as missing (stored after a lookup).
+      const space = this.layered ? this.ownerMemo.get(block) : this.space;
+      if (space === undefined || !this.cache.has(space, block)) return false;
     }
     return true;
   }
+}
+
+function flightKey(space: string, block: number): string {
+  return `${space}/${block}`;
 }

@@ -149,6 +149,28 @@ export class Prefetcher {
     return Math.floor(this.map.rank(block) / this.blocksPerChunk) >= this.nextChunk;
   }
 
+  /**
+   * Map blocks [block, block + count), all ahead of the stream (so in the
+   * segment at consecutive ranks), straight from the segment in one ranged
+   * read, each block checked against its checksum. Undefined when the read
+   * fails or any block fails its check (the caller reads the image instead).
+   */
+  async readAhead(block: number, count: number): Promise<Buffer | undefined> {
+    const rank = this.map.rank(block);
+    if (this.map.rank(block + count - 1) !== rank + count - 1) return undefined;
+    const bs = this.segment.blockSize;
+    let data: Buffer;
+    try {
+      data = await this.storage.read(this.segment.key, this.segment.dataOffset + rank * bs, count * bs);
+    } catch {
+      return undefined;
+    }
+    for (let i = 0; i < count; i++) {
+      if (!this.segment.checkBlock(rank + i, data.subarray(i * bs, (i + 1) * bs))) return undefined;
+    }
+    return data;
+  }
+
   progress(): PrefetchProgress {
     const p: PrefetchProgress = {
       state: this.state,

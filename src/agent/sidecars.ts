@@ -133,6 +133,7 @@ export class SidecarStore {
         extents: (offset, length) => image.extents(offset, length),
         layers: () => image.layers(),
         identityLayers: () => image.identityLayers(),
+        owner: (offset, length) => image.owner(offset, length),
         close: async () => undefined,
       };
       const built = await buildSegment(view, merged, tmpSegment);

@@ -42,6 +42,11 @@ export class RawImage implements DiskImage {
     return readSourceInto(this.source, offset, length, target, targetOffset);
   }
 
+  async owner(offset: number, length: number): Promise<string | undefined> {
+    checkRange(this, offset, length);
+    return this.identity;
+  }
+
   async extents(offset: number, length: number): Promise<Extent[]> {
     checkRange(this, offset, length);
     return length === 0 ? [] : [{ offset, length, kind: 'data' }];

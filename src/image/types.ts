@@ -100,6 +100,13 @@ export interface DiskImage {
   readonly identity: string;
   /** The per-layer inputs of the identity, this image first. */
   identityLayers(): LayerIdentity[];
+  /**
+   * The space that determines the bytes of [offset, offset+length): the owner
+   * identity (see src/image/identity.ts) of the one layer that supplies the
+   * whole range, or undefined when layers mix within it. Single-layer images
+   * answer their identity without any lookup.
+   */
+  owner(offset: number, length: number): Promise<string | undefined>;
   close(): Promise<void>;
 }
 

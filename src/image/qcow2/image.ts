@@ -66,6 +66,8 @@ export class Qcow2Image implements DiskImage {
   private readonly decodedScratch: SharedScratch;
   /** Bounds the compressed groups in flight, and so the scratch memory they hold. */
   private readonly compressedGroups: Semaphore;
+  /** Owner identity of the bytes this layer supplies itself (see identity.ts). */
+  private readonly layerOwner: string;
   private closed = false;
 
   private constructor(
@@ -88,6 +90,7 @@ export class Qcow2Image implements DiskImage {
       Math.max(2, Math.min(MAX_COMPRESSED_IN_FLIGHT, Math.floor(COMPRESSED_IN_FLIGHT_BUDGET / groupBytes))),
     );
     this.identity = computeIdentity('qcow2', header.virtualSize, this.identityLayers());
+    this.layerOwner = backing ? computeIdentity('qcow2', header.virtualSize, [layerIdentity]) : this.identity;
   }
 
   /**
@@ -240,6 +243,35 @@ export class Qcow2Image implements DiskImage {
       push('unallocated', Math.max(run.guest, backingEnd), runEnd - Math.max(run.guest, backingEnd));
     }
     return result;
+  }
+
+  /**
+   * Which layer supplies [offset, offset+length) ("Cluster mapping"): data,
+   * compressed and zero clusters (or subclusters, "Extended L2 Entries") are
+   * this layer's; unallocated ones are the backing file's within its size,
+   * and zeros past its end belong to this sub-chain. Undefined when mixed.
+   */
+  async owner(offset: number, length: number): Promise<string | undefined> {
+    checkRange(this, offset, length);
+    this.checkOpen();
+    const backing = this.backing;
+    if (!backing || length === 0) return this.identity;
+    let owner: string | undefined;
+    const same = (o: string | undefined): boolean => {
+      owner ??= o;
+      return o !== undefined && o === owner;
+    };
+    for (const run of await this.map.runs(offset, length, true)) {
+      if (run.kind !== 'unallocated') {
+        if (!same(this.layerOwner)) return undefined;
+        continue;
+      }
+      const runEnd = run.guest + run.length;
+      const backingEnd = Math.max(run.guest, Math.min(runEnd, backing.virtualSize));
+      if (backingEnd > run.guest && !same(await backing.owner(run.guest, backingEnd - run.guest))) return undefined;
+      if (runEnd > backingEnd && !same(this.identity)) return undefined;
+    }
+    return owner;
   }
 
   layers(): LayerInfo[] {
