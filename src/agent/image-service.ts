@@ -11,7 +11,7 @@
  *      request per contiguous run of missing blocks (miss), and cached.
  */
 import type { DiskImage, Extent } from '../image/types.js';
-import type { BlockCache, CacheBlockKind } from './block-cache.js';
+import type { BlockCache, CacheBlockKind, CacheEntry } from './block-cache.js';
 import { BootRecorder, type BootPolicy, type BootSummary } from './boot-recorder.js';
 import type { Prefetcher } from './prefetcher.js';
 
@@ -148,10 +148,14 @@ export class ImageService {
     const bs = this.blockSize;
     const first = Math.floor(offset / bs);
     const last = Math.floor((offset + length - 1) / bs);
-    const parts: Array<Promise<Buffer>> = new Array(last - first + 1);
+    const count = last - first + 1;
+    // Multi-block requests: cache hits are read straight into the reply buffer (no concat).
+    const out = count === 1 ? undefined : Buffer.allocUnsafe(count * bs);
+    const parts: Array<Promise<Buffer>> = new Array(count);
     const missing: number[] = [];
     for (let block = first; block <= last; block++) {
-      parts[block - first] = this.lookup(block, missing);
+      const at = (block - first) * bs;
+      parts[block - first] = this.lookup(block, missing, out?.subarray(at, at + bs));
     }
     // Contiguous runs of missing blocks: one storage read each.
     let i = 0;
@@ -163,16 +167,23 @@ export class ImageService {
       i = j;
     }
     const blocks = await Promise.all(parts);
-    const out = blocks.length === 1 ? blocks[0]! : Buffer.concat(blocks);
+    let whole = blocks[0]!;
+    if (out) {
+      for (let k = 0; k < count; k++) {
+        const b = blocks[k]!;
+        if (b.buffer !== out.buffer || b.byteOffset !== out.byteOffset + k * bs) b.copy(out, k * bs);
+      }
+      whole = out;
+    }
     const start = offset - first * bs;
-    return out.subarray(start, start + length);
+    return whole.subarray(start, start + length);
   }
 
-  /** A pending buffer for `block`, or a placeholder after pushing it to `missing`. */
-  private lookup(block: number, missing: number[]): Promise<Buffer> {
+  /** A pending buffer for `block`, or a placeholder after pushing it to `missing`; hits are read into `into` if given. */
+  private lookup(block: number, missing: number[], into?: Buffer): Promise<Buffer> {
     if (this.cache.has(this.space, block)) {
       this.options.counters.hits++;
-      return this.cache.get(this.space, block).then((data) => data ?? this.refetch(block));
+      return this.cache.get(this.space, block, into).then((data) => data ?? this.refetch(block));
     }
     const pending = this.inFlight.get(block);
     if (pending) {
@@ -231,18 +242,20 @@ export class ImageService {
     return promises;
   }
 
-  /** Stores one map block loaded by the prefetcher (split into cache blocks). */
-  async storeMapBlock(mapBlock: number, data: Buffer): Promise<void> {
+  /** Stores map blocks loaded by the prefetcher (split into cache blocks) as one cache batch. */
+  async storeMapBlocks(entries: readonly CacheEntry[]): Promise<void> {
     const per = this.options.mapBlockSize / this.blockSize;
-    const stores: Array<Promise<void>> = [];
-    for (let k = 0; k < per; k++) {
-      const block = mapBlock * per + k;
-      if (block * this.blockSize >= this.image.virtualSize) break;
-      if (!this.cache.has(this.space, block)) {
-        stores.push(this.cache.put(this.space, block, data.subarray(k * this.blockSize, (k + 1) * this.blockSize), 'boot'));
+    const puts: CacheEntry[] = [];
+    for (const { block: mapBlock, data } of entries) {
+      for (let k = 0; k < per; k++) {
+        const block = mapBlock * per + k;
+        if (block * this.blockSize >= this.image.virtualSize) break;
+        if (!this.cache.has(this.space, block)) {
+          puts.push({ block, data: data.subarray(k * this.blockSize, (k + 1) * this.blockSize) });
+        }
       }
     }
-    await Promise.all(stores);
+    if (puts.length > 0) await this.cache.putMany(this.space, puts, 'boot');
   }
 
   hasMapBlock(mapBlock: number): boolean {

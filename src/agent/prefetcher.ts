@@ -31,8 +31,8 @@ export interface PrefetchSegment {
 }
 
 export interface PrefetchSink {
-  /** Stores one segment block (of segment.blockSize bytes) for image block `block`. */
-  store(block: number, data: Buffer): Promise<void>;
+  /** Stores segment blocks (segment.blockSize bytes each), each for its image block, as one batch. */
+  storeMany(entries: { block: number; data: Buffer }[]): Promise<void>;
   /** True when the block is already cached (skip it). */
   has(block: number): boolean;
 }
@@ -52,6 +52,8 @@ export interface PrefetchProgress {
   bytesTotal: number;
   bytesRead: number;
   blocksLoaded: number;
+  /** Blocks of chunks skipped without a storage read because every block was cached already. */
+  blocksCached: number;
   badBlocks: number;
   chunksInFlight: number;
   startedAt?: number;
@@ -75,6 +77,7 @@ export class Prefetcher {
   private stopped = false;
   private bytesRead = 0;
   private blocksLoaded = 0;
+  private blocksCached = 0;
   private badBlocks = 0;
   private startedAt: number | undefined;
   private finishedAt: number | undefined;
@@ -157,6 +160,7 @@ export class Prefetcher {
       bytesTotal: this.segment.blockCount * this.segment.blockSize,
       bytesRead: this.bytesRead,
       blocksLoaded: this.blocksLoaded,
+      blocksCached: this.blocksCached,
       badBlocks: this.badBlocks,
       chunksInFlight: this.inFlight.size,
     };
@@ -201,14 +205,25 @@ export class Prefetcher {
     const { blockSize, dataOffset, key } = this.segment;
     const firstRank = chunk * this.blocksPerChunk;
     const ranks = Math.min(this.blocksPerChunk, this.segment.blockCount - firstRank);
+    const blocks = new Array<number>(ranks);
+    let cached = 0;
+    for (let i = 0; i < ranks; i++) {
+      blocks[i] = this.map.select(firstRank + i);
+      if (this.sink.has(blocks[i]!)) cached++;
+    }
+    // A warm cache (second open, agent restart): no storage read for a chunk it holds entirely.
+    if (cached === ranks) {
+      this.blocksCached += ranks;
+      return;
+    }
     const read = this.storage.read(key, dataOffset + firstRank * blockSize, ranks * blockSize);
     this.chunkData.set(chunk, read);
     const data = await read;
     this.bytesRead += data.length;
-    const stores: Promise<void>[] = [];
+    const stores: { block: number; data: Buffer }[] = [];
     for (let i = 0; i < ranks; i++) {
       const rank = firstRank + i;
-      const block = this.map.select(rank);
+      const block = blocks[i]!;
       const blockData = data.subarray(i * blockSize, (i + 1) * blockSize);
       if (!this.segment.checkBlock(rank, blockData)) {
         this.badBlocks++;
@@ -217,8 +232,8 @@ export class Prefetcher {
       }
       this.loaded.add(block);
       this.blocksLoaded++;
-      if (!this.sink.has(block)) stores.push(this.sink.store(block, blockData));
+      if (!this.sink.has(block)) stores.push({ block, data: blockData });
     }
-    await Promise.all(stores);
+    if (stores.length > 0) await this.sink.storeMany(stores);
   }
 }
