@@ -43,6 +43,9 @@ export interface PrefetchOptions {
   onWarning?: (message: string) => void;
 }
 
+/** Blocks checked between two yields to the event loop. */
+const VERIFY_SLICE = 128;
+
 export type PrefetchState = 'idle' | 'streaming' | 'done' | 'failed' | 'stopped';
 
 export interface PrefetchProgress {
@@ -222,6 +225,8 @@ export class Prefetcher {
     this.bytesRead += data.length;
     const stores: { block: number; data: Buffer }[] = [];
     for (let i = 0; i < ranks; i++) {
+      // SHA-256 of a 4 MiB chunk takes ~15 ms: yield now and then so the boot's reads are not held up.
+      if (i > 0 && i % VERIFY_SLICE === 0) await new Promise<void>((resolve) => setImmediate(resolve));
       const rank = firstRank + i;
       const block = blocks[i]!;
       const blockData = data.subarray(i * blockSize, (i + 1) * blockSize);
