@@ -1,6 +1,7 @@
 /**
- * Crash safety for real: a child process hammers a small cache (puts that
- * overwrite and evict, gets, boots, flushes, compactions, invalidations)
+ * Crash safety for real: a child process hammers a small cache (puts and
+ * putMany batches that overwrite and evict, gets, boots, flushes,
+ * compactions, invalidations)
  * and is killed with SIGKILL at random moments. After every kill the cache
  * must reopen, return only bytes that were put for the key asked for, and
  * keep working. The child runs the TypeScript sources through vite-node
@@ -71,7 +72,16 @@ async function worker() {
     const space = SPACES[rand(SPACES.length)];
     const block = rand(BLOCKS);
     const r = rand(1000);
-    if (r < 600) {
+    if (r < 150) {
+      // A batch of consecutive blocks, as the prefetcher stores a chunk.
+      const batch = [];
+      for (let b = block; b < Math.min(BLOCKS, block + 1 + rand(8)); b++) {
+        const version = run * 1000000 + ++counter;
+        appendFileSync(logPath, space + ' ' + b + ' ' + version + '\\n');
+        batch.push({ block: b, data: content(space, b, version) });
+      }
+      await cache.putMany(space, batch, r < 75 ? 'boot' : 'other');
+    } else if (r < 600) {
       const version = run * 1000000 + ++counter;
       appendFileSync(logPath, space + ' ' + block + ' ' + version + '\\n');
       await cache.put(space, block, content(space, block, version), r < 200 ? 'boot' : 'other');

@@ -355,3 +355,92 @@ describe('CacheDevice basics', () => {
     await cache.close();
   });
 });
+
+describe('CacheDevice putMany', () => {
+  const entries = (space: string, blocks: number[], version = 0): { block: number; data: Buffer }[] =>
+    blocks.map((b) => ({ block: b, data: block(space, b, version) }));
+
+  it('round-trips a batch, durably', async () => {
+    const dir = await tempDir();
+    let cache = await openCache(dir, 256);
+    await cache.putMany('aa', entries('aa', range(0, 100)), 'boot');
+    expect(cache.stats()).toMatchObject({ blocks: 100, bootBlocks: 100 });
+    for (const b of range(0, 100)) expect((await cache.get('aa', b))?.equals(block('aa', b))).toBe(true);
+    await cache.close();
+    cache = await openCache(dir, 256);
+    expect(cache.stats()).toMatchObject({ blocks: 100, bootBlocks: 100 });
+    for (const b of range(0, 100)) expect((await cache.get('aa', b))?.equals(block('aa', b))).toBe(true);
+    await cache.close();
+  });
+
+  it('handles blocks already cached: same bytes are kept, other bytes replaced, a duplicate keeps its last data', async () => {
+    const cache = await openCache(await tempDir(), 64);
+    for (const b of range(0, 10)) await cache.put('aa', b, block('aa', b), 'other');
+    const batch = [...entries('aa', range(0, 5)), ...entries('aa', range(5, 15), 1), { block: 20, data: block('aa', 20, 1) }, { block: 20, data: block('aa', 20, 2) }];
+    await cache.putMany('aa', batch, 'boot');
+    for (const b of range(0, 5)) expect((await cache.get('aa', b))?.equals(block('aa', b))).toBe(true);
+    for (const b of range(5, 15)) expect((await cache.get('aa', b))?.equals(block('aa', b, 1))).toBe(true);
+    expect((await cache.get('aa', 20))?.equals(block('aa', 20, 2))).toBe(true);
+    // Every block of the batch is a boot block now, and no slot leaked.
+    expect(cache.stats()).toMatchObject({ blocks: 16, bootBlocks: 16 });
+    await cache.flush();
+    await cache.close();
+  });
+
+  it('evicts while batching and never exceeds capacity; a batch larger than the cache drops the rest', async () => {
+    const dir = await tempDir();
+    const cache = await openCache(dir, 16);
+    for (const b of range(0, 16)) await cache.put('bb', b, block('bb', b), 'other');
+    await cache.putMany('aa', entries('aa', range(0, 12)), 'boot');
+    expect(cache.stats().blocks).toBe(16);
+    expect(present(cache, 'aa', range(0, 12))).toEqual(range(0, 12));
+    expect(present(cache, 'bb', range(0, 16))).toHaveLength(4);
+    for (const b of range(0, 12)) expect((await cache.get('aa', b))?.equals(block('aa', b))).toBe(true);
+    await cache.putMany('cc', entries('cc', range(0, 40)), 'other');
+    const s = cache.stats();
+    expect(s.blocks).toBeLessThanOrEqual(16);
+    expect(s.droppedPuts).toBeGreaterThan(0);
+    for (const b of range(0, 40)) {
+      const got = await cache.get('cc', b);
+      if (got) expect(got.equals(block('cc', b))).toBe(true);
+    }
+    await cache.close();
+    const again = await openCache(dir, 16);
+    for (const sp of ['aa', 'bb', 'cc']) {
+      for (const b of range(0, 40)) {
+        const got = await again.get(sp, b);
+        if (got) expect(got.equals(block(sp, b))).toBe(true);
+      }
+    }
+    await again.close();
+  });
+
+  it('overlapping batches and single puts of the same keys never deadlock nor mix bytes', async () => {
+    const cache = await openCache(await tempDir(), 64);
+    const ops: Promise<void>[] = [];
+    for (let v = 0; v < 6; v++) {
+      ops.push(cache.putMany('aa', entries('aa', v % 2 ? range(0, 20).reverse() : range(10, 30), v), 'other'));
+      ops.push(cache.put('aa', 15, block('aa', 15, 100 + v), 'boot'));
+    }
+    await Promise.all(ops);
+    for (const b of range(0, 30)) {
+      const got = await cache.get('aa', b);
+      expect(got).toBeDefined();
+      expect(got!.toString('latin1', 0, 3 + String(b).length)).toBe(`aa/${b}`);
+    }
+    expect(cache.stats().blocks).toBe(30);
+    await cache.close();
+  });
+
+  it('drops a batch that raced an invalidation of its space, and rejects bad entries', async () => {
+    const cache = await openCache(await tempDir(), 64);
+    const racing = cache.putMany('aa', entries('aa', range(0, 8)), 'other');
+    await cache.invalidateSpace('aa');
+    await racing;
+    expect(present(cache, 'aa', range(0, 8))).toEqual([]);
+    await expect(cache.putMany('aa', [{ block: -1, data: block('aa', 0) }], 'other')).rejects.toThrow(AgentError);
+    await expect(cache.putMany('aa', [{ block: 0, data: Buffer.alloc(10) }], 'other')).rejects.toThrow(/block size/);
+    await cache.putMany('aa', [], 'other');
+    await cache.close();
+  });
+});

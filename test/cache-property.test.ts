@@ -1,7 +1,8 @@
 /**
  * Property tests of the cache device against simple models: random
  * sequences of put / get / markBooted / invalidateSpace (evicting all the
- * time: the cache is small), sequential and concurrent, with restarts.
+ * time: the cache is small), sequential and concurrent (with putMany
+ * batches), with restarts.
  */
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -193,7 +194,19 @@ describe('CacheDevice against models', () => {
   }, 600_000); // each run opens, fills and reopens a cache: slow on a loaded 2-core host
 
   it('concurrent operations and restarts: every hit is a version put for that key', async () => {
-    const batchArb = fc.array(opArb.filter((o) => o.op !== 'compactReopen'), { minLength: 1, maxLength: 40, size: 'max' });
+    type PutMany = { op: 'putMany'; space: string; blocks: number[]; version: number; boot: boolean };
+    const putManyArb: fc.Arbitrary<PutMany> = fc.record({
+      op: fc.constant('putMany' as const),
+      space: spaceArb,
+      blocks: fc.array(blockArb, { minLength: 1, maxLength: 10 }),
+      version: fc.integer({ min: 0, max: 3 }),
+      boot: fc.boolean(),
+    });
+    const concurrentOpArb = fc.oneof(
+      { weight: 8, arbitrary: opArb.filter((o): o is Exclude<Op, { op: 'compactReopen' }> => o.op !== 'compactReopen') },
+      { weight: 2, arbitrary: putManyArb },
+    );
+    const batchArb = fc.array(concurrentOpArb, { minLength: 1, maxLength: 40, size: 'max' });
     const stepArb = fc.oneof(
       { weight: 8, arbitrary: batchArb },
       { weight: 1, arbitrary: fc.constantFrom('reopen' as const, 'compact' as const, 'crashlessFlush' as const) },
@@ -232,6 +245,15 @@ describe('CacheDevice against models', () => {
                     const key = `${o.space}/${o.block}`;
                     everPut.set(key, (everPut.get(key) ?? new Set()).add(o.version));
                     await cache.put(o.space, o.block, data(o.space, o.block, o.version), o.boot ? 'boot' : 'other');
+                    break;
+                  }
+                  case 'putMany': {
+                    for (const b of o.blocks) {
+                      const key = `${o.space}/${b}`;
+                      everPut.set(key, (everPut.get(key) ?? new Set()).add(o.version));
+                    }
+                    const entries = o.blocks.map((b) => ({ block: b, data: data(o.space, b, o.version) }));
+                    await cache.putMany(o.space, entries, o.boot ? 'boot' : 'other');
                     break;
                   }
                   case 'get':

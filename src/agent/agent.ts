@@ -268,7 +268,7 @@ export class Agent implements ExportProvider {
         this.storage,
         loaded.prefetchMap,
         loaded.segment,
-        { store: (block, data) => service.storeMapBlock(block, data), has: (block) => service.hasMapBlock(block) },
+        { storeMany: (entries) => service.storeMapBlocks(entries), has: (block) => service.hasMapBlock(block) },
         {
           chunkBytes: this.config.prefetchChunk,
           depth: this.config.prefetchDepth,

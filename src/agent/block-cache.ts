@@ -4,12 +4,20 @@
  */
 export type CacheBlockKind = 'boot' | 'other';
 
+/** One block of a batched put. */
+export interface CacheEntry {
+  block: number;
+  data: Buffer;
+}
+
 export interface BlockCache {
   readonly blockSize: number;
   has(space: string, block: number): boolean;
-  /** The bytes put for (space, block), or undefined on a miss. */
-  get(space: string, block: number): Promise<Buffer | undefined>;
+  /** The bytes put for (space, block), or undefined on a miss; read into `into` (blockSize bytes) when given. */
+  get(space: string, block: number, into?: Buffer): Promise<Buffer | undefined>;
   put(space: string, block: number, data: Buffer, kind: CacheBlockKind): Promise<void>;
+  /** put() for many blocks of one space, written and committed together. */
+  putMany(space: string, entries: readonly CacheEntry[], kind: CacheBlockKind): Promise<void>;
   /** The image whose blocks live in `space` booted now: keep its boot blocks longest. */
   markBooted(space: string): void;
 }

@@ -19,7 +19,7 @@
  */
 import { chainSpaces } from '../image/identity.js';
 import type { DiskImage, Extent } from '../image/types.js';
-import type { BlockCache, CacheBlockKind } from './block-cache.js';
+import type { BlockCache, CacheBlockKind, CacheEntry } from './block-cache.js';
 import { BootRecorder, type BootPolicy, type BootSummary } from './boot-recorder.js';
 import type { Prefetcher } from './prefetcher.js';
 
@@ -177,11 +177,15 @@ export class ImageService {
     const bs = this.blockSize;
     const first = Math.floor(offset / bs);
     const last = Math.floor((offset + length - 1) / bs);
-    const parts: Array<Promise<Buffer>> = new Array(last - first + 1);
+    const count = last - first + 1;
+    // Multi-block requests: cache hits are read straight into the reply buffer (no concat).
+    const out = count === 1 ? undefined : Buffer.allocUnsafe(count * bs);
+    const parts: Array<Promise<Buffer>> = new Array(count);
     const missing: number[] = [];
     const spaces = this.layered ? await this.ownerSpaces(first, last) : undefined;
     for (let block = first; block <= last; block++) {
-      parts[block - first] = this.lookup(block, spaces?.[block - first] ?? this.space, missing);
+      const at = (block - first) * bs;
+      parts[block - first] = this.lookup(block, spaces?.[block - first] ?? this.space, missing, out?.subarray(at, at + bs));
     }
     // Contiguous runs of missing blocks: one storage read each.
     let i = 0;
@@ -193,9 +197,16 @@ export class ImageService {
       i = j;
     }
     const blocks = await Promise.all(parts);
-    const out = blocks.length === 1 ? blocks[0]! : Buffer.concat(blocks);
+    let whole = blocks[0]!;
+    if (out) {
+      for (let k = 0; k < count; k++) {
+        const b = blocks[k]!;
+        if (b.buffer !== out.buffer || b.byteOffset !== out.byteOffset + k * bs) b.copy(out, k * bs);
+      }
+      whole = out;
+    }
     const start = offset - first * bs;
-    return out.subarray(start, start + length);
+    return whole.subarray(start, start + length);
   }
 
   /** The cache space of blocks [first, last] (layered images only). */
@@ -220,11 +231,11 @@ export class ImageService {
     });
   }
 
-  /** A pending buffer for `block`, or a placeholder after pushing it to `missing`. */
-  private lookup(block: number, space: string, missing: number[]): Promise<Buffer> {
+  /** A pending buffer for `block`, or a placeholder after pushing it to `missing`; hits are read into `into` if given. */
+  private lookup(block: number, space: string, missing: number[], into?: Buffer): Promise<Buffer> {
     if (this.cache.has(space, block)) {
       this.options.counters.hits++;
-      return this.cache.get(space, block).then((data) => data ?? this.refetch(block, space));
+      return this.cache.get(space, block, into).then((data) => data ?? this.refetch(block, space));
     }
     const pending = this.inFlight.get(flightKey(space, block));
     if (pending) {
@@ -307,19 +318,23 @@ export class ImageService {
       .then((data) => (data ? data.subarray(offset - first * mbs, end - first * mbs) : this.image.read(offset, end - offset)));
   }
 
-  /** Stores one map block loaded by the prefetcher (split into cache blocks). */
-  async storeMapBlock(mapBlock: number, data: Buffer): Promise<void> {
+  /** Stores map blocks loaded by the prefetcher (split into cache blocks) as one cache batch per space. */
+  async storeMapBlocks(entries: readonly CacheEntry[]): Promise<void> {
     const per = this.options.mapBlockSize / this.blockSize;
-    const stores: Array<Promise<void>> = [];
-    for (let k = 0; k < per; k++) {
-      const block = mapBlock * per + k;
-      if (block * this.blockSize >= this.image.virtualSize) break;
-      const space = this.layered ? await this.ownerSpace(block) : this.space;
-      if (!this.cache.has(space, block)) {
-        stores.push(this.cache.put(space, block, data.subarray(k * this.blockSize, (k + 1) * this.blockSize), 'boot'));
+    const puts = new Map<string, CacheEntry[]>();
+    for (const { block: mapBlock, data } of entries) {
+      for (let k = 0; k < per; k++) {
+        const block = mapBlock * per + k;
+        if (block * this.blockSize >= this.image.virtualSize) break;
+        const space = this.layered ? await this.ownerSpace(block) : this.space;
+        if (!this.cache.has(space, block)) {
+          let list = puts.get(space);
+          if (!list) puts.set(space, (list = []));
+          list.push({ block, data: data.subarray(k * this.blockSize, (k + 1) * this.blockSize) });
+        }
       }
     }
-    await Promise.all(stores);
+    await Promise.all([...puts].map(([space, list]) => this.cache.putMany(space, list, 'boot')));
   }
 
   hasMapBlock(mapBlock: number): boolean {

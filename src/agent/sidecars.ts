@@ -61,22 +61,9 @@ export class SidecarStore {
     if (!(await this.storage.stat(segKey))) return undefined;
     const map = await this.currentMap(name, image);
     if (!map) return undefined;
-    const source = await this.storage.openSource(segKey);
-    let reader: SegmentReader;
-    try {
-      reader = await SegmentReader.fromSource(source);
-    } catch (err) {
-      this.log.warn({ export: name, err: (err as Error).message }, 'segment unreadable; not prefetching');
-      return undefined;
-    } finally {
-      await source.close();
-    }
-    if (reader.identity !== image.identity) {
-      this.log.warn({ export: name }, 'segment is for another version of the image (identity mismatch); not prefetching');
-      return undefined;
-    }
-    if (reader.mapDigest !== map.mapDigest() || reader.blockCount !== map.blocksSet || reader.blockSize !== map.blockSize) {
-      this.log.warn({ export: name }, 'segment was not built from the current map (digest mismatch); not prefetching');
+    const reader = await this.publishedSegment(name, image, map);
+    if (!(reader instanceof SegmentReader)) {
+      this.log.warn({ export: name, ...(reader.err === undefined ? {} : { err: reader.err }) }, reader.message);
       return undefined;
     }
     const index = map.index;
@@ -101,6 +88,30 @@ export class SidecarStore {
   }
 
   /**
+   * The image's published segment when it was built from `map` for this image
+   * version (header, table and size checked; block data is checked as it is
+   * read), else why not.
+   */
+  private async publishedSegment(name: string, image: DiskImage, map: BootMap): Promise<SegmentReader | { message: string; err?: string }> {
+    const source = await this.storage.openSource(name + SEGMENT_SUFFIX);
+    let reader: SegmentReader;
+    try {
+      reader = await SegmentReader.fromSource(source);
+    } catch (err) {
+      return { message: 'segment unreadable; not prefetching', err: (err as Error).message };
+    } finally {
+      await source.close();
+    }
+    if (reader.identity !== image.identity) {
+      return { message: 'segment is for another version of the image (identity mismatch); not prefetching' };
+    }
+    if (reader.mapDigest !== map.mapDigest() || reader.blockCount !== map.blocksSet || reader.blockSize !== map.blockSize) {
+      return { message: 'segment was not built from the current map (digest mismatch); not prefetching' };
+    }
+    return reader;
+  }
+
+  /**
    * Merges a finished boot into the image's map and publishes the new map and
    * segment. Returns false (publishing nothing) when the merged map is empty.
    * The segment is built locally from the image (through the cache), checked,
@@ -119,6 +130,16 @@ export class SidecarStore {
     if (merged.blocksSet === 0) {
       this.log.warn({ export: name }, 'merged map is empty; keeping the current map and segment');
       return false;
+    }
+    // The segment depends only on the bitmap (the map digest); a boot that changed just the
+    // history needs the new map alone, when the published segment still matches it.
+    if (previous && merged.mapDigest() === previous.mapDigest() && (await this.storage.stat(name + SEGMENT_SUFFIX))) {
+      const published = await this.publishedSegment(name, image, merged).catch(() => undefined);
+      if (published instanceof SegmentReader) {
+        await this.storage.put(name + MAP_SUFFIX, merged.serialize());
+        this.log.info({ export: name, boots: merged.boots, blocks: merged.blocksSet, bootBlocks: boot.blocks }, 'published map (segment unchanged)');
+        return true;
+      }
     }
     await mkdir(tmpDir, { recursive: true });
     const tmpSegment = join(tmpDir, `${process.pid}-${Date.now()}-${Math.random().toString(36).slice(2)}.bcseg`);

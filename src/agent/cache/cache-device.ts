@@ -19,7 +19,7 @@ import { randomInt } from 'node:crypto';
 import { dirname, join } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { AgentError, BootcacheError, StorageIOError, fromSystemError } from '../../errors.js';
-import type { BlockCache, CacheBlockKind } from '../block-cache.js';
+import type { BlockCache, CacheBlockKind, CacheEntry } from '../block-cache.js';
 import { isTempName, writeFileAtomic } from '../../format/atomic-write.js';
 import { acquireLock, pwriteAll, readHead, readIfExists, releaseLock, writevAll } from './file-io.js';
 import {
@@ -36,7 +36,7 @@ import {
 import { SlotFlag, SlotIndex, SlotState, type Space } from './slot-index.js';
 import { SNAPSHOT_HEADER_SIZE, decodeSnapshotHeader, encodeSnapshot, isSpaceHex, loadSnapshot } from './snapshot.js';
 
-export type { CacheBlockKind } from '../block-cache.js';
+export type { CacheBlockKind, CacheEntry } from '../block-cache.js';
 
 /** Where the cache reports what it recovered from (pino's logger fits). */
 export interface CacheLogger {
@@ -303,6 +303,47 @@ export class CacheDevice implements BlockCache {
     }
   }
 
+  /**
+   * put() for many blocks of one space at once (the prefetcher's chunks):
+   * slots are allocated together, each run of consecutive slots is written
+   * with one writev, and the records join one group commit. Same ordering
+   * rules and resolution as put(); a block listed twice keeps its last data.
+   */
+  async putMany(space: string, entries: readonly CacheEntry[], kind: CacheBlockKind): Promise<void> {
+    this.checkOpen();
+    if (this.failed) throw this.failed;
+    if (kind !== 'boot' && kind !== 'other') throw new AgentError(`cache put: unknown block kind ${JSON.stringify(kind)}`);
+    const byBlock = new Map<number, Buffer>();
+    for (const { block, data } of entries) {
+      if (!Number.isSafeInteger(block) || block < 0) throw new AgentError(`cache put: block ${block} is not a block index`);
+      if (data.length !== this.blockSize) {
+        throw new AgentError(`cache put: ${data.length} bytes of data, expected the block size ${this.blockSize}`);
+      }
+      byBlock.set(block, data);
+    }
+    if (byBlock.size === 0) return;
+    const sp = this.intern(space);
+    // Keys are locked in ascending order, so two overlapping batches never wait on each other.
+    const blocks = [...byBlock.keys()].sort((a, b) => a - b);
+    const releases: (() => void)[] = [];
+    this.active++;
+    try {
+      for (const block of blocks) {
+        for (let prior = sp.writers.get(block); prior; prior = sp.writers.get(block)) await prior;
+        let release!: () => void;
+        sp.writers.set(block, new Promise<void>((resolve) => (release = resolve)));
+        releases.push(() => {
+          sp.writers.delete(block);
+          release();
+        });
+      }
+      await this.putManyLocked(sp, blocks, byBlock, kind === 'boot');
+    } finally {
+      for (const release of releases) release();
+      this.opDone();
+    }
+  }
+
   /** An image whose blocks live in `space` booted now: its boot blocks are evicted last. */
   markBooted(space: string): void {
     this.checkOpen();
@@ -424,6 +465,77 @@ export class CacheDevice implements BlockCache {
     }
     index.attach(slot, sp, block, boot, crc);
     this.pending.records.put(sp.id, block, slot, boot, crc);
+    this.kick(false);
+  }
+
+  private async putManyLocked(sp: Space, blocks: number[], byBlock: Map<number, Buffer>, boot: boolean): Promise<void> {
+    const index = this.index;
+    const writes: { block: number; data: Buffer; crc: number; slot: number }[] = [];
+    let touched = false;
+    for (const block of blocks) {
+      const data = byBlock.get(block)!;
+      const crc = crc32(data);
+      const existing = sp.blocks.get(block);
+      if (existing !== undefined && index.crcOf[existing] === crc && !(index.flags[existing] & SlotFlag.UNVERIFIED)) {
+        // The same bytes again: as in putLocked, no write.
+        if (boot && !(index.flags[existing] & SlotFlag.BOOT)) {
+          index.promoteToBoot(existing);
+          this.pending.records.put(sp.id, block, existing, true, crc);
+          touched = true;
+        }
+        index.touch(existing);
+        continue;
+      }
+      writes.push({ block, data, crc, slot: -1 });
+    }
+    if (touched) this.kick(false);
+    if (writes.length === 0) return;
+    const epoch = sp.epoch;
+    const taken: typeof writes = [];
+    try {
+      for (const w of writes) {
+        w.slot = await this.allocateSlot();
+        if (w.slot < 0) this.counters.droppedPuts++;
+        else taken.push(w);
+      }
+    } catch (err) {
+      for (const w of taken) index.pushFree(w.slot);
+      throw err;
+    }
+    if (taken.length === 0) return;
+    // One writev per run of consecutive slots (fresh slots come off the free stack in order).
+    taken.sort((a, b) => a.slot - b.slot);
+    const runs: Promise<void>[] = [];
+    for (let i = 0; i < taken.length; ) {
+      let j = i + 1;
+      while (j < taken.length && taken[j]!.slot === taken[j - 1]!.slot + 1) j++;
+      const run = taken.slice(i, j).map((w) => w.data);
+      runs.push(run.length === 1 ? pwriteAll(this.files.data.fd, run[0]!, taken[i]!.slot * this.blockSize) : writevAll(this.files.data, run, taken[i]!.slot * this.blockSize));
+      i = j;
+    }
+    const results = await Promise.allSettled(runs);
+    const failure = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failure) {
+      for (const w of taken) index.pushFree(w.slot); // no record maps them: still free
+      throw fromSystemError(failure.reason, join(this.dir, FILES.data), `writing ${taken.length} cache slots`);
+    }
+    this.dataDirty = true;
+    if (this.failed || sp.epoch !== epoch) {
+      for (const w of taken) index.pushFree(w.slot);
+      if (this.failed) throw this.failed;
+      return;
+    }
+    // All records in one synchronous step: they join the same group commit, after the data fdatasync.
+    for (const w of taken) {
+      let blockBoot = boot;
+      const old = sp.blocks.get(w.block);
+      if (old !== undefined) {
+        blockBoot ||= (index.flags[old] & SlotFlag.BOOT) !== 0;
+        this.retire(old);
+      }
+      index.attach(w.slot, sp, w.block, blockBoot, w.crc);
+      this.pending.records.put(sp.id, w.block, w.slot, blockBoot, w.crc);
+    }
     this.kick(false);
   }
 
