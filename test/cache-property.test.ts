@@ -109,9 +109,12 @@ class PolicyModel {
     this.entries.delete(key);
   }
 
+  /** Most recently used within its list; the space keeps its place in the boot order (a read is not a boot). */
   private touch(key: string): void {
-    this.unlink(key);
-    this.link(key);
+    const e = this.entries.get(key)!;
+    const list = e.boot ? this.bootLists.get(e.space)! : this.other;
+    list.splice(list.indexOf(key), 1);
+    list.push(key);
   }
 
   private link(key: string): void {
