@@ -57,6 +57,8 @@ async function startAgent(name: string): Promise<{ agent: Agent; config: AgentCo
       socket: join(dir, 'nbd.sock'),
       control: join(dir, 'control.sock'),
       cacheSize: '64M',
+      // Exact miss accounting per block: no sequential readahead.
+      readahead: 0,
       boot: { idleMs: 60_000, windowMs: 600_000, minReads: 1e9 },
       maintenance: 'off',
       logLevel: 'silent',

@@ -63,6 +63,9 @@ function setup(format: 'qcow2' | 'raw', corruptRank?: number) {
     has: (space, block) => cached.has(`${space}/${block}`),
     get: async (space, block) => cached.get(`${space}/${block}`),
     put: async (space, block, data) => void cached.set(`${space}/${block}`, Buffer.from(data)),
+    putMany: async (space, entries) => {
+      for (const { block, data } of entries) cached.set(`${space}/${block}`, Buffer.from(data));
+    },
     markBooted: () => undefined,
   };
   const service = new ImageService('disk', image, cache, {

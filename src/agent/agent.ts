@@ -19,6 +19,7 @@ import { CacheDevice } from './cache/cache-device.js';
 import type { BootRecorder, BootSummary } from './boot-recorder.js';
 import type { AgentConfig } from './config.js';
 import { ControlServer } from './control.js';
+import { MissWriter } from './miss-writer.js';
 import { ImageService, type ReadCounters } from './image-service.js';
 import { ExportNotFoundError, type ExportDescription, type ExportProvider, type NbdExport } from './nbd/export.js';
 import { NbdServer } from './nbd/server.js';
@@ -75,6 +76,7 @@ export class Agent implements ExportProvider {
   private readonly services = new Map<string, ServiceEntry>();
   /** Blocks being read from storage by any export (see ImageServiceOptions.inFlight). */
   private readonly inFlight = new Map<string, Promise<Buffer>>();
+  private missWriter!: MissWriter;
   private readonly opening = new Map<string, Promise<ServiceEntry>>();
   private nbd: NbdServer | undefined;
   private control: ControlServer | undefined;
@@ -106,6 +108,7 @@ export class Agent implements ExportProvider {
         throw err instanceof AgentError ? err : new AgentError(`cache: ${(err as Error).message}`, { cause: err });
       },
     );
+    this.missWriter = new MissWriter(this.cache);
     try {
       this.nbd = new NbdServer(this, {
         logger: (level, msg, fields) => this.log[level === 'warn' ? 'warn' : level === 'error' ? 'error' : 'debug'](fields ?? {}, msg),
@@ -142,6 +145,7 @@ export class Agent implements ExportProvider {
       entry.service.dispose();
       await entry.service.image.close().catch(() => undefined);
     }
+    await this.missWriter?.flush();
     await this.cache?.close().catch((err: unknown) => this.log.warn({ err }, 'closing cache'));
     this.log.info({ counters: this.counters }, 'agent stopped');
   }
@@ -231,6 +235,8 @@ export class Agent implements ExportProvider {
       cacheMisses: this.config.cacheMisses,
       counters: this.counters.cache,
       inFlight: this.inFlight,
+      missWriter: this.missWriter,
+      readaheadBytes: this.config.readahead,
       onBootEnd: (svc, boot) => this.onBootEnd(svc, boot),
     });
     const entry: ServiceEntry = { service, stamp, rebuild: Promise.resolve(), rebuildState: 'idle' };

@@ -7,6 +7,7 @@ import cron from 'node-cron';
 import { UsageError, fromSystemError } from '../errors.js';
 import { DEFAULT_MERGE_POLICY, type MergePolicy } from '../format/map.js';
 import { DEFAULT_BOOT_POLICY, type BootPolicy } from './boot-recorder.js';
+import { DEFAULT_READAHEAD } from './readahead.js';
 
 export const DEFAULT_NBD_PORT = 10809;
 export const DEFAULT_SOCKET = '/run/bootcache/nbd.sock';
@@ -30,6 +31,8 @@ export interface AgentConfig {
   prefetchChunk: number;
   /** Segment chunks in flight at once (the bounded prefetch buffer). */
   prefetchDepth: number;
+  /** Largest sequential readahead window on misses, bytes (0: off); see readahead.ts. */
+  readahead: number;
   /** Map block size for recorded boots. */
   blockSize: number;
   /** node-cron schedule for maintenance (cache index compaction), or 'off'. */
@@ -48,6 +51,7 @@ export const CONFIG_DEFAULTS: Omit<AgentConfig, 'storage' | 'cache'> = {
   merge: DEFAULT_MERGE_POLICY,
   prefetchChunk: 4 * 1024 * 1024,
   prefetchDepth: 8,
+  readahead: DEFAULT_READAHEAD.maxBytes,
   blockSize: 4096,
   maintenance: '17 3 * * *',
   logLevel: 'info',
@@ -81,7 +85,7 @@ type Raw = Record<string, unknown>;
 
 const KNOWN_KEYS = new Set([
   'storage', 'cache', 'socket', 'listen', 'control', 'cacheSize', 'cacheMisses', 'storageDelayMs',
-  'storageErrorRate', 'boot', 'merge', 'prefetchChunk', 'prefetchDepth', 'blockSize', 'maintenance', 'logLevel',
+  'storageErrorRate', 'boot', 'merge', 'prefetchChunk', 'prefetchDepth', 'readahead', 'blockSize', 'maintenance', 'logLevel',
 ]);
 
 export async function loadConfigFile(path: string): Promise<Raw> {
@@ -164,6 +168,10 @@ export function resolveConfig(fromFile: Raw, fromFlags: Raw): AgentConfig {
   if (prefetchChunk < 64 * 1024 || prefetchChunk > 256 * 1024 * 1024) {
     throw new UsageError('config: prefetchChunk must be from 64K to 256M');
   }
+  const readahead = parseSize(raw.readahead as string | number ?? d.readahead, 'readahead');
+  if (readahead !== 0 && (readahead < 64 * 1024 || readahead > 32 * 1024 * 1024)) {
+    throw new UsageError('config: readahead must be 0 (off) or from 64K to 32M');
+  }
 
   const config: AgentConfig = {
     storage: str('storage'),
@@ -178,6 +186,7 @@ export function resolveConfig(fromFile: Raw, fromFlags: Raw): AgentConfig {
     merge,
     prefetchChunk,
     prefetchDepth: num('prefetchDepth', raw.prefetchDepth ?? d.prefetchDepth, 1, 64),
+    readahead,
     blockSize,
     maintenance,
     logLevel,

@@ -21,7 +21,9 @@ import { chainSpaces } from '../image/identity.js';
 import type { DiskImage, Extent } from '../image/types.js';
 import type { BlockCache, CacheBlockKind, CacheEntry } from './block-cache.js';
 import { BootRecorder, type BootPolicy, type BootSummary } from './boot-recorder.js';
+import { MissWriter } from './miss-writer.js';
 import type { Prefetcher } from './prefetcher.js';
+import { DEFAULT_READAHEAD, SequentialReadahead } from './readahead.js';
 
 export interface ReadCounters {
   hits: number;
@@ -40,6 +42,10 @@ export interface ImageServiceOptions {
    * services of one cache so overlays missing the same backing block read it once.
    */
   inFlight?: Map<string, Promise<Buffer>>;
+  /** Batches the cache writes of missed blocks; shared by the services of one cache (default: one of its own). */
+  missWriter?: MissWriter;
+  /** Largest sequential readahead window on guest misses, bytes; 0 or absent: off. */
+  readaheadBytes?: number;
   /** Called once when a boot ends (idle, window, mark-booted, closed). */
   onBootEnd: (service: ImageService, boot: BootRecorder) => void;
   now?: () => number;
@@ -55,6 +61,8 @@ export class ImageService {
   readonly spaces: string[];
   private readonly blockSize: number;
   private readonly inFlight: Map<string, Promise<Buffer>>;
+  private readonly missWriter: MissWriter;
+  private readonly readahead: SequentialReadahead | undefined;
   /** More than one layer: blocks may belong to a backing file's space. */
   private readonly layered: boolean;
   private readonly ownerMemo = new Map<number, string>();
@@ -77,6 +85,11 @@ export class ImageService {
     this.spaces = chainSpaces(image);
     this.layered = image.layers().length > 1;
     this.inFlight = options.inFlight ?? new Map();
+    this.missWriter = options.missWriter ?? new MissWriter(cache);
+    const ra = options.readaheadBytes ?? 0;
+    this.readahead = ra > 0
+      ? new SequentialReadahead({ initialBytes: Math.min(DEFAULT_READAHEAD.initialBytes, ra), maxBytes: ra })
+      : undefined;
     this.blockSize = cache.blockSize;
     this.now = options.now ?? (() => performance.now());
   }
@@ -168,11 +181,14 @@ export class ImageService {
       boot.recordRead(offset, length, this.now());
       if (!boot.recording) this.finishBoot(boot);
     }
-    return this.readUnrecorded(offset, length, boot ? 'boot' : 'other');
+    return this.readUnrecorded(offset, length, boot ? 'boot' : 'other', true);
   }
 
-  /** The same read path without recording (segment rebuilds, CACHE hints). */
-  async readUnrecorded(offset: number, length: number, kind: CacheBlockKind = 'other'): Promise<Buffer> {
+  /**
+   * The same read path without recording (segment rebuilds, CACHE hints).
+   * `guest`: a VM's read, which drives the sequential readahead.
+   */
+  async readUnrecorded(offset: number, length: number, kind: CacheBlockKind = 'other', guest = false): Promise<Buffer> {
     if (length === 0) return Buffer.alloc(0);
     const bs = this.blockSize;
     const first = Math.floor(offset / bs);
@@ -195,6 +211,10 @@ export class ImageService {
       const run = this.fetchRun(missing[i]!, j - i, kind, spaces?.slice(missing[i]! - first, missing[j - 1]! - first + 1));
       for (let k = i; k < j; k++) parts[missing[k]! - first] = run[k - i]!;
       i = j;
+    }
+    if (guest && this.readahead) {
+      const aheadEnd = Math.min(this.image.virtualSize, this.readahead.onRead(offset, offset + length, missing.length > 0));
+      if (aheadEnd > (last + 1) * bs) void this.fetchAhead(last + 1, Math.ceil(aheadEnd / bs) - 1).catch(() => undefined);
     }
     const blocks = await Promise.all(parts);
     let whole = blocks[0]!;
@@ -254,6 +274,30 @@ export class ImageService {
     return Promise.resolve(Buffer.alloc(0)); // replaced by the run's promise
   }
 
+  /**
+   * Sequential readahead: reads blocks [first, last] that are not cached, not
+   * being read and not coming with the prefetch stream, in the background
+   * (one storage request per contiguous run), into the cache as 'other'.
+   */
+  private async fetchAhead(first: number, last: number): Promise<void> {
+    const spaces = this.layered ? await this.ownerSpaces(first, last) : undefined;
+    let runStart = -1;
+    const flush = (end: number): void => {
+      if (runStart < 0) return;
+      this.fetchRun(runStart, end - runStart, 'other', spaces?.slice(runStart - first, end - first), false);
+      runStart = -1;
+    };
+    for (let block = first; block <= last; block++) {
+      const space = spaces?.[block - first] ?? this.space;
+      const mapBlock = this.toMapBlock(block);
+      const skip = this.cache.has(space, block) || this.inFlight.has(flightKey(space, block)) ||
+        this.prefetcher?.ahead(mapBlock) === true || this.prefetcher?.pending(mapBlock) !== undefined;
+      if (skip) flush(block);
+      else if (runStart < 0) runStart = block;
+    }
+    flush(last + 1);
+  }
+
   /** A block that vanished from the cache between has() and get() (evicted). */
   private refetch(block: number, space: string): Promise<Buffer> {
     return this.inFlight.get(flightKey(space, block)) ?? this.fetchRun(block, 1, 'other', [space])[0]!;
@@ -267,9 +311,9 @@ export class ImageService {
    * Reads blocks [start, start+count) from storage in one request; one promise
    * per block. `spaces`: each block's cache space (default: the chain's).
    */
-  private fetchRun(start: number, count: number, kind: CacheBlockKind, spaces?: string[]): Array<Promise<Buffer>> {
+  private fetchRun(start: number, count: number, kind: CacheBlockKind, spaces?: string[], countMisses = true): Array<Promise<Buffer>> {
     const bs = this.blockSize;
-    this.options.counters.misses += count;
+    if (countMisses) this.options.counters.misses += count;
     const offset = start * bs;
     const end = Math.min(this.image.virtualSize, (start + count) * bs);
     const whole = (this.readAhead(offset, end) ?? this.image.read(offset, end - offset)).then((data) => {
@@ -288,7 +332,7 @@ export class ImageService {
       this.inFlight.set(key, p);
       p.then(
         async (data) => {
-          if (this.options.cacheMisses) await this.cache.put(space, block, data, kind).catch(() => undefined);
+          if (this.options.cacheMisses) await this.missWriter.queue(space, block, data, kind);
         },
         () => undefined,
       ).finally(() => {

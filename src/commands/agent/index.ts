@@ -14,7 +14,7 @@ export default class AgentRun extends BaseCommand<typeof AgentRun> {
 
 Runs in the foreground until SIGTERM or SIGINT: it then stops accepting, finishes in-flight requests, and flushes maps and the cache index. Logs are JSON lines (pino) on stdout. TCP is used only with --listen (default port ${DEFAULT_NBD_PORT}).
 
-Settings come from flags or a JSON config file (--config); flags win. Config keys: storage, cache, socket, listen, control, cacheSize, cacheMisses, storageDelayMs, storageErrorRate, boot {idleMs, windowMs, minReads}, merge {minSeen, window}, prefetchChunk, prefetchDepth, blockSize, maintenance, logLevel.
+Settings come from flags or a JSON config file (--config); flags win. Config keys: storage, cache, socket, listen, control, cacheSize, cacheMisses, storageDelayMs, storageErrorRate, boot {idleMs, windowMs, minReads}, merge {minSeen, window}, prefetchChunk, prefetchDepth, readahead, blockSize, maintenance, logLevel.
 
 ${EXIT_CODES_HELP}`;
 
@@ -42,6 +42,7 @@ ${EXIT_CODES_HELP}`;
     'merge-window': Flags.integer({ description: 'K, the boots remembered for merging (default 4).', helpValue: 'K' }),
     'prefetch-chunk': Flags.string({ description: 'Segment bytes per sequential prefetch read (default 4M).', helpValue: 'BYTES' }),
     'prefetch-depth': Flags.integer({ description: 'Prefetch reads in flight (the bounded buffer, default 8).', helpValue: 'N' }),
+    readahead: Flags.string({ description: 'Largest sequential readahead on cache misses, e.g. 2M; 0 turns it off (default 2M).', helpValue: 'BYTES' }),
     'log-level': Flags.string({ description: 'pino log level.', options: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] }),
     maintenance: Flags.string({ description: 'Cron schedule for maintenance (cache index compaction), or "off".', helpValue: 'CRON' }),
   };
@@ -71,6 +72,7 @@ ${EXIT_CODES_HELP}`;
       merge,
       prefetchChunk: f['prefetch-chunk'],
       prefetchDepth: f['prefetch-depth'],
+      readahead: f.readahead,
       logLevel: f['log-level'],
       maintenance: f.maintenance,
     });
