@@ -403,6 +403,12 @@ async function main() {
   log(`image ${image}, accel ${accel}, delays ${DELAYS.join('/')} ms, configs ${CONFIGS.join(',')}, workloads ${WORKLOADS.join(',')}`);
 
   const save = async (name, section) => {
+    // A matrix run keeps the earlier rows of the delays and configurations it did not measure.
+    const earlier = results.sections[name];
+    if (earlier?.rows && section.rows && name !== 'storm') {
+      const remeasured = (r) => CONFIGS.includes(r.config) && (r.config === 'local' || DELAYS.includes(r.delayMs));
+      section.rows = [...earlier.rows.filter((r) => !remeasured(r)), ...section.rows];
+    }
     results.sections[name] = { ...section, finishedAt: new Date().toISOString() };
     writeFileSync(jsonPath, `${JSON.stringify(results, null, 2)}\n`);
     await writeReport(results, { resultsDir, date });
