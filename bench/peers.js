@@ -29,7 +29,7 @@
 // default none), BENCH_ACCEL (default: scripts/detect-accel.sh), BENCH_IMAGE
 // (default: the reference guest's debian12.raw), BENCH_WORK (default
 // /var/tmp/bootcache-peers), BENCH_DATE (default today).
-import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync, copyFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { stat } from 'node:fs/promises';
 import { cpus, totalmem, release, loadavg } from 'node:os';
 import { basename, dirname, join } from 'node:path';
@@ -270,17 +270,14 @@ async function runMatrix(ctx, measure, runs) {
 // The reference guest's own trace, for the model validation.
 
 async function referenceTrace(ctx) {
-  const out = join(work, 'reference-guest.trace.csv');
-  const stamp = `${out}.json`;
-  const st = await stat(image);
-  const want = { image, size: st.size, mtimeMs: st.mtimeMs, accel: ctx.accel };
-  if (existsSync(out) && existsSync(stamp) && JSON.stringify(JSON.parse(readFileSync(stamp, 'utf8'))) === JSON.stringify(want)) return out;
+  // Recorded afresh in every run: its think times are this host's speed now,
+  // the same conditions as the real boots it is compared with.
+  const out = join(ctx.dir, 'reference-guest.trace.csv');
   log(`recording the reference guest's boot trace with bootcache profile (one boot)`);
-  const map = join(work, 'reference-guest.bcmap');
-  await run(process.execPath, [bin, 'profile', image, '--format', 'raw', '--accel', ctx.accel, '--until', MARKER, '--idle', '0',
-    '--no-segment', '--out-map', map, '--out-trace', out, '--console-log', join(work, 'reference-guest.console.log'), '--json'], { label: 'bootcache profile' });
-  writeFileSync(stamp, JSON.stringify(want));
-  return out;
+  const { stdout } = await run(process.execPath, [bin, 'profile', image, '--format', 'raw', '--accel', ctx.accel, '--until', MARKER, '--idle', '0',
+    '--no-segment', '--out-map', join(ctx.dir, 'reference-guest.bcmap'), '--out-trace', out, '--console-log', join(ctx.dir, 'reference-guest.console.log'), '--json'], { label: 'bootcache profile' });
+  const profile = JSON.parse(stdout);
+  return { path: out, profile };
 }
 
 // ---------------------------------------------------------------------------
@@ -427,10 +424,13 @@ async function main() {
       await save('replay', { ...common(), startedAt: started, loadAtStart: load, trace: sharedTraceRel, runs: REPLAY_RUNS, rows });
     } else if (workload === 'validate') {
       const trace = await referenceTrace(ctx);
-      copyFileSync(trace, join(dir, 'reference-guest.trace.csv'));
       log(`replays of the reference guest's own trace, ${REPLAY_RUNS} run(s) per configuration`);
-      const rows = await runMatrix(ctx, replayMeasurer(trace), REPLAY_RUNS);
-      await save('validate', { ...common(), startedAt: started, loadAtStart: load, trace: 'reference guest, recorded by bootcache profile on this machine', runs: REPLAY_RUNS, rows });
+      const rows = await runMatrix(ctx, replayMeasurer(trace.path), REPLAY_RUNS);
+      await save('validate', {
+        ...common(), startedAt: started, loadAtStart: load, runs: REPLAY_RUNS, rows,
+        trace: 'reference guest, recorded by bootcache profile on this machine in the same run',
+        profile: trace.profile,
+      });
     } else if (workload === 'storm') {
       log(`boot storms N=${STORM_N.join(',')} at D=${STORM_DELAY} ms`);
       const s = await storm(ctx);

@@ -111,7 +111,7 @@ export function stormPlot(rows, { title }) {
             encoding: {
               x: { field: 'n', type: 'quantitative', title: 'simultaneous boots (N)', scale: { type: 'log', base: 2 } },
               y: { field: 'median', type: 'quantitative', title: 'completion per boot, s (median; band to slowest)' },
-              color: { field: 'server', type: 'nominal', title: null },
+              color: { field: 'server', type: 'nominal', title: null, legend: { orient: 'bottom', labelLimit: 320 } },
             },
           },
           {

@@ -164,7 +164,9 @@ export async function writeReport(results, { resultsDir, date }) {
     if (v.length) {
       md.push('| D | configuration | real boot / local | replay / local | deviation | within ±15% |', '|---|---|---|---|---|---|');
       for (const x of v) md.push(`| ${x.delayMs} ms | ${label(x.config, x.phase)} | ${fmt(x.bootRatio, 3)} | ${fmt(x.replayRatio, 3)} | ${fmt(x.deviation * 100, 1)}% | ${x.within ? 'yes' : '**no**'} |`);
-      md.push('');
+      const peers = v.filter((x) => x.config !== 'bootcache');
+      const mean = (xs) => xs.reduce((a, b) => a + b, 0) / xs.length;
+      md.push('', `Peer configurations within ±15%: ${peers.filter((x) => x.within).length} of ${peers.length}; bootcache: ${v.length - peers.length - v.filter((x) => x.config === 'bootcache' && !x.within).length} of ${v.length - peers.length}. Mean deviation: peers ${fmt(mean(peers.map((x) => x.deviation)) * 100, 1)}%, bootcache ${fmt(mean(v.filter((x) => x.config === 'bootcache').map((x) => x.deviation)) * 100, 1)}%.`, '');
     } else {
       md.push('(No real boots in this results file to compare with.)', '');
     }
