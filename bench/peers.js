@@ -59,13 +59,13 @@ const ALL_WORKLOADS = ['boot', 'replay', 'validate', 'storm'];
 function listEnv(name, fallback, allowed) {
   const v = process.env[name];
   const items = v === undefined || v === '' ? fallback : v.split(',').map((x) => x.trim()).filter(Boolean);
-  if (allowed) for (const x of items) if (!allowed.includes(x)) throw new Error(`${name}: unknown "${x}" (one of ${allowed.join(', ')})`);
+  if (allowed) for (const x of items) if (!allowed.includes(x)) usage(`${name}: unknown "${x}" (one of ${allowed.join(', ')})`);
   return items;
 }
 function numbersEnv(name, fallback) {
   return listEnv(name, fallback).map((x) => {
     const n = Number(x);
-    if (!Number.isFinite(n) || n < 0) throw new Error(`${name}: not a number: ${x}`);
+    if (!Number.isFinite(n) || n < 0) usage(`${name}: not a number: ${x}`);
     return n;
   });
 }
@@ -78,6 +78,15 @@ const WORKLOADS = listEnv('BENCH_WORKLOADS', ALL_WORKLOADS, ALL_WORKLOADS);
 const STORM_N = numbersEnv('BENCH_STORM_N', ['1', '4', '16', '32']);
 const STORM_DELAY = numbersEnv('BENCH_STORM_DELAY', ['10'])[0];
 const RATE = process.env.BENCH_RATE ? Number(process.env.BENCH_RATE) : undefined;
+function usage(message) {
+  console.error(`bench: ${message}`);
+  process.exit(2);
+}
+if (RATE !== undefined && !(RATE > 0)) usage(`BENCH_RATE must be a positive number of bytes/s, got ${process.env.BENCH_RATE}`);
+// The agent's storage wrapper has a delay but no bandwidth cap yet: a cap on the peers alone would not be a fair race.
+if (RATE !== undefined && (CONFIGS.includes('bootcache') || listEnv('BENCH_WORKLOADS', ALL_WORKLOADS).includes('storm'))) {
+  usage('BENCH_RATE: the agent has no bandwidth cap yet (--storage-delay only); use it with BENCH_CONFIGS without bootcache and without the storm workload');
+}
 const image = process.env.BENCH_IMAGE ?? join(refDir, 'debian12.raw');
 const IMAGE_NAME = basename(image);
 

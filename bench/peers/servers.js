@@ -31,7 +31,7 @@ export async function startNbdkit({ dir, name, image, delayMs, rateBps, cached }
   params.push(`rdelay=${delayMs}ms`);
   if (rateBps) {
     filters.push('--filter=rate');
-    params.push(`rate=${rateBps}`);
+    params.push(`rate=${rateBps * 8}`); // the rate filter counts bits per second
   }
   filters.push('--filter=log');
   params.push(`logfile=${logfile}`);
