@@ -18,6 +18,7 @@ import { FileByteSource, hasUsableReadInto, readSourceInto } from '../src/image/
 import { openImage } from '../src/image/open.js';
 import type { DiskImage } from '../src/image/types.js';
 import { convertToRaw, qemuImg, qemuIo, removeTmpDir, tmpDir } from './helpers/qemu.js';
+import { prng } from './helpers/random.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -28,17 +29,6 @@ const GUARD_BYTE = 0xee;
 let root: string;
 const fixtures = new Map<string, string>();
 
-/** Deterministic PRNG (mulberry32). */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** Random, compressible text, zeros and patterns, one kind per MiB. */
 function mixedBytes(size: number): Buffer {

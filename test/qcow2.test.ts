@@ -22,23 +22,13 @@ import {
   removeTmpDir,
   tmpDir,
 } from './helpers/qemu.js';
+import { prng } from './helpers/random.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 
 let root: string;
 
-/** Deterministic PRNG (mulberry32) for read offsets and sizes. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /**
  * A raw file mixing incompressible random data, compressible text, zeros
