@@ -144,8 +144,11 @@ describe('cache shared by overlays on one backing file', () => {
     const [a, b] = await Promise.all([readExport(agent, config, 'qa.qcow2'), readExport(agent, config, 'qb.qcow2')]);
     expect(a.equals(await expected('qa.qcow2'))).toBe(true);
     expect(b.equals(await expected('qb.qcow2'))).toBe(true);
-    // Each block is a miss once per space at most (a miss waiting for another's read counts as a hit).
-    expect(agent.status().counters.cache.misses).toBeLessThanOrEqual(2 * (SIZE / BLOCK));
+    // At most one miss per (space, block) key, whatever the interleaving: a reader finding the other's
+    // read in flight counts a hit. Keys: every block of A, plus B's own 64k and the base blocks A
+    // shadows (2 x 64k); without sharing the base, B would miss nearly every block again (~2x).
+    const ownOrShadowed = (64 * KiB + 2 * 64 * KiB) / BLOCK;
+    expect(agent.status().counters.cache.misses).toBeLessThanOrEqual(SIZE / BLOCK + ownOrShadowed);
   });
 
   it('does not serve stale blocks after the base file is rewritten', async () => {
