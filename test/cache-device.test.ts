@@ -1,7 +1,7 @@
 import { mkdtemp, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it, vi } from 'vitest';
 import { CacheDevice, type CacheLogger } from '../src/agent/cache/cache-device.js';
 import { AgentError, BootcacheError } from '../src/errors.js';
 
@@ -44,6 +44,23 @@ function present(cache: CacheDevice, space: string, blocks: number[]): number[] 
 const range = (from: number, to: number): number[] => Array.from({ length: to - from }, (_, i) => from + i);
 
 describe('CacheDevice basics', () => {
+  it('reads runs of blocks with getRun, in consecutive slots or not, and reports which were served', async () => {
+    const cache = await openCache(await tempDir(), 64);
+    await cache.putMany('aa', range(10, 19).map((b) => ({ block: b, data: block('aa', b) })), 'boot'); // slots in block order
+    await cache.put('aa', 20, block('aa', 20), 'other');
+    await cache.put('aa', 19, block('aa', 19), 'other'); // 19 and 20 in reversed slots
+    const into = Buffer.alloc(14 * BS);
+    const served = await cache.getRun('aa', 8, 14, into); // blocks 8..21
+    expect(served).toEqual([false, false, true, true, true, true, true, true, true, true, true, true, true, false]);
+    for (let b = 10; b <= 20; b++) expect(into.subarray((b - 8) * BS, (b - 7) * BS).equals(block('aa', b))).toBe(true);
+    expect(await cache.getRun('zz', 0, 2, Buffer.alloc(2 * BS))).toEqual([false, false]);
+    await expect(cache.getRun('aa', 0, 2, Buffer.alloc(BS))).rejects.toThrow(/target buffer is 4096 bytes, not 2 blocks/);
+    const before = cache.stats();
+    await cache.getRun('aa', 10, 4, Buffer.alloc(4 * BS));
+    expect(cache.stats().hits - before.hits).toBe(4);
+    await cache.close();
+  });
+
   it('returns exactly the bytes put, and misses what was never put', async () => {
     const cache = await openCache(await tempDir(), 64);
     await cache.put('aa', 0, block('aa', 0), 'other');
@@ -306,6 +323,41 @@ describe('CacheDevice basics', () => {
     const again = await openCache(dir, 32);
     await again.close();
     expect(await readdir(dir)).not.toContain('cache.lock');
+  });
+
+  it('reads hits through the thread pool for a while once synchronous reads turn slow, like disk reads', async () => {
+    const cache = await openCache(await tempDir(), 64);
+    for (let b = 0; b < 8; b++) await cache.put('aa', b, block('aa', b), 'other');
+    // Every clock reading is 2.5 ms after the last: each synchronous read looks like a disk read.
+    let clock = performance.now();
+    const spy = vi.spyOn(performance, 'now').mockImplementation(() => (clock += 2.5));
+    try {
+      for (let b = 0; b < 2; b++) expect((await cache.get('aa', b))?.equals(block('aa', b))).toBe(true);
+      expect(cache.stats().slowSyncReads).toBe(0); // one or two outliers do not count
+      expect((await cache.get('aa', 2))?.equals(block('aa', 2))).toBe(true);
+      expect(cache.stats().slowSyncReads).toBe(1);
+      // Thread-pool reads now: same bytes, and no more verdicts for a second.
+      for (let b = 3; b < 8; b++) expect((await cache.get('aa', b))?.equals(block('aa', b))).toBe(true);
+      const into = Buffer.alloc(8 * BS);
+      expect(await cache.getRun('aa', 0, 8, into)).toEqual(Array(8).fill(true));
+      expect(cache.stats().slowSyncReads).toBe(1);
+      clock += 2000; // a second later, synchronous reads are tried again
+      for (let b = 0; b < 3; b++) await cache.get('aa', b);
+      expect(cache.stats().slowSyncReads).toBe(2);
+    } finally {
+      spy.mockRestore();
+    }
+    await cache.close();
+  });
+
+  it('serves the same bytes with synchronous hit reads off', async () => {
+    const cache = await CacheDevice.open(await tempDir(), { capacityBytes: 64 * BS, syncReads: false, logger: collectingLogger() });
+    await cache.putMany('aa', range(0, 6).map((b) => ({ block: b, data: block('aa', b) })), 'other');
+    const into = Buffer.alloc(6 * BS);
+    expect(await cache.getRun('aa', 0, 6, into)).toEqual(Array(6).fill(true));
+    for (let b = 0; b < 6; b++) expect(into.subarray(b * BS, (b + 1) * BS).equals(block('aa', b))).toBe(true);
+    expect((await cache.get('aa', 5))?.equals(block('aa', 5))).toBe(true);
+    await cache.close();
   });
 
   it('a get racing the reuse of its slot never returns the new occupant', async () => {

@@ -328,6 +328,24 @@ describe('CacheDevice recovery', () => {
     await cache.close();
   });
 
+  it('verifies run reads too: getRun serves the sound blocks of a run and drops the damaged one', async () => {
+    const dir = await tempDir();
+    const log = logger();
+    const cache = await openCache(dir, { log });
+    await cache.putMany('aa', [0, 1, 2, 3].map((b) => ({ block: b, data: block('aa', b) })), 'boot');
+    await cache.flush();
+    const data = await open(join(dir, 'cache.data'), 'r+');
+    await data.write(Buffer.from('garbage'), 0, 7, 2 * BS + 100); // slot 2 holds block 2
+    await data.close();
+    const into = Buffer.alloc(4 * BS);
+    expect(await cache.getRun('aa', 0, 4, into)).toEqual([true, true, false, true]);
+    for (const b of [0, 1, 3]) expect(into.subarray(b * BS, (b + 1) * BS).equals(block('aa', b))).toBe(true);
+    expect(cache.has('aa', 2)).toBe(false);
+    expect(cache.stats().checksumFailures).toBe(1);
+    expect(log.warnings.join()).toMatch(/cached block 2 of space aa \(slot 2\) fails its checksum; dropped/);
+    await cache.close();
+  });
+
   it('disables itself after a failed commit, and restarts consistent', async () => {
     const dir = await tempDir();
     const log = logger();

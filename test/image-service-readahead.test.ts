@@ -6,30 +6,14 @@
 import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { describe, expect, it } from 'vitest';
-import type { BlockCache, CacheEntry } from '../src/agent/block-cache.js';
+import type { BlockCache } from '../src/agent/block-cache.js';
+import { memoryCache } from './helpers/memory-cache.js';
 import { ImageService } from '../src/agent/image-service.js';
 import { MissWriter } from '../src/agent/miss-writer.js';
 import type { DiskImage } from '../src/image/types.js';
 
 const BS = 4096;
 const BLOCKS = 1024; // 4 MiB image
-
-function memoryCache() {
-  const cached = new Map<string, Buffer>();
-  const batches: Array<{ space: string; blocks: number[] }> = [];
-  const cache: BlockCache = {
-    blockSize: BS,
-    has: (space, block) => cached.has(`${space}/${block}`),
-    get: async (space, block) => cached.get(`${space}/${block}`),
-    put: async (space, block, data) => void cached.set(`${space}/${block}`, Buffer.from(data)),
-    putMany: async (space: string, entries: readonly CacheEntry[]) => {
-      batches.push({ space, blocks: entries.map((e) => e.block) });
-      for (const { block, data } of entries) cached.set(`${space}/${block}`, Buffer.from(data));
-    },
-    markBooted: () => undefined,
-  };
-  return { cache, cached, batches };
-}
 
 function setup(readaheadBytes: number) {
   const bytes = randomBytes(BLOCKS * BS);
@@ -50,7 +34,7 @@ function setup(readaheadBytes: number) {
     owner: async () => 'ab'.repeat(32),
     close: async () => undefined,
   };
-  const { cache, cached, batches } = memoryCache();
+  const { cache, cached, batches } = memoryCache(BS);
   const counters = { hits: 0, misses: 0 };
   const service = new ImageService('disk', image, cache, {
     bootPolicy: { idleMs: 60_000, windowMs: 600_000, minReads: 1 },
@@ -112,7 +96,7 @@ describe('sequential readahead on misses', () => {
 
 describe('MissWriter', () => {
   it('writes queued blocks of one space as one batch after the delay', async () => {
-    const { cache, batches, cached } = memoryCache();
+    const { cache, batches, cached } = memoryCache(BS);
     const writer = new MissWriter(cache, { delayMs: 5, maxBlocks: 100 });
     const done = [1, 2, 3].map((b) => writer.queue('s1', b, Buffer.alloc(BS, b), 'other'));
     void writer.queue('s2', 9, Buffer.alloc(BS, 9), 'boot');
@@ -125,7 +109,7 @@ describe('MissWriter', () => {
   });
 
   it('writes a batch at once when it is full (bounded memory)', async () => {
-    const { cache, batches } = memoryCache();
+    const { cache, batches } = memoryCache(BS);
     const writer = new MissWriter(cache, { delayMs: 60_000, maxBlocks: 4 });
     const done = [0, 1, 2, 3].map((b) => writer.queue('s', b, Buffer.alloc(BS), 'other'));
     await Promise.all(done);
@@ -136,7 +120,7 @@ describe('MissWriter', () => {
   });
 
   it('settles even when the cache fails', async () => {
-    const { cache } = memoryCache();
+    const { cache } = memoryCache(BS);
     const failing: BlockCache = { ...cache, putMany: async () => { throw new Error('disk full'); } };
     const writer = new MissWriter(failing, { delayMs: 1, maxBlocks: 10 });
     await expect(writer.queue('s', 1, Buffer.alloc(BS), 'other')).resolves.toBeUndefined();

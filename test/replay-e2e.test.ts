@@ -157,6 +157,31 @@ describe('bootcache replay command', () => {
     expect(result.phases).toHaveLength(3);
   });
 
+  it('writes one CSV row per read with --reads-csv, consistent with the trace and the JSON', async () => {
+    const { file, reads } = truncatedTrace(TIMED, 0.5);
+    const csv = path.join(dir, 'reads.csv');
+    const { stdout, exitCode } = await runCommand([file, '--uri', bootUri, '--json', '--reads-csv', csv]);
+    expect(exitCode ?? 0).toBe(0);
+    const result = JSON.parse(stdout) as ReplayResult;
+    const [header, ...rows] = readFileSync(csv, 'utf8').trim().split('\n');
+    expect(header).toBe('index,offset,length,recorded_issue_us,recorded_done_us,target_us,issue_us,done_us,latency_us');
+    expect(rows).toHaveLength(reads);
+    const traced = readFileSync(file, 'utf8').trim().split('\n').slice(1).map((row) => row.split(',').map(Number));
+    let last = 0;
+    rows.forEach((row, i) => {
+      const [index, offset, length, recordedIssue, recordedDone, target, issue, done, latency] = row.split(',').map(Number);
+      expect([index, recordedIssue, offset, length, recordedDone]).toEqual([i, ...traced[i]!.filter((_, k) => k !== 1)]);
+      expect(issue).toBeGreaterThanOrEqual(target! - 1);
+      expect(done).toBeGreaterThanOrEqual(issue!);
+      expect(Math.abs(latency! - (done! - issue!))).toBeLessThanOrEqual(1); // each column rounded to 1 µs
+      last = Math.max(last, done!);
+    });
+    expect(last / 1e6).toBeCloseTo(result.replay.durationS, 2);
+    const bad = await runCommand([file, '--uri', bootUri, '--json', '--reads-csv', path.join(dir, 'no-such-dir', 'reads.csv')]);
+    expect(bad.exitCode).not.toBe(0);
+    expect(bad.stdout).toMatch(/no-such-dir/);
+  });
+
   it('prints a human table', async () => {
     const { file } = truncatedTrace(TIMED, 0.5);
     const { stdout } = await runCommand([file, '--uri', bootUri, '--no-think-time']);

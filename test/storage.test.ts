@@ -82,6 +82,22 @@ describe('storage filters', () => {
     expect(counting.counters).toEqual({ readRequests: 3, readBytes: 1028 });
   });
 
+  it('reads into the caller\'s buffer through every filter, still counted, delayed and failed', async () => {
+    const { storage } = await fixture();
+    const counting = new CountingStorage(storage);
+    let n = 0;
+    const faulty = new FaultyStorage(counting, { delayMs: 1, errorRate: 0.5, random: () => (n++ % 2 === 0 ? 0.9 : 0.1) });
+    const source = await faulty.openSource('a.img');
+    expect(source.readInto).toBeTypeOf('function');
+    const target = Buffer.alloc(8, 0xee);
+    await source.readInto!(2, 5, target, 1);
+    expect(target.toString('latin1', 1, 6)).toBe('23456');
+    expect(target[0]).toBe(0xee);
+    await expect(source.readInto!(0, 1, target, 0)).rejects.toThrow(StorageIOError);
+    await source.close();
+    expect(counting.counters).toEqual({ readRequests: 1, readBytes: 5 });
+  });
+
   it('delays every read, and concurrent reads overlap', async () => {
     const { storage } = await fixture();
     const slow = new FaultyStorage(storage, { delayMs: 50 });

@@ -15,6 +15,11 @@ export interface BlockCache {
   has(space: string, block: number): boolean;
   /** The bytes put for (space, block), or undefined on a miss; read into `into` (blockSize bytes) when given. */
   get(space: string, block: number, into?: Buffer): Promise<Buffer | undefined>;
+  /**
+   * Cached blocks [first, first + count) read into `into` (count × blockSize
+   * bytes); resolves to which blocks were served (the rest are misses).
+   */
+  getRun(space: string, first: number, count: number, into: Buffer): Promise<boolean[]>;
   put(space: string, block: number, data: Buffer, kind: CacheBlockKind): Promise<void>;
   /** put() for many blocks of one space, written and committed together. */
   putMany(space: string, entries: readonly CacheEntry[], kind: CacheBlockKind): Promise<void>;

@@ -193,40 +193,65 @@ export class ImageService {
     const bs = this.blockSize;
     const first = Math.floor(offset / bs);
     const last = Math.floor((offset + length - 1) / bs);
-    const count = last - first + 1;
-    // Multi-block requests: cache hits are read straight into the reply buffer (no concat).
-    const out = count === 1 ? undefined : Buffer.allocUnsafe(count * bs);
-    const parts: Array<Promise<Buffer>> = new Array(count);
+    // Every block lands in `out`: cache hits are read straight into it.
+    const out = Buffer.allocUnsafe((last - first + 1) * bs);
+    const slice = (block: number, count = 1): Buffer => out.subarray((block - first) * bs, (block - first + count) * bs);
+    const waits: Array<Promise<void>> = [];
     const missing: number[] = [];
     const spaces = this.layered ? await this.ownerSpaces(first, last) : undefined;
+    const spaceOf = (block: number): string => spaces?.[block - first] ?? this.space;
+    // Runs of cached blocks of one space: one cache read each.
+    let hitStart = -1;
+    const flushHits = (end: number): void => {
+      if (hitStart < 0) return;
+      waits.push(this.readCached(hitStart, end - hitStart, spaceOf(hitStart), slice(hitStart, end - hitStart)));
+      hitStart = -1;
+    };
     for (let block = first; block <= last; block++) {
-      const at = (block - first) * bs;
-      parts[block - first] = this.lookup(block, spaces?.[block - first] ?? this.space, missing, out?.subarray(at, at + bs));
+      const space = spaceOf(block);
+      if (this.cache.has(space, block)) {
+        this.options.counters.hits++;
+        if (hitStart >= 0 && spaceOf(hitStart) !== space) flushHits(block);
+        if (hitStart < 0) hitStart = block;
+        continue;
+      }
+      flushHits(block);
+      const pending = this.pendingBlock(block, space);
+      if (pending) waits.push(pending.then((data) => void data.copy(slice(block))));
+      else missing.push(block);
     }
+    flushHits(last + 1);
     // Contiguous runs of missing blocks: one storage read each.
     let i = 0;
     while (i < missing.length) {
       let j = i + 1;
       while (j < missing.length && missing[j] === missing[j - 1]! + 1) j++;
-      const run = this.fetchRun(missing[i]!, j - i, kind, spaces?.slice(missing[i]! - first, missing[j - 1]! - first + 1));
-      for (let k = i; k < j; k++) parts[missing[k]! - first] = run[k - i]!;
+      const runStart = missing[i]!;
+      const run = this.fetchRun(runStart, j - i, kind, spaces?.slice(runStart - first, missing[j - 1]! - first + 1));
+      run.forEach((p, k) => waits.push(p.then((data) => void data.copy(slice(runStart + k)))));
       i = j;
     }
     if (guest && this.readahead) {
       const aheadEnd = Math.min(this.image.virtualSize, this.readahead.onRead(offset, offset + length, missing.length > 0));
       if (aheadEnd > (last + 1) * bs) void this.fetchAhead(last + 1, Math.ceil(aheadEnd / bs) - 1).catch(() => undefined);
     }
-    const blocks = await Promise.all(parts);
-    let whole = blocks[0]!;
-    if (out) {
-      for (let k = 0; k < count; k++) {
-        const b = blocks[k]!;
-        if (b.buffer !== out.buffer || b.byteOffset !== out.byteOffset + k * bs) b.copy(out, k * bs);
-      }
-      whole = out;
-    }
+    await Promise.all(waits);
     const start = offset - first * bs;
-    return whole.subarray(start, start + length);
+    return out.subarray(start, start + length);
+  }
+
+  /** Cached blocks [start, start + count) of `space` into `into`; a block evicted meanwhile is fetched again. */
+  private readCached(start: number, count: number, space: string, into: Buffer): Promise<void> {
+    const bs = this.blockSize;
+    const again = (k: number): Promise<void> => this.refetch(start + k, space).then((data) => void data.copy(into, k * bs));
+    if (count === 1) return this.cache.get(space, start, into).then((data) => (data ? undefined : again(0)));
+    return this.cache.getRun(space, start, count, into).then(async (served) => {
+      const missed: Array<Promise<void>> = [];
+      served.forEach((ok, k) => {
+        if (!ok) missed.push(again(k));
+      });
+      if (missed.length > 0) await Promise.all(missed);
+    });
   }
 
   /** The cache space of blocks [first, last] (layered images only). */
@@ -251,27 +276,21 @@ export class ImageService {
     });
   }
 
-  /** A pending buffer for `block`, or a placeholder after pushing it to `missing`; hits are read into `into` if given. */
-  private lookup(block: number, space: string, missing: number[], into?: Buffer): Promise<Buffer> {
-    if (this.cache.has(space, block)) {
-      this.options.counters.hits++;
-      return this.cache.get(space, block, into).then((data) => data ?? this.refetch(block, space));
-    }
+  /** The data of an uncached block on its way: another request's fetch, or its prefetch chunk (in flight or demanded now). */
+  private pendingBlock(block: number, space: string): Promise<Buffer> | undefined {
     const pending = this.inFlight.get(flightKey(space, block));
     if (pending) {
       this.options.counters.hits++;
       return pending;
     }
     const mapBlock = this.toMapBlock(block);
-    const streamed = this.prefetcher?.pending(mapBlock);
-    if (streamed) {
-      // Its segment chunk is being read: take the block from the chunk, no second read.
-      this.options.counters.hits++;
-      const at = block * this.blockSize - mapBlock * this.options.mapBlockSize;
-      return streamed.then((data) => (data ? data.subarray(at, at + this.blockSize) : this.refetch(block, space)));
-    }
-    missing.push(block);
-    return Promise.resolve(Buffer.alloc(0)); // replaced by the run's promise
+    // In a chunk being read, or in one the stream has not reached (started now, out of order).
+    const streamed = this.prefetcher?.pending(mapBlock) ?? this.prefetcher?.demand(mapBlock);
+    if (!streamed) return undefined;
+    // Its segment chunk is being read: take the block from the chunk, no second read.
+    this.options.counters.hits++;
+    const at = block * this.blockSize - mapBlock * this.options.mapBlockSize;
+    return streamed.then((data) => (data ? data.subarray(at, at + this.blockSize) : this.refetch(block, space)));
   }
 
   /**

@@ -1,5 +1,7 @@
 import { Args, Flags } from '@oclif/core';
 import { BaseCommand, EXIT_CODES_HELP } from '../cli/base-command.js';
+import { fromSystemError } from '../errors.js';
+import { writeFileAtomic } from '../format/atomic-write.js';
 import { runTasks } from '../cli/progress.js';
 import { DEFAULT_ASSUMED_SERVICE_US } from '../replay/plan.js';
 import { formatReplayReport } from '../replay/format.js';
@@ -55,6 +57,9 @@ ${EXIT_CODES_HELP}`;
     }),
     phases: Flags.integer({ description: 'Number of equal phases of recorded time in the timeline', default: 10, min: 1, max: 1000 }),
     'ignore-done': Flags.boolean({ description: 'Use the serial fallback model even if the trace has done_us' }),
+    'reads-csv': Flags.string({
+      description: 'Also write one CSV row per read: recorded and replayed issue/completion times, in µs (for plots and comparisons)',
+    }),
     'service-time': Flags.integer({
       description: 'Serial fallback: assumed service time of a local read, in µs',
       default: DEFAULT_ASSUMED_SERVICE_US,
@@ -98,6 +103,14 @@ ${EXIT_CODES_HELP}`;
     ], ctx, this.interactive);
     const showProgress = this.interactive && process.stderr.isTTY === true;
     ctx.result = await ctx.session!.run(showProgress ? this.progressLine() : undefined);
+    const csvPath = flags['reads-csv'];
+    if (csvPath !== undefined) {
+      try {
+        await writeFileAtomic(csvPath, Buffer.from(ctx.session!.readsCsv()!));
+      } catch (err) {
+        throw fromSystemError(err, csvPath, 'writing the per-read CSV');
+      }
+    }
   }
 
   /**

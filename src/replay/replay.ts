@@ -3,7 +3,7 @@ import type { NbdClientOptions } from '../nbd-client/client.js';
 import { NbdPool } from '../nbd-client/pool.js';
 import { buildPlan, type PlanOptions, type ReplayModelKind, type ReplayPlan } from './plan.js';
 import { buildStats, type PhaseReport, type ReplayStats } from './report.js';
-import { runSchedule, type Clock } from './scheduler.js';
+import { runSchedule, type Clock, type ReplayedRead } from './scheduler.js';
 import { readTraceFile, type BootTrace } from './trace.js';
 
 /** The trace reads past the end of the export (and --clamp was not given). */
@@ -60,6 +60,9 @@ const DEFAULT_PHASES = 10;
 
 /** A trace checked against a connected export, ready to replay. */
 export class ReplaySession {
+  /** Per-read times of the last run (issue order), for readsCsv(). */
+  private lastReads: ReplayedRead[] | undefined;
+
   private constructor(
     readonly trace: BootTrace,
     readonly plan: ReplayPlan,
@@ -130,6 +133,7 @@ export class ReplaySession {
       (read) => (read.length === 0 ? Promise.resolve() : pool.read(read.offset, read.length)),
       { ...(this.options.clock !== undefined ? { clock: this.options.clock } : {}), ...(onProgress !== undefined ? { onProgress } : {}) },
     );
+    this.lastReads = schedule.reads;
     const { phases, ...replay } = buildStats(this.plan, schedule, this.options.phases ?? DEFAULT_PHASES);
     const info = pool.info;
     return {
@@ -155,6 +159,23 @@ export class ReplaySession {
       replay,
       phases,
     };
+  }
+
+  /**
+   * The last run read by read, as CSV: the recorded issue and completion
+   * times beside the replay's target (dependencies + think time), issue and
+   * completion times, all µs from the start. Undefined before a run.
+   */
+  readsCsv(): string | undefined {
+    const replayed = this.lastReads;
+    if (replayed === undefined) return undefined;
+    const rows = ['index,offset,length,recorded_issue_us,recorded_done_us,target_us,issue_us,done_us,latency_us'];
+    for (const planned of this.plan.reads) {
+      const r = replayed[planned.index]!;
+      const us = (v: number): string => v.toFixed(0);
+      rows.push([planned.index, planned.offset, planned.length, planned.tUs, planned.doneUs, us(r.targetUs), us(r.issueUs), us(r.doneUs), us(r.doneUs - r.issueUs)].join(','));
+    }
+    return rows.join('\n') + '\n';
   }
 
   async close(): Promise<void> {

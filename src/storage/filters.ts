@@ -45,6 +45,12 @@ abstract class StorageFilter implements Storage {
       size: source.size,
       stamp: source.stamp,
       read: (offset, length) => this.readHook(key, length, () => source.read(offset, length)),
+      ...(source.readInto === undefined
+        ? {}
+        : {
+            readInto: (offset: number, length: number, target: Buffer, targetOffset: number) =>
+              this.readHook(key, length, () => source.readInto!(offset, length, target, targetOffset)),
+          }),
       close: () => source.close(),
     };
   }
@@ -97,10 +103,11 @@ export interface StorageCounters {
 export class CountingStorage extends StorageFilter {
   readonly counters: StorageCounters = { readRequests: 0, readBytes: 0 };
 
-  protected async readHook<T>(_key: string, _bytes: number, doRead: () => Promise<T>): Promise<T> {
+  protected async readHook<T>(_key: string, bytes: number, doRead: () => Promise<T>): Promise<T> {
     this.counters.readRequests++;
     const result = await doRead();
-    if (Buffer.isBuffer(result)) this.counters.readBytes += result.length;
+    // A read into the caller's buffer returns nothing: it read the `bytes` asked for.
+    this.counters.readBytes += Buffer.isBuffer(result) ? result.length : bytes;
     return result;
   }
 }

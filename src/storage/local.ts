@@ -194,6 +194,9 @@ function renamedSource(source: ByteSource, key: string): ByteSource {
     size: source.size,
     stamp: source.stamp,
     read: (offset, length) => source.read(offset, length),
+    ...(source.readInto === undefined
+      ? {}
+      : { readInto: (offset: number, length: number, target: Buffer, targetOffset: number) => source.readInto!(offset, length, target, targetOffset) }),
     close: () => source.close(),
   };
 }
