@@ -169,7 +169,18 @@ describe('SegmentReader rejects damaged segments', () => {
     const source = bufferSource(file, 's.bcseg');
     const spy = { ...source, read: (o: number, l: number) => (reads.push([o, l]), source.read(o, l)) };
     await expect(SegmentReader.fromSource(spy)).rejects.toThrow(/truncated/);
-    expect(Math.max(...reads.map(([, l]) => l))).toBeLessThanOrEqual(SEGMENT_HEADER_LENGTH);
+    // One read of the file's head (at most 1 MiB); never the 32 GiB table the header claims.
+    expect(reads).toEqual([[0, file.length]]);
+  });
+
+  it('opens a segment with one read when header and table fit in the first MiB', async () => {
+    const { file } = sampleSegment(5);
+    const source = bufferSource(file, 's.bcseg');
+    const reads: Array<[number, number]> = [];
+    const spy = { ...source, read: (o: number, l: number) => (reads.push([o, l]), source.read(o, l)) };
+    const reader = await SegmentReader.fromSource(spy);
+    expect(reader.blockCount).toBe(5);
+    expect(reads).toEqual([[0, file.length]]);
   });
 
   it('opens files by path, and reports missing ones', async () => {

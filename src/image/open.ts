@@ -1,6 +1,6 @@
 import { realpath } from 'node:fs/promises';
 import { BackingChainError, fromSystemError } from '../errors.js';
-import { FileByteSource, fileSourceOpener } from './file-source.js';
+import { FileByteSource, checkTarget, fileSourceOpener, readSourceInto } from './file-source.js';
 import { Qcow2Image, QCOW2_MAGIC } from './qcow2/image.js';
 import { RawImage } from './raw.js';
 import type { ByteSource, DiskImage, ImageFormat, OpenImageOptions, SourceOpener } from './types.js';
@@ -28,17 +28,20 @@ export async function probeFormat(source: ByteSource): Promise<ImageFormat> {
 }
 
 /**
- * Opens an image on `source`; `chainKeys` holds the canonical keys of the
- * layers above it (cycle detection). The image takes ownership of `source`.
+ * Opens an image on `stored`; `chainKeys` holds the canonical keys of the
+ * layers above it (cycle detection). The image takes ownership of `stored`.
  */
 export async function openImageFromSource(
-  source: ByteSource,
+  stored: ByteSource,
   opener: SourceOpener,
   options: OpenImageOptions,
   chainKeys: string[],
   format?: ImageFormat,
 ): Promise<DiskImage> {
+  let opening: HeadServedSource | undefined;
   try {
+    const source = new HeadServedSource(stored, await stored.read(0, Math.min(stored.size, OPEN_HEAD_BYTES)));
+    opening = source;
     const fmt = format ?? (await probeFormat(source));
     if (fmt === 'raw') return await RawImage.open(source);
     const maxDepth = options.maxChainDepth ?? DEFAULT_MAX_CHAIN_DEPTH;
@@ -60,8 +63,65 @@ export async function openImageFromSource(
       },
     });
   } catch (err) {
-    await source.close().catch(() => undefined);
+    await stored.close().catch(() => undefined);
     throw err;
+  } finally {
+    opening?.release();
+  }
+}
+
+/**
+ * Bytes read at once when an image is opened: the format probe, the raw
+ * identity sample and the qcow2 header (in its first cluster) are then served
+ * from one request instead of three or more, each a round trip on an object
+ * store.
+ */
+const OPEN_HEAD_BYTES = 64 * 1024;
+
+/** A source whose first bytes are served from memory until release() (the end of the open). */
+class HeadServedSource implements ByteSource {
+  constructor(
+    private readonly inner: ByteSource,
+    private head: Buffer | undefined,
+  ) {}
+
+  get name(): string {
+    return this.inner.name;
+  }
+
+  get size(): number {
+    return this.inner.size;
+  }
+
+  get stamp(): string {
+    return this.inner.stamp;
+  }
+
+  read(offset: number, length: number): Promise<Buffer> {
+    const head = this.head;
+    if (head !== undefined && offset >= 0 && length >= 0 && offset + length <= head.length) {
+      return Promise.resolve(Buffer.from(head.subarray(offset, offset + length)));
+    }
+    return this.inner.read(offset, length);
+  }
+
+  readInto(offset: number, length: number, target: Buffer, targetOffset: number): Promise<void> {
+    const head = this.head;
+    if (head !== undefined && offset >= 0 && length >= 0 && offset + length <= head.length) {
+      checkTarget(target, targetOffset, length);
+      head.copy(target, targetOffset, offset, offset + length);
+      return Promise.resolve();
+    }
+    return readSourceInto(this.inner, offset, length, target, targetOffset);
+  }
+
+  /** The open is over: every read goes to the inner source from now on. */
+  release(): void {
+    this.head = undefined;
+  }
+
+  close(): Promise<void> {
+    return this.inner.close();
   }
 }
 
