@@ -7,11 +7,18 @@ export interface Clock {
   sleepUntilUs(targetUs: number): Promise<void>;
 }
 
-/** Below this much waiting, timers are too coarse (about 1 ms): yield to the event loop instead. */
-const SPIN_WINDOW_US = 2000;
+/**
+ * Below this much waiting, timers are too coarse: yield to the event loop
+ * instead. Node's setTimeout fires between 1 ms early (fractional delays are
+ * truncated) and 0.8 ms late (p99, measured here), so a 1 ms window never
+ * overshoots in practice; 2 ms spun the replay's CPU for nothing. Local
+ * qemu-nbd replays, alternating: 2 ms window 26.56-27.39 s and 4.6-4.9 s of
+ * client CPU; 1 ms window 26.54-26.60 s and 3.7-3.8 s; lag 0.05-0.08 s in both.
+ */
+const SPIN_WINDOW_US = 1000;
 
 /**
- * performance.now() clock. Sleeps with a timer until about 2 ms before the
+ * performance.now() clock. Sleeps with a timer until about 1 ms before the
  * target, then yields to the event loop (setImmediate) until it is reached,
  * so sub-millisecond think times are kept and replies are still processed.
  */
