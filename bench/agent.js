@@ -20,8 +20,8 @@ import { loadavg, cpus, totalmem, freemem, hostname, release } from 'node:os';
 import { dirname, join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { stopChild, run, startServer, killAllSync } from './lib/process.js';
+import { agentArgs, startAgent, pollAgent, exportOf } from './lib/agent.js';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const bin = join(root, 'bin/run.js');
@@ -141,30 +141,6 @@ async function replay(uri, log, extra = []) {
   return { result, wallS: (performance.now() - started) / 1000 };
 }
 
-async function agentStatus(control) {
-  const { stdout } = await bootcache(['agent', 'status', '--control', control, '--json']);
-  return JSON.parse(stdout);
-}
-
-function agentArgs({ storage, cache, socket, control, delay, extra = [] }) {
-  return [
-    bin, 'agent', '--storage', storage, '--cache', cache, '--socket', socket, '--control', control,
-    '--storage-delay', String(delay), '--cache-size', '1G', '--maintenance', 'off', '--log-level', 'warn', ...extra,
-  ];
-}
-
-async function startAgent(opts, logFile) {
-  const args = agentArgs(opts);
-  const child = await startServer(process.execPath, args, opts.socket, 'agent', logFile);
-  // The NBD socket is created before the control socket: wait for both.
-  const deadline = Date.now() + 30_000;
-  while (!existsSync(opts.control)) {
-    if (Date.now() > deadline) throw new Error(`agent control socket ${opts.control} missing after 30 s`);
-    await sleep(50);
-  }
-  return child;
-}
-
 function pickCounters(status) {
   return JSON.parse(JSON.stringify(status.counters));
 }
@@ -178,21 +154,6 @@ function diffCounters(after, before) {
     cache: { hits: after.cache.hits - before.cache.hits, misses: after.cache.misses - before.cache.misses },
     prefetch: { bytes: after.prefetch.bytes - before.prefetch.bytes },
   };
-}
-
-function exportOf(status, name) {
-  return status.exports.find((e) => e.name === name);
-}
-
-/** Polls `agent status` until `done(status)` holds. */
-async function pollStatus(control, done, what, timeoutMs = 300_000) {
-  const started = performance.now();
-  for (;;) {
-    const status = await agentStatus(control);
-    if (done(status)) return { status, waitedS: (performance.now() - started) / 1000 };
-    if (performance.now() - started > timeoutMs) throw new Error(`timed out waiting for ${what}: ${JSON.stringify(exportOf(status, IMAGE_NAME) ?? status.exports)}`);
-    await sleep(250);
-  }
 }
 
 function summarizeReplay(r) {
@@ -259,21 +220,21 @@ async function measureAgentSeries(ctx, image, delay, round) {
   const segPath = join(storage, `${IMAGE_NAME}.bcseg`);
   const mapPath = join(storage, `${IMAGE_NAME}.bcmap`);
   const log = join(ctx.dir, `agent-${delay}-r${round}.log`);
-  noteCommand('agent', `node ${agentArgs({ storage: 'STORAGE', cache: 'CACHE', socket: 'SOCK', control: 'CTL', delay: 'D' }).join(' ').replace(bin, 'bin/run.js')}`);
+  noteCommand('agent', `node ${agentArgs({ bin, storage: 'STORAGE', cache: 'CACHE', socket: 'SOCK', control: 'CTL', delayMs: 'D' }).join(' ').replace(bin, 'bin/run.js')}`);
   noteCommand('mark-booted', `node bin/run.js agent mark-booted ${IMAGE_NAME} --control CTL --json`);
   noteCommand('status', 'node bin/run.js agent status --control CTL --json   # polled until lastBoot complete, rebuild idle, IMG.bcseg exists');
   const out = {};
 
   // --- first boot: empty cache, no sidecars.
   const cache1 = join(ctx.dir, `cache-${delay}-r${round}-first`);
-  let agent = await startAgent({ storage, cache: cache1, socket, control, delay }, log);
+  let agent = await startAgent({ bin, storage, cache: cache1, socket, control, delayMs: delay, logFile: log });
   try {
-    const before = pickCounters(await agentStatus(control));
+    const before = pickCounters(await agent.status());
     const r = await replay(uri, join(ctx.dir, 'replay.log'));
-    const afterReplay = await agentStatus(control);
+    const afterReplay = await agent.status();
     const tEnd = performance.now();
     await bootcache(['agent', 'mark-booted', IMAGE_NAME, '--control', control, '--json']);
-    const { status: published } = await pollStatus(control, (s) => {
+    const { status: published } = await pollAgent(agent, (s) => {
       const e = exportOf(s, IMAGE_NAME);
       return e?.lastBoot?.state === 'complete' && e.rebuild?.state === 'idle' && s.counters.boots.recorded >= 1 && existsSync(segPath) && existsSync(mapPath);
     }, 'the first boot to be published');
@@ -288,16 +249,16 @@ async function measureAgentSeries(ctx, image, delay, round) {
       segmentBytes: (await stat(segPath)).size,
     };
   } finally {
-    await stopChild(agent);
+    await agent.stop();
   }
 
   // --- cold host: a fresh agent, empty cache, segment on storage.
   const cache2 = join(ctx.dir, `cache-${delay}-r${round}-cold`);
-  agent = await startAgent({ storage, cache: cache2, socket, control, delay }, log);
+  agent = await startAgent({ bin, storage, cache: cache2, socket, control, delayMs: delay, logFile: log });
   try {
-    const before = pickCounters(await agentStatus(control));
+    const before = pickCounters(await agent.status());
     const r = await replay(uri, join(ctx.dir, 'replay.log'));
-    const afterReplay = await agentStatus(control);
+    const afterReplay = await agent.status();
     const e = exportOf(afterReplay, IMAGE_NAME);
     out.cold = {
       ...summarizeReplay(r),
@@ -305,7 +266,7 @@ async function measureAgentSeries(ctx, image, delay, round) {
       prefetch: e?.prefetch ?? null,
     };
     // The replay's close ended a boot: let its rebuild finish before the warm run.
-    const { status: settled, waitedS } = await pollStatus(control, (s) => {
+    const { status: settled, waitedS } = await pollAgent(agent, (s) => {
       const x = exportOf(s, IMAGE_NAME);
       return x?.rebuild?.state !== 'running' && x?.prefetch?.state !== 'streaming' && x?.connections === 0;
     }, 'the cold boot rebuild to finish');
@@ -314,41 +275,41 @@ async function measureAgentSeries(ctx, image, delay, round) {
     // --- warm: same agent again.
     const beforeWarm = pickCounters(settled);
     const w = await replay(uri, join(ctx.dir, 'replay.log'));
-    const afterWarm = await agentStatus(control);
+    const afterWarm = await agent.status();
     out.warm = {
       ...summarizeReplay(w),
       counters: diffCounters(pickCounters(afterWarm), beforeWarm),
       prefetch: exportOf(afterWarm, IMAGE_NAME)?.prefetch ?? null,
     };
-    await pollStatus(control, (s) => {
+    await pollAgent(agent, (s) => {
       const x = exportOf(s, IMAGE_NAME);
       return x?.rebuild?.state !== 'running' && x?.prefetch?.state !== 'streaming' && x?.connections === 0;
     }, 'the warm boot rebuild to finish');
     // Diagnostic: warm, no think time (the agent's read latency alone, against local qemu-nbd's).
-    const b = pickCounters(await agentStatus(control));
+    const b = pickCounters(await agent.status());
     const n = await replay(uri, join(ctx.dir, 'replay.log'), ['--no-think-time']);
-    out.warm.noThinkTime = { ...summarizeReplay(n), counters: diffCounters(pickCounters(await agentStatus(control)), b) };
+    out.warm.noThinkTime = { ...summarizeReplay(n), counters: diffCounters(pickCounters(await agent.status()), b) };
     noteCommand('no-think-time', `node bin/run.js replay ${traceRel} --uri URI --json --no-think-time   # diagnostic, warm agent and local qemu-nbd`);
-    await pollStatus(control, (s) => exportOf(s, IMAGE_NAME)?.rebuild?.state !== 'running', 'the last rebuild to finish');
+    await pollAgent(agent, (s) => exportOf(s, IMAGE_NAME)?.rebuild?.state !== 'running', 'the last rebuild to finish');
   } finally {
-    await stopChild(agent);
+    await agent.stop();
   }
   await rm(cache1, { recursive: true, force: true });
   await rm(cache2, { recursive: true, force: true });
 
   // --- diagnostic: the prefetch alone (fresh agent, empty cache, one idle connection).
   const cache3 = join(ctx.dir, `cache-${delay}-r${round}-prefetch`);
-  agent = await startAgent({ storage, cache: cache3, socket, control, delay }, log);
+  agent = await startAgent({ bin, storage, cache: cache3, socket, control, delayMs: delay, logFile: log });
   const { NbdClient } = await import(join(root, 'dist/nbd-client/index.js'));
   let idle;
   try {
     idle = await NbdClient.connect(uri);
-    const { status } = await pollStatus(control, (s) => ['done', 'failed', 'stopped'].includes(exportOf(s, IMAGE_NAME)?.prefetch?.state), 'the prefetch');
+    const { status } = await pollAgent(agent, (s) => ['done', 'failed', 'stopped'].includes(exportOf(s, IMAGE_NAME)?.prefetch?.state), 'the prefetch');
     const p = exportOf(status, IMAGE_NAME).prefetch;
     out.prefetchAlone = { state: p.state, bytes: p.bytesRead, durationS: p.durationMs / 1000, MiBs: p.bytesRead / MiB / (p.durationMs / 1000), storageRequests: status.counters.storage.readRequests };
   } finally {
     await idle?.close().catch(() => undefined);
-    await stopChild(agent);
+    await agent.stop();
     await rm(cache3, { recursive: true, force: true });
   }
   return out;
@@ -386,7 +347,7 @@ async function measureHitPath(ctx, image) {
   const cache = join(ctx.dir, 'cache-hit');
   const agentUri = `nbd+unix:///${HIT_NAME}?socket=${socket}`;
   const qemuUri = `nbd+unix:///?socket=${qsock}`;
-  const agent = await startAgent({ storage, cache, socket, control, delay: 0, extra: ['--boot-idle', '3600', '--boot-window', '3600'] }, join(ctx.dir, 'agent-hit.log'));
+  const agent = await startAgent({ bin, storage, cache, socket, control, delayMs: 0, extra: ['--boot-idle', '3600', '--boot-window', '3600'], logFile: join(ctx.dir, 'agent-hit.log') });
   const qargs = ['-r', '-f', 'raw', '-t', '--socket', qsock, image];
   noteCommand('hit-qemu', `qemu-nbd ${qargs.join(' ').replace(qsock, 'SOCK').replace(image, 'IMG')}`);
   const qemu = await startServer('qemu-nbd', qargs, qsock, 'qemu-nbd', join(ctx.dir, 'qemu-hit.log'));
@@ -398,13 +359,13 @@ async function measureHitPath(ctx, image) {
     await readFile(image); // qemu-nbd's copy into the page cache
     // Misses and readahead blocks are written to the cache in batches: wait for all of them.
     const blocks = HIT_BYTES / 4096;
-    const { status: filled } = await pollStatus(control, (s) => s.cache.blocks >= blocks, 'the hit image to be cached', 30_000);
+    const { status: filled } = await pollAgent(agent, (s) => s.cache.blocks >= blocks, 'the hit image to be cached', 30_000);
     const agentRuns = [];
     const qemuRuns = [];
     for (let i = 0; i < HIT_ROUNDS; i++) {
-      const before = await agentStatus(control);
+      const before = await agent.status();
       const a = await fio(agentUri, HIT_SECONDS, 'agent');
-      const after = await agentStatus(control);
+      const after = await agent.status();
       a.counters = diffCounters(pickCounters(after), pickCounters(before));
       agentRuns.push(a);
       qemuRuns.push(await fio(qemuUri, HIT_SECONDS, 'qemu-nbd'));
@@ -414,7 +375,7 @@ async function measureHitPath(ctx, image) {
   } finally {
     await holder?.close().catch(() => undefined);
     await stopChild(qemu);
-    await stopChild(agent);
+    await agent.stop();
   }
 }
 

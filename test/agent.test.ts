@@ -159,6 +159,8 @@ describe('bootcache agent', () => {
     expect(status2.counters.cache.hits).toBeGreaterThan(0);
     expect(status2.counters.cache.misses).toBe(0);
     expect(status2.counters.storage.readRequests).toBeLessThan(firstRequests);
+    // The chunk buffers went back to the agent's pool (2 x depth of 1 MiB).
+    expect(status2.prefetchBuffers).toMatchObject({ bufferBytes: 1024 * 1024, idle: 8 });
 
     // The same blocks again: the rebuild republishes the map (one more boot) but keeps the segment.
     const segmentBefore = await stat(`${imagePath}.bcseg`);

@@ -1,11 +1,12 @@
 /**
  * Opening an image costs few storage requests: the format probe, the raw
  * identity sample and the qcow2 header are served from one read of the
- * image's first 64 KiB (each read is a round trip on an object store), and
- * reads after the open go to storage again.
+ * image's first 64 KiB (each read is a round trip on an object store), which
+ * keeps serving reads inside it (a raw image's boot sector) while the image
+ * is open.
  */
 import { randomBytes } from 'node:crypto';
-import { writeFile } from 'node:fs/promises';
+import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FileByteSource, fileSourceOpener } from '../src/image/file-source.js';
@@ -43,12 +44,17 @@ async function recorded(name: string): Promise<{ source: ByteSource; reads: Arra
 }
 
 describe('image open requests', () => {
-  it('opens a raw image with two reads (head and tail sample), then reads from storage', async () => {
+  it('opens a raw image with two reads (head and tail sample), serves the head from memory, the rest from storage', async () => {
     const { source, reads } = await recorded('disk.raw');
     const image = await openImageFromSource(source, fileSourceOpener, {}, []);
     expect(image.format).toBe('raw');
     expect(reads).toEqual([[0, 64 * KiB], [MiB - 64 * KiB, 64 * KiB]]);
-    await image.read(0, 512);
+    const bytes = await readFile(join(dir, 'disk.raw'));
+    expect((await image.read(0, 512)).equals(bytes.subarray(0, 512))).toBe(true);
+    expect((await image.read(60 * KiB, 4 * KiB)).equals(bytes.subarray(60 * KiB, 64 * KiB))).toBe(true);
+    expect(reads).toHaveLength(2);
+    // Past the head (even by one byte): storage.
+    expect((await image.read(60 * KiB, 4 * KiB + 1)).equals(bytes.subarray(60 * KiB, 64 * KiB + 1))).toBe(true);
     expect(reads).toHaveLength(3);
     await image.close();
   });

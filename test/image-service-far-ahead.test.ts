@@ -9,6 +9,7 @@
 import { randomBytes } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
 import { memoryCache } from './helpers/memory-cache.js';
+import { BufferPool } from '../src/agent/buffer-pool.js';
 import { ImageService } from '../src/agent/image-service.js';
 import { Prefetcher } from '../src/agent/prefetcher.js';
 import { blockChecksum } from '../src/format/segment.js';
@@ -32,13 +33,15 @@ interface SetupOptions {
   stallFirst?: boolean;
   /** Segment reads at this data offset fail. */
   failAt?: number;
+  /** Chunk buffers shared with other streams. */
+  buffers?: BufferPool;
 }
 
 /** Reads by offset (the stream's first read and a guest read's may come in either order). */
 const sorted = (reads: Array<[number, number]>): Array<[number, number]> => [...reads].sort((a, b) => a[0] - b[0]);
 
 function setup(format: 'qcow2' | 'raw', options: SetupOptions = {}) {
-  const { corruptRank, chunkBlocks = 1, demandDepth = 0, stallFirst = true, failAt } = options;
+  const { corruptRank, chunkBlocks = 1, demandDepth = 0, stallFirst = true, failAt, buffers } = options;
   const bytes = randomBytes(BLOCKS * BS);
   const imageReads: Array<[number, number]> = [];
   const image: DiskImage = {
@@ -77,7 +80,7 @@ function setup(format: 'qcow2' | 'raw', options: SetupOptions = {}) {
     { blockSize: BS, blockCount: BLOCKS, blocksSet: SET.length, isSet: (b) => SET.includes(b), rank, select: (r) => SET[r]! },
     { key: 'disk.bcseg', blockSize: BS, blockCount: SET.length, dataOffset: DATA_OFFSET, checkBlock: (r, d) => blockChecksum(d).equals(checksums[r]!) },
     { storeMany: async () => undefined, has: () => false },
-    { chunkBytes: chunkBlocks * BS, depth: 1, demandDepth },
+    { chunkBytes: chunkBlocks * BS, depth: 1, demandDepth, ...(buffers ? { buffers } : {}) },
   );
   const { cache } = memoryCache(BS);
   const service = new ImageService('disk', image, cache, {
@@ -160,5 +163,21 @@ describe('demanded chunks', () => {
     expect(imageReads).toEqual([[9 * BS, BS]]);
     await streamed;
     expect(prefetcher.progress()).toMatchObject({ state: 'failed', error: expect.stringMatching(/injected storage read error/) });
+  });
+});
+
+describe('shared chunk buffers', () => {
+  it('streams through the pool and gives every buffer back, so the next stream allocates none', async () => {
+    const pool = new BufferPool(2 * BS, 4);
+    await pool.prefault();
+    expect(pool.stats()).toEqual({ bufferBytes: 2 * BS, idle: 4, allocated: 4 });
+    for (let stream = 0; stream < 2; stream++) {
+      // Chunks of 2 blocks, demand on: the stream and a demanded chunk each hold a buffer.
+      const { bytes, service, prefetcher, streamed } = setup('raw', { chunkBlocks: 2, demandDepth: 2, stallFirst: false, buffers: pool });
+      expect((await service.readUnrecorded(9 * BS, BS)).equals(bytes.subarray(9 * BS, 10 * BS))).toBe(true);
+      await streamed;
+      expect(prefetcher.progress()).toMatchObject({ state: 'done', blocksLoaded: SET.length });
+      expect(pool.stats()).toEqual({ bufferBytes: 2 * BS, idle: 4, allocated: 4 });
+    }
   });
 });

@@ -4,11 +4,12 @@
 //   - peers: nbdkit's file plugin behind its delay (and rate) filter, with the
 //     log filter at the bottom counting what reaches the storage;
 //   - bootcache: the agent's own --storage-delay wrapper, counted by the agent.
-import { existsSync, linkSync, mkdirSync, rmSync } from 'node:fs';
-import { request } from 'node:http';
+import { linkSync, mkdirSync, rmSync } from 'node:fs';
 import { join, basename } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { run, startServer, stopChild } from '../lib/process.js';
+import { startAgent as startAgentProcess } from '../lib/agent.js';
+
+export { pollAgent } from '../lib/agent.js';
 import { storageLog } from './nbdkit-log.js';
 
 /**
@@ -105,42 +106,13 @@ export function freshStorageDir(dir, image) {
 }
 
 /** The bootcache agent (configurations 5-7). */
-export async function startAgent({ bin, dir, name, storage, cache, delayMs, extra = [] }) {
-  const socket = join(dir, `${name}.sock`);
-  const control = join(dir, `${name}.ctl`);
-  rmSync(control, { force: true });
-  const args = [
-    bin, 'agent', '--storage', storage, '--cache', cache, '--socket', socket, '--control', control,
-    '--storage-delay', String(delayMs), '--cache-size', '2G', '--maintenance', 'off', '--log-level', 'warn', ...extra,
-  ];
-  const child = await startServer(process.execPath, args, socket, 'agent', join(dir, `${name}.server.log`));
-  const deadline = Date.now() + 30_000;
-  while (!existsSync(control)) {
-    if (Date.now() > deadline) throw new Error(`agent control socket ${control} missing after 30 s`);
-    await sleep(50);
-  }
-  // Straight to the control socket: a CLI process per poll would load the host under test.
-  const status = () => controlGet(control, '/status');
-  return {
-    kind: 'agent',
-    socket,
-    control,
-    uriFor: (exportName) => `nbd+unix:///${exportName}?socket=${socket}`,
-    command: `node ${args.join(' ')}`,
-    status,
-    stop: () => stopChild(child),
-  };
-}
-
-/** Polls `agent status` until `done(status)` holds. */
-export async function pollAgent(agent, done, what, timeoutMs = 300_000) {
-  const started = performance.now();
-  for (;;) {
-    const status = await agent.status();
-    if (done(status)) return { status, waitedS: (performance.now() - started) / 1000 };
-    if (performance.now() - started > timeoutMs) throw new Error(`timed out after ${timeoutMs / 1000} s waiting for ${what}`);
-    await sleep(250);
-  }
+export function startAgent({ bin, dir, name, storage, cache, delayMs, extra = [] }) {
+  return startAgentProcess({
+    bin, storage, cache, delayMs, extra, cacheSize: '2G',
+    socket: join(dir, `${name}.sock`),
+    control: join(dir, `${name}.ctl`),
+    logFile: join(dir, `${name}.server.log`),
+  });
 }
 
 /** Agent storage counters as a cumulative sampler, like storageLog's. */
@@ -151,23 +123,4 @@ export function agentStorage(agent) {
       return { requests: s.counters.storage.readRequests, bytes: s.counters.storage.readBytes };
     },
   };
-}
-
-function controlGet(socketPath, path) {
-  return new Promise((resolve, reject) => {
-    const req = request({ socketPath, path, method: 'GET', timeout: 10_000 }, (res) => {
-      const parts = [];
-      res.on('data', (d) => parts.push(d));
-      res.on('end', () => {
-        try {
-          resolve(JSON.parse(Buffer.concat(parts).toString('utf8')));
-        } catch (err) {
-          reject(err);
-        }
-      });
-    });
-    req.on('timeout', () => req.destroy(new Error(`agent control ${path}: timeout`)));
-    req.on('error', reject);
-    req.end();
-  });
 }

@@ -15,6 +15,7 @@ import type { DiskImage, SourceOpener } from '../image/types.js';
 import { CountingStorage, FaultyStorage } from '../storage/filters.js';
 import { LocalDirStorage } from '../storage/local.js';
 import type { Storage } from '../storage/types.js';
+import { BufferPool } from './buffer-pool.js';
 import { CacheDevice } from './cache/cache-device.js';
 import type { BootRecorder, BootSummary } from './boot-recorder.js';
 import type { AgentConfig } from './config.js';
@@ -53,6 +54,8 @@ export interface AgentStatus {
   listen?: string;
   exports: ExportStatus[];
   cache: ReturnType<CacheDevice['stats']>;
+  /** The prefetch chunk buffers the agent keeps (see BufferPool). */
+  prefetchBuffers: ReturnType<BufferPool['stats']>;
   counters: AgentCounters;
 }
 
@@ -85,6 +88,8 @@ export class Agent implements ExportProvider {
   private storage!: CountingStorage;
   private sidecars!: SidecarStore;
   private cache!: CacheDevice;
+  /** Prefetch chunk buffers of every stream: the streams' windows plus their demanded chunks. */
+  private chunkBuffers!: BufferPool;
 
   constructor(
     readonly config: AgentConfig,
@@ -109,6 +114,9 @@ export class Agent implements ExportProvider {
       },
     );
     this.missWriter = new MissWriter(this.cache);
+    // Faulted in now, in the background, rather than under the first boot's reads.
+    this.chunkBuffers = new BufferPool(c.prefetchChunk, 2 * c.prefetchDepth);
+    void this.chunkBuffers.prefault();
     try {
       this.nbd = new NbdServer(this, {
         logger: (level, msg, fields) => this.log[level === 'warn' ? 'warn' : level === 'error' ? 'error' : 'debug'](fields ?? {}, msg),
@@ -146,6 +154,7 @@ export class Agent implements ExportProvider {
       await entry.service.image.close().catch(() => undefined);
     }
     await this.missWriter?.flush();
+    this.chunkBuffers?.close();
     await this.cache?.close().catch((err: unknown) => this.log.warn({ err }, 'closing cache'));
     this.log.info({ counters: this.counters }, 'agent stopped');
   }
@@ -278,6 +287,7 @@ export class Agent implements ExportProvider {
         {
           chunkBytes: this.config.prefetchChunk,
           depth: this.config.prefetchDepth,
+          buffers: this.chunkBuffers,
           onWarning: (message) => this.log.warn({ export: service.name }, message),
         },
       );
@@ -366,6 +376,7 @@ export class Agent implements ExportProvider {
       socket: this.config.socket,
       exports,
       cache: this.cache.stats(),
+      prefetchBuffers: this.chunkBuffers.stats(),
       counters: this.counters,
     };
     if (this.config.listen) status.listen = `${this.config.listen.host}:${this.config.listen.port}`;

@@ -10,6 +10,7 @@
 import { readSourceInto } from '../image/file-source.js';
 import type { ByteSource } from '../image/types.js';
 import type { Storage } from '../storage/types.js';
+import { BufferPool } from './buffer-pool.js';
 
 /** What the prefetcher needs of a map: rank/select over its bitmap. */
 export interface PrefetchMap {
@@ -45,6 +46,8 @@ export interface PrefetchOptions {
   /** Chunks in flight on demand at most (see demand()); default `depth`, 0 turns demand off. */
   demandDepth?: number;
   onWarning?: (message: string) => void;
+  /** Chunk buffers shared with other streams (see BufferPool); default: the stream's own. */
+  buffers?: BufferPool;
 }
 
 /**
@@ -112,11 +115,13 @@ export class Prefetcher {
   /** The segment, opened once for the whole stream (one version of it, one open). */
   private source: Promise<ByteSource> | undefined;
   /**
-   * Chunk buffers to reuse: the bounded buffer. A fresh 4 MiB Buffer per
-   * chunk cost page faults and V8 garbage collections (75 ms of GC in the
-   * first 300 ms of a cold boot's stream, measured) while the boot reads.
+   * Chunk buffers, reused: a fresh buffer per chunk cost page faults and V8
+   * garbage collections (75 ms of GC in the first 300 ms of a cold boot's
+   * stream, measured) while the boot reads. The agent's pool outlives the
+   * stream; without one, the stream has its own.
    */
-  private readonly spare: Buffer[] = [];
+  private readonly buffers: BufferPool;
+  private readonly ownsBuffers: boolean;
   /** Tail of the single lane in which chunks are verified and stored (see VERIFY_SLICE). */
   private lane: Promise<unknown> = Promise.resolve();
 
@@ -130,6 +135,8 @@ export class Prefetcher {
     this.blocksPerChunk = Math.max(1, Math.floor(options.chunkBytes / segment.blockSize));
     this.chunkCount = Math.ceil(segment.blockCount / this.blocksPerChunk);
     this.started = new Uint8Array(this.chunkCount);
+    this.ownsBuffers = options.buffers === undefined;
+    this.buffers = options.buffers ?? new BufferPool(this.blocksPerChunk * segment.blockSize, options.depth + (options.demandDepth ?? options.depth));
   }
 
   /** Starts streaming; the returned promise settles when the stream ends (never rejects). */
@@ -273,7 +280,7 @@ export class Prefetcher {
       this.error = (err as Error).message;
       this.options.onWarning?.(`prefetch of ${this.segment.key} stopped: ${this.error}`);
     } finally {
-      this.spare.length = 0;
+      if (this.ownsBuffers) this.buffers.clear();
       await this.source?.then((source) => source.close()).catch(() => undefined);
       this.finishedAt = performance.now();
     }
@@ -316,7 +323,7 @@ export class Prefetcher {
       return;
     }
     const length = ranks * blockSize;
-    const buffer = this.spare.pop() ?? Buffer.allocUnsafeSlow(this.blocksPerChunk * blockSize);
+    const buffer = this.buffers.take(this.blocksPerChunk * blockSize);
     const read = this.source!
       .then((source) => readSourceInto(source, dataOffset + firstRank * blockSize, length, buffer, 0))
       .then(() => buffer.subarray(0, length));
@@ -329,7 +336,7 @@ export class Prefetcher {
       await Promise.all(await verified);
     } finally {
       // Readers of this chunk copied their blocks when the read resolved, and the cache has written its stores.
-      if (!this.stopped) this.spare.push(buffer);
+      this.buffers.give(buffer);
     }
   }
 

@@ -38,10 +38,8 @@ export async function openImageFromSource(
   chainKeys: string[],
   format?: ImageFormat,
 ): Promise<DiskImage> {
-  let opening: HeadServedSource | undefined;
   try {
     const source = new HeadServedSource(stored, await stored.read(0, Math.min(stored.size, OPEN_HEAD_BYTES)));
-    opening = source;
     const fmt = format ?? (await probeFormat(source));
     if (fmt === 'raw') return await RawImage.open(source);
     const maxDepth = options.maxChainDepth ?? DEFAULT_MAX_CHAIN_DEPTH;
@@ -65,8 +63,6 @@ export async function openImageFromSource(
   } catch (err) {
     await stored.close().catch(() => undefined);
     throw err;
-  } finally {
-    opening?.release();
   }
 }
 
@@ -78,11 +74,16 @@ export async function openImageFromSource(
  */
 const OPEN_HEAD_BYTES = 64 * 1024;
 
-/** A source whose first bytes are served from memory until release() (the end of the open). */
+/**
+ * A source whose first bytes are served from memory, for as long as it is
+ * open: an open image does not change (its identity is checked at open), and
+ * a raw image's head is the guest's first read, the boot sector, which then
+ * costs no round trip.
+ */
 class HeadServedSource implements ByteSource {
   constructor(
     private readonly inner: ByteSource,
-    private head: Buffer | undefined,
+    private readonly head: Buffer,
   ) {}
 
   get name(): string {
@@ -99,7 +100,7 @@ class HeadServedSource implements ByteSource {
 
   read(offset: number, length: number): Promise<Buffer> {
     const head = this.head;
-    if (head !== undefined && offset >= 0 && length >= 0 && offset + length <= head.length) {
+    if (offset >= 0 && length >= 0 && offset + length <= head.length) {
       return Promise.resolve(Buffer.from(head.subarray(offset, offset + length)));
     }
     return this.inner.read(offset, length);
@@ -107,17 +108,12 @@ class HeadServedSource implements ByteSource {
 
   readInto(offset: number, length: number, target: Buffer, targetOffset: number): Promise<void> {
     const head = this.head;
-    if (head !== undefined && offset >= 0 && length >= 0 && offset + length <= head.length) {
+    if (offset >= 0 && length >= 0 && offset + length <= head.length) {
       checkTarget(target, targetOffset, length);
       head.copy(target, targetOffset, offset, offset + length);
       return Promise.resolve();
     }
     return readSourceInto(this.inner, offset, length, target, targetOffset);
-  }
-
-  /** The open is over: every read goes to the inner source from now on. */
-  release(): void {
-    this.head = undefined;
   }
 
   close(): Promise<void> {

@@ -7,7 +7,7 @@ import { formatBytes } from '../../cli/progress.js';
 
 export default class AgentStatusCommand extends BaseCommand<typeof AgentStatusCommand> {
   static override summary = "Show a running agent's exports, cache, prefetch progress and counters.";
-  static override description = `Asks the agent on its control socket. The --json result has "exports" (name, size, connections, prefetch progress, last boot: state recording/complete, reads, duration), "cache" (capacity and use) and "counters": {"storage": {"readRequests", "readBytes"}, "cache": {"hits", "misses"}, "prefetch": {"bytes", "unusedBytes"}, "boots": {"recorded", ...}}.
+  static override description = `Asks the agent on its control socket. The --json result has "exports" (name, size, connections, prefetch progress, last boot: state recording/complete, reads, duration), "cache" (capacity and use), "prefetchBuffers" (the chunk buffers the agent keeps: bufferBytes, idle, allocated) and "counters": {"storage": {"readRequests", "readBytes"}, "cache": {"hits", "misses"}, "prefetch": {"bytes", "unusedBytes"}, "boots": {"recorded", ...}}.
 
 ${EXIT_CODES_HELP}`;
 
@@ -22,6 +22,8 @@ ${EXIT_CODES_HELP}`;
     const c = status.counters;
     this.log(`agent pid ${status.pid}, up ${status.uptimeSeconds}s, storage ${status.storage}`);
     this.log(`cache: ${formatBytes(status.cache.usedBytes)} of ${formatBytes(status.cache.capacityBytes)} used`);
+    const pool = status.prefetchBuffers;
+    this.log(`prefetch buffers: ${pool.allocated} of ${formatBytes(pool.bufferBytes)} allocated, ${pool.idle} idle`);
     this.log(
       `counters: storage ${c.storage.readRequests} reads / ${formatBytes(c.storage.readBytes)}; cache ${c.cache.hits} hits / ${c.cache.misses} misses; prefetch ${formatBytes(c.prefetch.bytes)} (${formatBytes(c.prefetch.unusedBytes)} unused); boots recorded ${c.boots.recorded}`,
     );
