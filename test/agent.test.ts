@@ -190,6 +190,19 @@ describe('bootcache agent', () => {
     expect(warmPrefetch()?.blocksCached).toBe(map2.blocksSet);
   });
 
+  it('keeps 2 x prefetch-depth chunk buffers, within 128 MiB or one chunk', async () => {
+    freshStorage('pool');
+    const small = await startAgent('pool-small', { prefetchChunk: '1M', prefetchDepth: 3 });
+    expect(small.agent.status().prefetchBuffers).toMatchObject({ bufferBytes: 1024 * 1024, maxIdle: 6 });
+    await waitFor(() => small.agent.status().prefetchBuffers.idle === 6, 'the prefault of 6 buffers');
+    const large = await startAgent('pool-large', { prefetchChunk: '48M', prefetchDepth: 4 });
+    await waitFor(() => large.agent.status().prefetchBuffers.idle === 2, 'the prefault of 2 buffers');
+    expect(large.agent.status().prefetchBuffers).toEqual({ bufferBytes: 48 * 1024 * 1024, maxIdle: 2, idle: 2, allocated: 2 });
+    // One 256 MiB chunk is over the limit: one buffer all the same (the stream needs it).
+    const huge = await startAgent('pool-huge', { prefetchChunk: '256M', prefetchDepth: 2 });
+    expect(huge.agent.status().prefetchBuffers).toMatchObject({ bufferBytes: 256 * 1024 * 1024, maxIdle: 1 });
+  });
+
   it('status and mark-booted over the control socket', async () => {
     freshStorage('control');
     const { config } = await startAgent('control');

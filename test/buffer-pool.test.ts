@@ -8,7 +8,7 @@ describe('BufferPool', () => {
     expect(a.length).toBe(1024);
     pool.give(a);
     expect(pool.take()).toBe(a);
-    expect(pool.stats()).toEqual({ bufferBytes: 1024, idle: 0, allocated: 1 });
+    expect(pool.stats()).toEqual({ bufferBytes: 1024, maxIdle: 2, idle: 0, allocated: 1 });
   });
 
   it('keeps at most maxIdle buffers, and only buffers of its size', () => {

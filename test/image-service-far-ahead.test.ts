@@ -170,14 +170,14 @@ describe('shared chunk buffers', () => {
   it('streams through the pool and gives every buffer back, so the next stream allocates none', async () => {
     const pool = new BufferPool(2 * BS, 4);
     await pool.prefault();
-    expect(pool.stats()).toEqual({ bufferBytes: 2 * BS, idle: 4, allocated: 4 });
+    expect(pool.stats()).toEqual({ bufferBytes: 2 * BS, maxIdle: 4, idle: 4, allocated: 4 });
     for (let stream = 0; stream < 2; stream++) {
       // Chunks of 2 blocks, demand on: the stream and a demanded chunk each hold a buffer.
       const { bytes, service, prefetcher, streamed } = setup('raw', { chunkBlocks: 2, demandDepth: 2, stallFirst: false, buffers: pool });
       expect((await service.readUnrecorded(9 * BS, BS)).equals(bytes.subarray(9 * BS, 10 * BS))).toBe(true);
       await streamed;
       expect(prefetcher.progress()).toMatchObject({ state: 'done', blocksLoaded: SET.length });
-      expect(pool.stats()).toEqual({ bufferBytes: 2 * BS, idle: 4, allocated: 4 });
+      expect(pool.stats()).toEqual({ bufferBytes: 2 * BS, maxIdle: 4, idle: 4, allocated: 4 });
     }
   });
 });

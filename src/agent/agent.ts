@@ -27,6 +27,13 @@ import { NbdServer } from './nbd/server.js';
 import { Prefetcher } from './prefetcher.js';
 import { SidecarStore, SIDECAR_SUFFIXES } from './sidecars.js';
 
+/**
+ * Chunk buffers kept between streams, at most: 2 x --prefetch-depth (a
+ * stream's window and as many demanded chunks), within this many bytes (or
+ * one chunk). The default 8 MiB x 4 keeps 64 MiB.
+ */
+const CHUNK_BUFFERS_MAX_BYTES = 128 * 1024 * 1024;
+
 export interface AgentCounters {
   storage: { readRequests: number; readBytes: number };
   cache: ReadCounters;
@@ -115,7 +122,8 @@ export class Agent implements ExportProvider {
     );
     this.missWriter = new MissWriter(this.cache);
     // Faulted in now, in the background, rather than under the first boot's reads.
-    this.chunkBuffers = new BufferPool(c.prefetchChunk, 2 * c.prefetchDepth);
+    const keep = Math.min(2 * c.prefetchDepth, Math.max(1, Math.floor(CHUNK_BUFFERS_MAX_BYTES / c.prefetchChunk)));
+    this.chunkBuffers = new BufferPool(c.prefetchChunk, keep);
     void this.chunkBuffers.prefault();
     try {
       this.nbd = new NbdServer(this, {

@@ -63,7 +63,8 @@ export class BufferPool {
     this.clear();
   }
 
-  stats(): { bufferBytes: number; idle: number; allocated: number } {
-    return { bufferBytes: this.bufferBytes, idle: this.idle.length, allocated: this.allocated };
+  /** Buffer size, how many it keeps at most, how many it holds now, how many it ever allocated. */
+  stats(): { bufferBytes: number; maxIdle: number; idle: number; allocated: number } {
+    return { bufferBytes: this.bufferBytes, maxIdle: this.maxIdle, idle: this.idle.length, allocated: this.allocated };
   }
 }

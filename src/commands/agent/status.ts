@@ -7,7 +7,7 @@ import { formatBytes } from '../../cli/progress.js';
 
 export default class AgentStatusCommand extends BaseCommand<typeof AgentStatusCommand> {
   static override summary = "Show a running agent's exports, cache, prefetch progress and counters.";
-  static override description = `Asks the agent on its control socket. The --json result has "exports" (name, size, connections, prefetch progress, last boot: state recording/complete, reads, duration), "cache" (capacity and use), "prefetchBuffers" (the chunk buffers the agent keeps: bufferBytes, idle, allocated) and "counters": {"storage": {"readRequests", "readBytes"}, "cache": {"hits", "misses"}, "prefetch": {"bytes", "unusedBytes"}, "boots": {"recorded", ...}}.
+  static override description = `Asks the agent on its control socket. The --json result has "exports" (name, size, connections, prefetch progress, last boot: state recording/complete, reads, duration), "cache" (capacity and use), "prefetchBuffers" (the chunk buffers the agent keeps: bufferBytes, maxIdle, idle, allocated) and "counters": {"storage": {"readRequests", "readBytes"}, "cache": {"hits", "misses"}, "prefetch": {"bytes", "unusedBytes"}, "boots": {"recorded", ...}}.
 
 ${EXIT_CODES_HELP}`;
 
