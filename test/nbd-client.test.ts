@@ -160,6 +160,33 @@ describe('ByteQueue', () => {
   });
 });
 
+describe('ByteQueue into memory of the caller', () => {
+  it('moves what is queued, up to a limit, into a target', () => {
+    const q = new ByteQueue();
+    q.push(Buffer.from([1, 2, 3]));
+    q.push(Buffer.from([4, 5]));
+    const target = Buffer.alloc(6);
+    expect(q.takeInto(target, 1, 4)).toBe(4);
+    expect([...target]).toEqual([0, 1, 2, 3, 4, 0]);
+    expect(q.takeInto(target, 5, 10)).toBe(1);
+    expect(q.length).toBe(0);
+    expect(q.takeInto(target, 0, 3)).toBe(0);
+  });
+
+  it('detaches what is left from chunks whose memory is reused', () => {
+    const q = new ByteQueue();
+    const reused = Buffer.from([1, 2, 3, 4, 5]);
+    q.push(reused);
+    expect([...q.take(2)!]).toEqual([1, 2]);
+    q.detach();
+    reused.fill(9);
+    expect(q.length).toBe(3);
+    expect([...q.take(3)!]).toEqual([3, 4, 5]);
+    q.detach();
+    expect(q.length).toBe(0);
+  });
+});
+
 describe('NbdClient against qemu-nbd', () => {
   let socket: string;
   beforeAll(async () => {
@@ -186,6 +213,26 @@ describe('NbdClient against qemu-nbd', () => {
         expect(buf.equals(data.subarray(offset, offset + length)), `read ${i}`).toBe(true);
       });
       expect(client.inFlight).toBe(0);
+    } finally {
+      await client.close();
+    }
+  });
+
+  it('reads into a buffer of the caller, and keeps every other result its own', async () => {
+    const client = await NbdClient.connect(`nbd+unix:///disk?socket=${socket}`);
+    try {
+      const into = Buffer.alloc(300_000);
+      const a = await client.read(4096, 200_000, into);
+      expect(a.buffer).toBe(into.buffer);
+      expect(a.equals(data.subarray(4096, 204_096))).toBe(true);
+      const b = await client.read(123, 10, into);
+      expect(b.equals(data.subarray(123, 133))).toBe(true);
+      await expect(client.read(0, 4096, Buffer.alloc(100))).rejects.toThrow(/into a buffer of 100/);
+      // Results without `into` survive later reads (the socket's receive buffer is reused).
+      const kept = await Promise.all([client.read(0, 70_000), client.read(1_000_000, 300_000)]);
+      for (let i = 0; i < 20; i++) await client.read(i * 333_333, 250_000);
+      expect(kept[0]!.equals(data.subarray(0, 70_000))).toBe(true);
+      expect(kept[1]!.equals(data.subarray(1_000_000, 1_300_000))).toBe(true);
     } finally {
       await client.close();
     }
@@ -381,6 +428,12 @@ describe('NbdClient against nbdkit', () => {
     expect(small.equals(data.subarray(5000, 5100))).toBe(true);
     const large = await client.read(777, 1_000_000);
     expect(large.equals(data.subarray(777, 1_000_777))).toBe(true);
+    // Into the caller's buffer: split (aligned) and widened (unaligned) alike.
+    const into = Buffer.alloc(1_000_000);
+    const aligned = await client.read(8192, 244 * 4096, into);
+    expect(aligned.buffer).toBe(into.buffer);
+    expect(aligned.equals(data.subarray(8192, 8192 + 244 * 4096))).toBe(true);
+    expect((await client.read(777, 1_000_000, into)).equals(data.subarray(777, 1_000_777))).toBe(true);
     await client.close();
   });
 

@@ -1,6 +1,7 @@
 /**
  * Bytes received from a socket, consumed in exact-size pieces. Takes are
- * zero-copy when the piece lies inside one received chunk.
+ * zero-copy when the piece lies inside one received chunk; takeInto copies
+ * into the caller's memory.
  */
 export class ByteQueue {
   private chunks: Buffer[] = [];
@@ -38,6 +39,32 @@ export class ByteQueue {
       this.advance(count);
     }
     return out;
+  }
+
+  /** Moves up to `max` queued bytes into target at `at` (no allocation); how many it moved. */
+  takeInto(target: Buffer, at: number, max: number): number {
+    const n = Math.min(max, this.total);
+    let moved = 0;
+    while (moved < n) {
+      const chunk = this.chunks[0]!;
+      const count = Math.min(n - moved, chunk.length - this.headOffset);
+      chunk.copy(target, at + moved, this.headOffset, this.headOffset + count);
+      moved += count;
+      this.advance(count);
+    }
+    return moved;
+  }
+
+  /** Copies what is still queued into memory of its own: the chunks' memory is about to be reused. */
+  detach(): void {
+    if (this.total === 0) {
+      this.chunks = [];
+      this.headOffset = 0;
+      return;
+    }
+    const own = Buffer.allocUnsafe(this.total);
+    this.takeInto(own, 0, this.total);
+    this.push(own);
   }
 
   private advance(n: number): void {

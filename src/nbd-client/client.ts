@@ -85,6 +85,8 @@ export interface NbdExportInfo {
 interface PendingRead {
   offset: number;
   length: number;
+  /** Where the payload goes as it arrives (see read()); else one buffer once it is all in. */
+  into?: Buffer;
   resolve: (data: Buffer) => void;
   reject: (err: Error) => void;
   timer?: NodeJS.Timeout;
@@ -110,7 +112,8 @@ export class NbdClient {
   private readonly queue = new ByteQueue();
   private readonly pending = new Map<number, PendingRead>();
   /** The read whose payload is being received, when there is one. */
-  private receiving: { cookie: number; read: PendingRead } | undefined;
+  /** The reply whose payload is arriving: it lands in `into`, `filled` bytes so far. */
+  private receiving: { cookie: number; read: PendingRead; into: Buffer; filled: number } | undefined;
   private waiter: HandshakeWaiter | undefined;
   private transmission = false;
   private nextCookie = 1;
@@ -124,11 +127,12 @@ export class NbdClient {
 
   private constructor(
     private readonly socket: net.Socket,
+    receiver: Receiver,
     private readonly label: string,
     private readonly requestTimeoutMs: number,
   ) {
     this.closed = new Promise((resolve) => socket.once('close', () => resolve()));
-    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    receiver.attach((chunk) => this.onData(chunk));
     socket.on('error', (err) => {
       this.socketError = err;
     });
@@ -143,8 +147,9 @@ export class NbdClient {
     }
     const label = formatNbdTarget(parsed);
     const timeoutMs = options.connectTimeoutMs ?? 10_000;
-    const socket = await openSocket(parsed, label, timeoutMs);
-    const client = new NbdClient(socket, label, options.requestTimeoutMs ?? 60_000);
+    const receiver = new Receiver();
+    const socket = await openSocket(parsed, label, timeoutMs, receiver);
+    const client = new NbdClient(socket, receiver, label, options.requestTimeoutMs ?? 60_000);
     socket.setTimeout(timeoutMs, () => {
       client.fail(new NbdHandshakeError(
         `${label}: no NBD handshake from the server within ${timeoutMs / 1000} s ` +
@@ -180,13 +185,20 @@ export class NbdClient {
    * Reads `length` bytes at `offset`. Any number of reads may be in flight.
    * Requests larger than the server's maximum payload are split; requests
    * not aligned to its minimum block size are widened and trimmed.
+   *
+   * With `into` (at least `length` bytes), the data lands there as it
+   * arrives, as a VM's does in its own memory, and the result is a view of
+   * it; without, each read gets a buffer of its own.
    */
-  async read(offset: number, length: number): Promise<Buffer> {
+  async read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
     if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || length < 0) {
       throw new UsageError(`invalid read: offset ${offset}, length ${length}`);
     }
     if (offset + length > this.size) {
       throw new UsageError(`${this.label}: read of ${length} bytes at offset ${offset} is past the end of the export (${this.size} bytes)`);
+    }
+    if (into !== undefined && into.length < length) {
+      throw new UsageError(`invalid read: ${length} bytes into a buffer of ${into.length}`);
     }
     if (length === 0) return Buffer.alloc(0);
     const { minimum, maximum } = this.exportInfo.blockSize;
@@ -194,14 +206,26 @@ export class NbdClient {
     const end = Math.min(this.size, Math.ceil((offset + length) / minimum) * minimum);
     // Largest request that respects both the maximum and the minimum alignment.
     const step = Math.max(minimum, maximum - (maximum % minimum));
-    if (end - start <= step) {
-      const data = await this.send(start, end - start);
-      return start === offset && end - start === length ? data : data.subarray(offset - start, offset - start + length);
+    const aligned = start === offset && end - start === length;
+    if (into !== undefined && aligned) {
+      const parts: Promise<Buffer>[] = [];
+      for (let at = start; at < end; at += step) parts.push(this.send(at, Math.min(step, end - at), into.subarray(at - start)));
+      await Promise.all(parts);
+      return into.subarray(0, length);
     }
-    const parts: Promise<Buffer>[] = [];
-    for (let at = start; at < end; at += step) parts.push(this.send(at, Math.min(step, end - at)));
-    const whole = Buffer.concat(await Promise.all(parts));
-    return whole.subarray(offset - start, offset - start + length);
+    let data: Buffer;
+    if (end - start <= step) {
+      const whole = await this.send(start, end - start);
+      data = aligned ? whole : whole.subarray(offset - start, offset - start + length);
+    } else {
+      const parts: Promise<Buffer>[] = [];
+      for (let at = start; at < end; at += step) parts.push(this.send(at, Math.min(step, end - at)));
+      const whole = Buffer.concat(await Promise.all(parts));
+      data = whole.subarray(offset - start, offset - start + length);
+    }
+    if (into === undefined) return data;
+    data.copy(into);
+    return into.subarray(0, length);
   }
 
   /** Waits for reads in flight, sends NBD_CMD_DISC and closes the connection. */
@@ -221,12 +245,13 @@ export class NbdClient {
     await this.closed;
   }
 
-  private send(offset: number, length: number): Promise<Buffer> {
+  private send(offset: number, length: number, into?: Buffer): Promise<Buffer> {
     if (this.failure !== undefined) return Promise.reject(this.failure);
     if (this.closing) return Promise.reject(new NbdDisconnectedError(`${this.label}: read after close()`));
     const cookie = this.nextCookie++;
     return new Promise<Buffer>((resolve, reject) => {
       const read: PendingRead = { offset, length, resolve, reject };
+      if (into !== undefined) read.into = into;
       if (this.requestTimeoutMs > 0) {
         read.timer = setTimeout(() => {
           this.fail(new NbdDisconnectedError(
@@ -392,11 +417,18 @@ export class NbdClient {
 
   // ---- transmission ("Transmission" section of the spec) ----
 
+  /** `chunk` is a view of the socket's receive buffer, valid only until this returns. */
   private onData(chunk: Buffer): void {
-    this.queue.push(chunk);
     if (this.transmission) {
+      this.queue.push(chunk);
       this.pump();
-    } else if (this.waiter !== undefined) {
+      // The receive buffer takes the next bytes: keep a copy of what is left (a partial header).
+      this.queue.detach();
+      return;
+    }
+    // Handshake replies are read later, by awaiting code: keep a copy.
+    this.queue.push(Buffer.from(chunk));
+    if (this.waiter !== undefined) {
       const data = this.queue.take(this.waiter.bytes);
       if (data !== undefined) {
         const { resolve } = this.waiter;
@@ -410,12 +442,14 @@ export class NbdClient {
   private pump(): void {
     while (this.failure === undefined) {
       if (this.receiving !== undefined) {
-        const data = this.queue.take(this.receiving.read.length);
-        if (data === undefined) return;
-        const { cookie, read } = this.receiving;
+        // The payload goes straight from the receive buffer to its destination, as it arrives.
+        const receiving = this.receiving;
+        const { cookie, read, into } = receiving;
+        receiving.filled += this.queue.takeInto(into, receiving.filled, read.length - receiving.filled);
+        if (receiving.filled < read.length) return;
         this.receiving = undefined;
         this.settle(cookie, read);
-        read.resolve(data);
+        read.resolve(into.subarray(0, read.length));
         continue;
       }
       const header = this.queue.take(SIMPLE_REPLY_BYTES);
@@ -443,7 +477,7 @@ export class NbdClient {
         ));
         continue;
       }
-      this.receiving = { cookie, read };
+      this.receiving = { cookie, read, into: read.into ?? Buffer.allocUnsafe(read.length), filled: 0 };
     }
   }
 
@@ -487,11 +521,41 @@ export class NbdClient {
   }
 }
 
-function openSocket(target: NbdTarget, label: string, timeoutMs: number): Promise<net.Socket> {
+/** Bytes read from the socket at once, at most. */
+const RECEIVE_BUFFER_BYTES = 256 * 1024;
+
+/**
+ * Hands the socket's bytes to the client from one receive buffer, reused for
+ * every read of the socket: Node's default allocates a fresh buffer per read,
+ * whose page faults cost large replies more than their copy (docs/replay.md,
+ * "Timing"). Bytes that arrive before the client attaches are copied and
+ * delivered on attach.
+ */
+class Receiver {
+  private deliver: ((chunk: Buffer) => void) | undefined;
+  private early: Buffer[] = [];
+
+  readonly options: net.OnReadOpts = {
+    buffer: Buffer.allocUnsafeSlow(RECEIVE_BUFFER_BYTES),
+    callback: (bytes: number, buf: Uint8Array): boolean => {
+      const chunk = Buffer.from(buf.buffer, buf.byteOffset, bytes);
+      if (this.deliver) this.deliver(chunk);
+      else this.early.push(Buffer.from(chunk));
+      return true;
+    },
+  };
+
+  attach(deliver: (chunk: Buffer) => void): void {
+    this.deliver = deliver;
+    for (const chunk of this.early.splice(0)) deliver(chunk);
+  }
+}
+
+function openSocket(target: NbdTarget, label: string, timeoutMs: number, receiver: Receiver): Promise<net.Socket> {
   return new Promise((resolve, reject) => {
     const socket = target.transport === 'unix'
-      ? net.createConnection({ path: target.socket })
-      : net.createConnection({ host: target.host, port: target.port });
+      ? net.createConnection({ path: target.socket, onread: receiver.options })
+      : net.createConnection({ host: target.host, port: target.port, onread: receiver.options });
     const timer = setTimeout(() => {
       socket.destroy();
       reject(new NbdConnectError(`cannot connect to ${label}: timed out after ${timeoutMs / 1000} s`));

@@ -5,7 +5,7 @@ import { parseNbdUri, type NbdTarget } from './uri.js';
 /** Something that reads byte ranges of one export: one connection or several. */
 export interface BlockReader {
   readonly size: number;
-  read(offset: number, length: number): Promise<Buffer>;
+  read(offset: number, length: number, into?: Buffer): Promise<Buffer>;
   close(): Promise<void>;
 }
 
@@ -63,10 +63,10 @@ export class NbdPool implements BlockReader {
     return this.clients.reduce((sum, client) => sum + client.inFlight, 0);
   }
 
-  read(offset: number, length: number): Promise<Buffer> {
+  read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
     let best = this.clients[0]!;
     for (const client of this.clients) if (client.inFlight < best.inFlight) best = client;
-    return best.read(offset, length);
+    return best.read(offset, length, into);
   }
 
   async close(): Promise<void> {

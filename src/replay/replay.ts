@@ -128,9 +128,14 @@ export class ReplaySession {
   /** Replays the trace; onProgress gets (completed, total) after each read. */
   async run(onProgress?: (completed: number, total: number) => void): Promise<ReplayResult> {
     const pool = this.pool;
+    // The data is not kept: every read lands in one scratch buffer, faulted in
+    // beforehand, as a guest's reads land in memory it already has.
+    let largest = 0;
+    for (const read of this.plan.reads) largest = Math.max(largest, read.length);
+    const scratch = Buffer.allocUnsafeSlow(largest).fill(0);
     const schedule = await runSchedule(
       this.plan,
-      (read) => (read.length === 0 ? Promise.resolve() : pool.read(read.offset, read.length)),
+      (read) => (read.length === 0 ? Promise.resolve() : pool.read(read.offset, read.length, scratch)),
       { ...(this.options.clock !== undefined ? { clock: this.options.clock } : {}), ...(onProgress !== undefined ? { onProgress } : {}) },
     );
     this.lastReads = schedule.reads;
