@@ -150,6 +150,8 @@ describe('bootcache agent', () => {
     await new Promise((r) => setTimeout(r, 500)); // let the prefetch stream run
     await client.close();
     await boot(cold.config, 'pool/disk.qcow2', 1);
+    // On a loaded host the stream may outlast the boot: let it end.
+    await waitFor(() => cold.agent.status().exports.find((x) => x.name === 'pool/disk.qcow2')?.prefetch?.state !== 'streaming', 'the cold prefetch');
     const status2 = cold.agent.status();
     const e = status2.exports.find((x) => x.name === 'pool/disk.qcow2')!;
     expect(e.prefetch?.state).toBe('done');

@@ -121,7 +121,6 @@ export class Prefetcher {
    * stream; without one, the stream has its own.
    */
   private readonly buffers: BufferPool;
-  private readonly ownsBuffers: boolean;
   /** Tail of the single lane in which chunks are verified and stored (see VERIFY_SLICE). */
   private lane: Promise<unknown> = Promise.resolve();
 
@@ -135,7 +134,6 @@ export class Prefetcher {
     this.blocksPerChunk = Math.max(1, Math.floor(options.chunkBytes / segment.blockSize));
     this.chunkCount = Math.ceil(segment.blockCount / this.blocksPerChunk);
     this.started = new Uint8Array(this.chunkCount);
-    this.ownsBuffers = options.buffers === undefined;
     this.buffers = options.buffers ?? new BufferPool(this.blocksPerChunk * segment.blockSize, options.depth + (options.demandDepth ?? options.depth));
   }
 
@@ -280,7 +278,7 @@ export class Prefetcher {
       this.error = (err as Error).message;
       this.options.onWarning?.(`prefetch of ${this.segment.key} stopped: ${this.error}`);
     } finally {
-      if (this.ownsBuffers) this.buffers.clear();
+      if (this.options.buffers === undefined) this.buffers.clear(); // the stream's own pool
       await this.source?.then((source) => source.close()).catch(() => undefined);
       this.finishedAt = performance.now();
     }

@@ -111,7 +111,6 @@ const MAX_EXPORT_NAME = MAX_STRING_BYTES;
 export class NbdClient {
   private readonly queue = new ByteQueue();
   private readonly pending = new Map<number, PendingRead>();
-  /** The read whose payload is being received, when there is one. */
   /** The reply whose payload is arriving: it lands in `into`, `filled` bytes so far. */
   private receiving: { cookie: number; read: PendingRead; into: Buffer; filled: number } | undefined;
   private waiter: HandshakeWaiter | undefined;
@@ -206,23 +205,14 @@ export class NbdClient {
     const end = Math.min(this.size, Math.ceil((offset + length) / minimum) * minimum);
     // Largest request that respects both the maximum and the minimum alignment.
     const step = Math.max(minimum, maximum - (maximum % minimum));
-    const aligned = start === offset && end - start === length;
-    if (into !== undefined && aligned) {
-      const parts: Promise<Buffer>[] = [];
-      for (let at = start; at < end; at += step) parts.push(this.send(at, Math.min(step, end - at), into.subarray(at - start)));
-      await Promise.all(parts);
-      return into.subarray(0, length);
-    }
-    let data: Buffer;
-    if (end - start <= step) {
-      const whole = await this.send(start, end - start);
-      data = aligned ? whole : whole.subarray(offset - start, offset - start + length);
-    } else {
-      const parts: Promise<Buffer>[] = [];
-      for (let at = start; at < end; at += step) parts.push(this.send(at, Math.min(step, end - at)));
-      const whole = Buffer.concat(await Promise.all(parts));
-      data = whole.subarray(offset - start, offset - start + length);
-    }
+    // Aligned reads into the caller's buffer receive in place; the others are trimmed (and copied) after.
+    const inPlace = into !== undefined && start === offset && end - start === length;
+    const parts: Promise<Buffer>[] = [];
+    for (let at = start; at < end; at += step) parts.push(this.send(at, Math.min(step, end - at), inPlace ? into.subarray(at - start) : undefined));
+    const received = await Promise.all(parts);
+    if (inPlace) return into.subarray(0, length);
+    const whole = received.length === 1 ? received[0]! : Buffer.concat(received);
+    const data = whole.subarray(offset - start, offset - start + length);
     if (into === undefined) return data;
     data.copy(into);
     return into.subarray(0, length);

@@ -175,9 +175,9 @@ export class ReplaySession {
     const replayed = this.lastReads;
     if (replayed === undefined) return undefined;
     const rows = ['index,offset,length,recorded_issue_us,recorded_done_us,target_us,issue_us,done_us,latency_us'];
+    const us = (v: number): string => v.toFixed(0);
     for (const planned of this.plan.reads) {
       const r = replayed[planned.index]!;
-      const us = (v: number): string => v.toFixed(0);
       rows.push([planned.index, planned.offset, planned.length, planned.tUs, planned.doneUs, us(r.targetUs), us(r.issueUs), us(r.doneUs), us(r.doneUs - r.issueUs)].join(','));
     }
     return rows.join('\n') + '\n';

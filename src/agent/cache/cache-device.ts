@@ -708,7 +708,6 @@ export class CacheDevice implements BlockCache {
     return -1;
   }
 
-  /** Keeps `reserve` slots free or freeing, so that puts rarely wait for a commit. */
   /** A free slot (state WRITING) without waiting, topping up the reserve; -1 when none is free now. */
   private takeFreeSlot(): number {
     const slot = this.index.popFree();
@@ -716,6 +715,7 @@ export class CacheDevice implements BlockCache {
     return slot;
   }
 
+  /** Keeps `reserve` slots free or freeing, so that puts rarely wait for a commit. */
   private evictAhead(): void {
     if (this.reserve === 0) return;
     const short = this.reserve - (this.index.freeCount + this.index.retired);
