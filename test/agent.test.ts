@@ -225,6 +225,35 @@ describe('bootcache agent', () => {
     await expect(controlRequest(config.control, 'POST', '/mark-booted?export=nope.raw')).rejects.toThrow(/not open/);
   });
 
+  it('does not merge a probe with fewer than boot.minReads reads, unless marked booted', async () => {
+    freshStorage('probe');
+    const { agent, config } = await startAgent('probe', { boot: { idleMs: 60_000, windowMs: 600_000, minReads: 16 } });
+    const path = join(storageDir, 'disk.raw');
+    // A probe (qemu-img info, a health check): 3 reads, then it leaves.
+    const probe = await NbdClient.connect(uri(config, 'disk.raw'));
+    for (const offset of [0, 8 * MiB, 40 * MiB]) await probe.read(offset, 4096);
+    await probe.close();
+    await waitFor(bootComplete(agent, 'disk.raw'), 'the end of the probe');
+    await agent.settled();
+    expect(agent.status().counters.boots).toMatchObject({ recorded: 0, skipped: 1 });
+    await expect(stat(`${path}.bcmap`)).rejects.toThrow(/ENOENT/);
+    // A real boot (200 reads) is merged.
+    await boot(config, 'disk.raw', 5);
+    await waitFor(() => agent.status().counters.boots.recorded + agent.status().counters.boots.skipped === 2, 'the boot');
+    await agent.settled();
+    expect(agent.status().counters.boots).toMatchObject({ recorded: 1, skipped: 1 });
+    const blocksAfterBoot = (await loadMap(`${path}.bcmap`)).blocksSet;
+    expect(blocksAfterBoot).toBeGreaterThan(200);
+    // Three reads ended by mark-booted: the operator says it is a boot, so it counts.
+    const short = await NbdClient.connect(uri(config, 'disk.raw'));
+    for (const offset of [4 * MiB, 12 * MiB]) await short.read(offset, 4096);
+    await controlRequest(config.control, 'POST', '/mark-booted?export=disk.raw');
+    await short.close();
+    await waitFor(() => agent.status().counters.boots.recorded === 2, 'the marked boot');
+    await agent.settled();
+    expect(agent.status().counters.boots).toMatchObject({ recorded: 2, skipped: 1 });
+  });
+
   it('skips a stale segment after the image is rewritten, and still serves correct data', async () => {
     freshStorage('stale');
     const first = await startAgent('stale-1');

@@ -324,6 +324,17 @@ export class Agent implements ExportProvider {
       this.log.info({ export: service.name }, 'boot read nothing: no new map or segment');
       return;
     }
+    // A probe (qemu-img info, nbdinfo, a health check) reads a few blocks. Merged as
+    // boots, a few probes would out-vote the real boots (M of the last K) and shrink
+    // the segment to the probe's blocks. mark-booted is the operator's word: it counts.
+    if (boot.reads < boot.policy.minReads && boot.endReason !== 'mark-booted') {
+      this.counters.boots.skipped++;
+      this.log.info(
+        { export: service.name, reads: boot.reads, minReads: boot.policy.minReads },
+        'too few reads for a boot (boot.minReads): no new map or segment',
+      );
+      return;
+    }
     // Rebuilds of one image run one after the other.
     entry.rebuild = entry.rebuild.then(async () => {
       entry.rebuildState = 'running';

@@ -37,7 +37,7 @@ ${EXIT_CODES_HELP}`;
     'storage-error-rate': Flags.string({ description: 'Test/benchmark: fail this fraction of storage reads.', helpValue: 'FRACTION' }),
     'boot-idle': Flags.string({ description: 'End of boot: seconds with no new block read (default 20).', helpValue: 'SECONDS' }),
     'boot-window': Flags.string({ description: 'End of boot: maximum seconds of recording (default 300).', helpValue: 'SECONDS' }),
-    'boot-min-reads': Flags.integer({ description: 'Reads before an idle gap may end the boot (default 64).', helpValue: 'N' }),
+    'boot-min-reads': Flags.integer({ description: 'Reads before an idle gap may end the boot, and below which a recording is a probe, not a boot (default 64).', helpValue: 'N' }),
     'merge-min-seen': Flags.integer({ description: 'Keep blocks read in at least M of the last K boots (default 2).', helpValue: 'M' }),
     'merge-window': Flags.integer({ description: 'K, the boots remembered for merging (default 4).', helpValue: 'K' }),
     'prefetch-chunk': Flags.string({ description: 'Segment bytes per sequential prefetch read (default 8M).', helpValue: 'BYTES' }),
