@@ -4,7 +4,7 @@
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdir, mkdtemp, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, stat, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -74,6 +74,12 @@ describe('bootcache agent (process)', () => {
     });
     const human = await cli('agent', 'status', '--control', p.control);
     expect(human.stdout).toMatch(/disk\.raw: 8\.0 MiB/);
+    // Group members may connect (write permission on the socket), others may not.
+    expect((await stat(p.socket)).mode & 0o777).toBe(0o660);
+    // An export that is not open is bad input (3), not an unreachable agent (7).
+    const unknown = await cli('agent', 'mark-booted', 'nosuch.raw', '--control', p.control, '--json');
+    expect(unknown.status, unknown.stderr).toBe(3);
+    expect(unknown.json).toMatchObject({ error: { code: 'BC_EXPORT_NOT_FOUND', message: expect.stringMatching(/not open/) } });
     a.child.kill('SIGTERM');
     expect(await a.exited).toBe(0);
     // Every stdout line is a JSON log record.
@@ -100,6 +106,8 @@ describe('bootcache agent (process)', () => {
     const inUse = startAgent(['--storage', join(dir, 'storage'), '--cache', p.cache, '--socket', p.socket, '--control', p.control, '--listen', `127.0.0.1:${port}`]);
     expect(await inUse.exited).toBe(7);
     expect(inUse.stderr()).toMatch(new RegExp(`${port}.*(in use|EADDRINUSE)`, 'i'));
+    // It never started, so it does not log that it stopped.
+    expect(inUse.stdout()).not.toMatch(/agent stopped/);
     busy.close();
   });
 
@@ -114,6 +122,25 @@ describe('bootcache agent (process)', () => {
     const b = startAgent(['--config', cfg, '--socket', p.socket, '--control', p.control]);
     expect(await b.exited).toBe(2);
     expect(b.stderr()).toMatch(/agent\.json: config file is not valid JSON/);
+  });
+
+  it('gives both sockets the --socket-group and the NBD socket the --socket-mode; an unknown group is a usage error', async () => {
+    const p = paths('group');
+    const a = startAgent(['--storage', join(dir, 'storage'), '--cache', p.cache, '--socket', p.socket, '--control', p.control,
+      '--cache-size', '64M', '--socket-group', '1', '--socket-mode', '640']);
+    await waitForLog(a, /agent started/);
+    const nbd = await stat(p.socket);
+    expect({ mode: nbd.mode & 0o777, gid: nbd.gid }).toEqual({ mode: 0o640, gid: 1 });
+    const control = await stat(p.control);
+    expect({ mode: control.mode & 0o777, gid: control.gid }).toEqual({ mode: 0o660, gid: 1 });
+    a.child.kill('SIGTERM');
+    expect(await a.exited).toBe(0);
+
+    const q = paths('nogroup');
+    const b = startAgent(['--storage', join(dir, 'storage'), '--cache', q.cache, '--socket', q.socket, '--control', q.control,
+      '--socket-group', 'no-such-group-here']);
+    expect(await b.exited).toBe(2);
+    expect(b.stderr()).toMatch(/socketGroup: no group named "no-such-group-here"/);
   });
 
   it('status without an agent is a clear error', async () => {

@@ -1,5 +1,9 @@
+import { mkdtemp, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { CONFIG_DEFAULTS, resolveConfig } from '../src/agent/config.js';
+import { resolveGroup } from '../src/agent/socket-access.js';
 import { UsageError } from '../src/errors.js';
 
 const base = { storage: '/srv/images', cache: '/var/cache/bootcache' };
@@ -17,5 +21,58 @@ describe('agent configuration: readahead', () => {
       expect(() => resolveConfig({ readahead: bad }, base)).toThrow(UsageError);
       expect(() => resolveConfig({ readahead: bad }, base)).toThrow(/readahead/);
     }
+  });
+});
+
+describe('agent configuration: validation', () => {
+  const fails = (file: Record<string, unknown>, pattern: RegExp): void => {
+    expect(() => resolveConfig(file, base)).toThrow(UsageError);
+    expect(() => resolveConfig(file, base)).toThrow(pattern);
+  };
+
+  it('refuses unknown keys inside boot and merge, naming them', () => {
+    fails({ boot: { idelMs: 5000 } }, /unknown key "boot\.idelMs"/);
+    fails({ merge: { minseen: 2 } }, /unknown key "merge\.minseen"/);
+  });
+
+  it('refuses fractions where a whole number is meant', () => {
+    fails({ prefetchDepth: 1.5 }, /prefetchDepth must be a whole number/);
+    fails({ merge: { window: 2.5 } }, /merge\.window must be a whole number/);
+    fails({ boot: { minReads: 6.4 } }, /boot\.minReads must be a whole number/);
+    fails({ blockSize: 512.5 }, /blockSize must be a whole number/);
+    fails({ maxConnections: 0 }, /maxConnections must be a number from 1/);
+  });
+
+  it('refuses a maintenance schedule that is not a string, and a path of the wrong type', () => {
+    fails({ maintenance: 5 }, /maintenance must be a cron schedule string or "off", got 5/);
+    expect(() => resolveConfig({ storage: 5 }, { cache: '/c' })).toThrow(/storage must be a path \(a non-empty string\), got 5/);
+    expect(() => resolveConfig({}, { cache: '/c' })).toThrow(/storage is required/);
+  });
+
+  it('takes socket access settings: octal mode (660 by default), group name or gid, connection limit', () => {
+    const d = resolveConfig({}, base);
+    expect(d.socketMode).toBe(0o660);
+    expect(d.socketGroup).toBeUndefined();
+    expect(d.maxConnections).toBe(128);
+    const c = resolveConfig({ socketMode: '0640', socketGroup: 'libvirt-qemu', maxConnections: 512 }, base);
+    expect(c).toMatchObject({ socketMode: 0o640, socketGroup: 'libvirt-qemu', maxConnections: 512 });
+    expect(resolveConfig({ socketMode: '666', socketGroup: '64055' }, base)).toMatchObject({ socketMode: 0o666, socketGroup: '64055' });
+    fails({ socketMode: '999' }, /socketMode must be octal permission bits/);
+    fails({ socketMode: '444' }, /lets nobody connect/);
+    fails({ socketGroup: 'a b' }, /socketGroup must be a group name or a numeric gid/);
+    fails({ socketGroup: 7 }, /socketGroup must be a group name/);
+  });
+});
+
+describe('socket group lookup', () => {
+  it('resolves names from the group file and numbers as they are; an unknown group is a usage error', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'bc-group-'));
+    const file = join(dir, 'group');
+    await writeFile(file, 'root:x:0:\nkvm:x:993:alice\nlibvirt-qemu:x:64055:libvirt-qemu\n');
+    expect(await resolveGroup('libvirt-qemu', file)).toBe(64055);
+    expect(await resolveGroup('kvm', file)).toBe(993);
+    expect(await resolveGroup('1234', file)).toBe(1234);
+    await expect(resolveGroup('qemu', file)).rejects.toThrow(/no group named "qemu"/);
+    await expect(resolveGroup('qemu', join(dir, 'missing'))).rejects.toThrow(UsageError);
   });
 });

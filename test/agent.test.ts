@@ -225,6 +225,19 @@ describe('bootcache agent', () => {
     await expect(controlRequest(config.control, 'POST', '/mark-booted?export=nope.raw')).rejects.toThrow(/not open/);
   });
 
+  it('closes connections past maxConnections on accept, and serves again when one leaves', async () => {
+    freshStorage('limit');
+    const { agent, config } = await startAgent('limit', { maxConnections: 2 });
+    const first = await NbdClient.connect(uri(config, 'disk.raw'));
+    const second = await NbdClient.connect(uri(config, 'disk.raw'));
+    await expect(NbdClient.connect(uri(config, 'disk.raw'))).rejects.toThrow();
+    await first.close();
+    await waitFor(() => agent.status().exports.find((e) => e.name === 'disk.raw')?.connections === 1, 'the close');
+    const third = await NbdClient.connect(uri(config, 'disk.raw'));
+    expect((await third.read(0, 4096)).equals(rawBytes.subarray(0, 4096))).toBe(true);
+    await Promise.all([second.close(), third.close()]);
+  });
+
   it('does not merge a probe with fewer than boot.minReads reads, unless marked booted', async () => {
     freshStorage('probe');
     const { agent, config } = await startAgent('probe', { boot: { idleMs: 60_000, windowMs: 600_000, minReads: 16 } });

@@ -20,6 +20,7 @@ import { CacheDevice } from './cache/cache-device.js';
 import type { BootRecorder, BootSummary } from './boot-recorder.js';
 import type { AgentConfig } from './config.js';
 import { ControlServer } from './control.js';
+import { applySocketAccess, resolveGroup } from './socket-access.js';
 import { MissWriter } from './miss-writer.js';
 import { ImageService, type ReadCounters } from './image-service.js';
 import { ExportNotFoundError, type ExportDescription, type ExportProvider, type NbdExport } from './nbd/export.js';
@@ -91,6 +92,8 @@ export class Agent implements ExportProvider {
   private nbd: NbdServer | undefined;
   private control: ControlServer | undefined;
   private maintenance: cron.ScheduledTask | undefined;
+  /** Set once start() has completed: only a started agent logs "agent stopped". */
+  private started = false;
   private readonly startedAt = Date.now();
   private storage!: CountingStorage;
   private sidecars!: SidecarStore;
@@ -126,17 +129,22 @@ export class Agent implements ExportProvider {
     this.chunkBuffers = new BufferPool(c.prefetchChunk, keep);
     void this.chunkBuffers.prefault();
     try {
+      // Before anything listens: an unknown group is a configuration error.
+      const gid = c.socketGroup === undefined ? undefined : await resolveGroup(c.socketGroup);
       this.nbd = new NbdServer(this, {
+        maxConnections: c.maxConnections,
         logger: (level, msg, fields) => this.log[level === 'warn' ? 'warn' : level === 'error' ? 'error' : 'debug'](fields ?? {}, msg),
       });
       await mkdir(join(c.socket, '..'), { recursive: true });
       await this.nbd.listenUnix(c.socket);
+      await applySocketAccess(c.socket, c.socketMode, gid);
       if (c.listen) await this.nbd.listenTcp(c.listen.host, c.listen.port);
       await mkdir(join(c.control, '..'), { recursive: true });
       this.control = await ControlServer.start(c.control, {
         status: async () => this.status(),
         markBooted: async (name) => this.markBooted(name),
       });
+      if (gid !== undefined) await applySocketAccess(c.control, 0o660, gid);
     } catch (err) {
       await this.stop();
       throw err;
@@ -148,6 +156,7 @@ export class Agent implements ExportProvider {
       { storage: this.storage.description, socket: c.socket, listen: c.listen, control: c.control, cacheSize: c.cacheSize },
       'agent started',
     );
+    this.started = true;
   }
 
   /** Stops accepting, drains in-flight requests, finishes rebuilds, flushes the cache. */
@@ -164,7 +173,8 @@ export class Agent implements ExportProvider {
     await this.missWriter?.flush();
     this.chunkBuffers?.close();
     await this.cache?.close().catch((err: unknown) => this.log.warn({ err }, 'closing cache'));
-    this.log.info({ counters: this.counters }, 'agent stopped');
+    if (this.started) this.log.info({ counters: this.counters }, 'agent stopped');
+    else this.log.debug('agent did not start; what it had opened is closed');
   }
 
   async runMaintenance(): Promise<void> {

@@ -37,6 +37,12 @@ export interface AgentConfig {
   blockSize: number;
   /** node-cron schedule for maintenance (cache index compaction), or 'off'. */
   maintenance: string;
+  /** NBD connections at once (handshaking or not); more are closed on accept. */
+  maxConnections: number;
+  /** Permission bits of the NBD socket (connecting needs write permission). */
+  socketMode: number;
+  /** Group (name or numeric gid) given both sockets, e.g. the group QEMU runs in. */
+  socketGroup?: string;
   logLevel: 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
 }
 
@@ -56,6 +62,8 @@ export const CONFIG_DEFAULTS: Omit<AgentConfig, 'storage' | 'cache'> = {
   readahead: DEFAULT_READAHEAD.maxBytes,
   blockSize: 4096,
   maintenance: '17 3 * * *',
+  maxConnections: 128,
+  socketMode: 0o660,
   logLevel: 'info',
 };
 
@@ -87,8 +95,11 @@ type Raw = Record<string, unknown>;
 
 const KNOWN_KEYS = new Set([
   'storage', 'cache', 'socket', 'listen', 'control', 'cacheSize', 'cacheMisses', 'storageDelayMs',
-  'storageErrorRate', 'boot', 'merge', 'prefetchChunk', 'prefetchDepth', 'readahead', 'blockSize', 'maintenance', 'logLevel',
+  'storageErrorRate', 'boot', 'merge', 'prefetchChunk', 'prefetchDepth', 'readahead', 'blockSize', 'maintenance',
+  'maxConnections', 'socketMode', 'socketGroup', 'logLevel',
 ]);
+const KNOWN_BOOT_KEYS = new Set(['idleMs', 'windowMs', 'minReads']);
+const KNOWN_MERGE_KEYS = new Set(['minSeen', 'window']);
 
 export async function loadConfigFile(path: string): Promise<Raw> {
   let text: string;
@@ -119,7 +130,8 @@ export function resolveConfig(fromFile: Raw, fromFlags: Raw): AgentConfig {
 
   const str = (key: string, fallback?: string): string => {
     const v = raw[key] ?? fallback;
-    if (typeof v !== 'string' || v.length === 0) throw new UsageError(`config: ${key} is required (a path)`);
+    if (v === undefined) throw new UsageError(`config: ${key} is required (a path)`);
+    if (typeof v !== 'string' || v.length === 0) throw new UsageError(`config: ${key} must be a path (a non-empty string), got ${JSON.stringify(v)}`);
     return v;
   };
   const num = (key: string, value: unknown, min: number, max: number): number => {
@@ -129,34 +141,41 @@ export function resolveConfig(fromFile: Raw, fromFlags: Raw): AgentConfig {
     }
     return n;
   };
+  const int = (key: string, value: unknown, min: number, max: number): number => {
+    const n = num(key, value, min, max);
+    if (!Number.isInteger(n)) throw new UsageError(`config: ${key} must be a whole number, got ${JSON.stringify(value)}`);
+    return n;
+  };
   const bool = (key: string, value: unknown): boolean => {
     if (typeof value !== 'boolean') throw new UsageError(`config: ${key} must be true or false`);
     return value;
   };
-  const sub = (key: string): Raw => {
+  const sub = (key: string, known: Set<string>): Raw => {
     const v = raw[key];
     if (v === undefined) return {};
     if (v === null || typeof v !== 'object' || Array.isArray(v)) throw new UsageError(`config: ${key} must be an object`);
+    for (const k of Object.keys(v)) if (!known.has(k)) throw new UsageError(`config: unknown key ${JSON.stringify(`${key}.${k}`)}`);
     return v as Raw;
   };
 
   const d = CONFIG_DEFAULTS;
-  const bootRaw = sub('boot');
-  const mergeRaw = sub('merge');
+  const bootRaw = sub('boot', KNOWN_BOOT_KEYS);
+  const mergeRaw = sub('merge', KNOWN_MERGE_KEYS);
   const boot: BootPolicy = {
     idleMs: num('boot.idleMs', bootRaw.idleMs ?? d.boot.idleMs, 100, 3_600_000),
     windowMs: num('boot.windowMs', bootRaw.windowMs ?? d.boot.windowMs, 1_000, 86_400_000),
-    minReads: num('boot.minReads', bootRaw.minReads ?? d.boot.minReads, 0, 1e9),
+    minReads: int('boot.minReads', bootRaw.minReads ?? d.boot.minReads, 0, 1e9),
   };
   const merge: MergePolicy = {
-    window: num('merge.window', mergeRaw.window ?? d.merge.window, 1, 8),
-    minSeen: num('merge.minSeen', mergeRaw.minSeen ?? d.merge.minSeen, 1, 8),
+    window: int('merge.window', mergeRaw.window ?? d.merge.window, 1, 8),
+    minSeen: int('merge.minSeen', mergeRaw.minSeen ?? d.merge.minSeen, 1, 8),
   };
   if (merge.minSeen > merge.window) throw new UsageError('config: merge.minSeen cannot exceed merge.window');
 
-  const blockSize = num('blockSize', raw.blockSize ?? d.blockSize, 512, 2 * 1024 * 1024);
+  const blockSize = int('blockSize', raw.blockSize ?? d.blockSize, 512, 2 * 1024 * 1024);
   if ((blockSize & (blockSize - 1)) !== 0) throw new UsageError(`config: blockSize ${blockSize} is not a power of two`);
-  const maintenance = typeof raw.maintenance === 'string' ? raw.maintenance : d.maintenance;
+  const maintenance = raw.maintenance ?? d.maintenance;
+  if (typeof maintenance !== 'string') throw new UsageError(`config: maintenance must be a cron schedule string or "off", got ${JSON.stringify(maintenance)}`);
   if (maintenance !== 'off' && !cron.validate(maintenance)) {
     throw new UsageError(`config: maintenance ${JSON.stringify(maintenance)} is not a valid cron schedule (or "off")`);
   }
@@ -187,15 +206,34 @@ export function resolveConfig(fromFile: Raw, fromFlags: Raw): AgentConfig {
     boot,
     merge,
     prefetchChunk,
-    prefetchDepth: num('prefetchDepth', raw.prefetchDepth ?? d.prefetchDepth, 1, 64),
+    prefetchDepth: int('prefetchDepth', raw.prefetchDepth ?? d.prefetchDepth, 1, 64),
     readahead,
     blockSize,
     maintenance,
+    maxConnections: int('maxConnections', raw.maxConnections ?? d.maxConnections, 1, 65_536),
+    socketMode: parseMode(raw.socketMode ?? d.socketMode),
     logLevel,
   };
+  if (raw.socketGroup !== undefined) {
+    if (typeof raw.socketGroup !== 'string' || !/^[A-Za-z0-9_][A-Za-z0-9_.-]*\$?$/.test(raw.socketGroup)) {
+      throw new UsageError(`config: socketGroup must be a group name or a numeric gid, got ${JSON.stringify(raw.socketGroup)}`);
+    }
+    config.socketGroup = raw.socketGroup;
+  }
   if (raw.listen !== undefined) {
     if (typeof raw.listen !== 'string') throw new UsageError('config: listen must be a string HOST:PORT');
     config.listen = parseListen(raw.listen);
   }
   return config;
+}
+
+/** Socket permission bits from octal text ("660", "0o660") or a number (0o660 = 432). */
+function parseMode(value: unknown): number {
+  const mode = typeof value === 'string' && /^(?:0o?)?[0-7]{3}$/.test(value) ? parseInt(value.replace(/^0o?/, ''), 8) : value;
+  if (typeof mode !== 'number' || !Number.isInteger(mode) || mode < 0 || mode > 0o777) {
+    throw new UsageError(`config: socketMode must be octal permission bits such as "660", got ${JSON.stringify(value)}`);
+  }
+  // Connecting to a unix socket needs write permission: a mode nobody can connect with is a mistake.
+  if ((mode & 0o222) === 0) throw new UsageError(`config: socketMode ${mode.toString(8)} lets nobody connect (no write bit)`);
+  return mode;
 }

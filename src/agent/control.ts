@@ -6,7 +6,8 @@
  */
 import { chmod, rm } from 'node:fs/promises';
 import { createServer, request, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
-import { AgentError, BootcacheError } from '../errors.js';
+import { AgentError, BootcacheError, UsageError } from '../errors.js';
+import { ExportNotFoundError } from './nbd/export.js';
 
 export interface ControlHandlers {
   status(): Promise<unknown>;
@@ -46,7 +47,7 @@ async function handle(req: IncomingMessage, res: ServerResponse, handlers: Contr
       body = await handlers.status();
     } else if (req.method === 'POST' && url.pathname === '/mark-booted') {
       const name = url.searchParams.get('export');
-      if (!name) throw new AgentError('mark-booted needs ?export=NAME');
+      if (!name) throw new UsageError('mark-booted needs ?export=NAME');
       body = await handlers.markBooted(name);
     } else {
       res.writeHead(404, { 'content-type': 'application/json' });
@@ -76,7 +77,7 @@ export async function controlRequest<T>(path: string, method: 'GET' | 'POST', ur
           reject(new AgentError('the agent sent an answer that is not JSON', { file: path }));
           return;
         }
-        if (res.statusCode !== 200) reject(new AgentError(parsed.error?.message ?? `HTTP ${res.statusCode}`));
+        if (res.statusCode !== 200) reject(controlError(parsed.error, res.statusCode));
         else resolve(parsed as T);
       });
     });
@@ -87,6 +88,22 @@ export async function controlRequest<T>(path: string, method: 'GET' | 'POST', ur
     });
     req.end();
   });
+}
+
+/**
+ * The agent's error answer as the error the agent raised, so the CLI exits
+ * with the same code (an unknown export is bad input, not an unreachable agent).
+ */
+function controlError(error: { code?: string; message?: string } | undefined, status: number | undefined): BootcacheError {
+  const message = error?.message ?? `HTTP ${status}`;
+  switch (error?.code) {
+    case 'BC_EXPORT_NOT_FOUND':
+      return new ExportNotFoundError(message);
+    case 'BC_USAGE':
+      return new UsageError(message);
+    default:
+      return new AgentError(message);
+  }
 }
 
 /** Removes a leftover socket file, but never one a live process listens on. */
@@ -100,6 +117,6 @@ export async function removeStaleSocket(path: string): Promise<void> {
     });
     sock.once('error', () => resolve(false));
   });
-  if (alive) throw new AgentError('socket is in use by a running process (another agent?)', { file: path });
+  if (alive) throw new AgentError(`socket ${path} is already in use by another process (another agent?)`);
   await rm(path, { force: true });
 }

@@ -14,7 +14,7 @@ export default class AgentRun extends BaseCommand<typeof AgentRun> {
 
 Runs in the foreground until SIGTERM or SIGINT: it then stops accepting, finishes in-flight requests, and flushes maps and the cache index. Logs are JSON lines (pino) on stdout. TCP is used only with --listen (default port ${DEFAULT_NBD_PORT}).
 
-Settings come from flags or a JSON config file (--config); flags win. Config keys: storage, cache, socket, listen, control, cacheSize, cacheMisses, storageDelayMs, storageErrorRate, boot {idleMs, windowMs, minReads}, merge {minSeen, window}, prefetchChunk, prefetchDepth, readahead, blockSize, maintenance, logLevel.
+Settings come from flags or a JSON config file (--config); flags win. Config keys: storage, cache, socket, listen, control, cacheSize, cacheMisses, storageDelayMs, storageErrorRate, boot {idleMs, windowMs, minReads}, merge {minSeen, window}, prefetchChunk, prefetchDepth, readahead, blockSize, maintenance, maxConnections, socketMode, socketGroup, logLevel.
 
 ${EXIT_CODES_HELP}`;
 
@@ -31,6 +31,9 @@ ${EXIT_CODES_HELP}`;
     socket: Flags.string({ description: `NBD unix socket (default ${DEFAULT_SOCKET}).`, helpValue: 'PATH' }),
     listen: Flags.string({ description: `Also listen on TCP HOST:PORT (default port ${DEFAULT_NBD_PORT}).`, helpValue: 'HOST:PORT' }),
     control: Flags.string({ description: `Control socket for status and mark-booted (default ${DEFAULT_CONTROL}).`, helpValue: 'PATH' }),
+    'socket-mode': Flags.string({ description: 'Permission bits of the NBD socket; connecting needs write permission (default 660).', helpValue: 'OCTAL' }),
+    'socket-group': Flags.string({ description: 'Group of both sockets, name or gid, e.g. the group QEMU runs in (default: the agent\'s).', helpValue: 'GROUP' }),
+    'max-connections': Flags.integer({ description: `NBD connections at once, handshaking or not; more are closed on accept (default ${CONFIG_DEFAULTS.maxConnections}).`, helpValue: 'N' }),
     'cache-size': Flags.string({ description: `Cache capacity, e.g. 8G (default ${CONFIG_DEFAULTS.cacheSize / 1024 ** 3}G).`, helpValue: 'BYTES' }),
     'cache-misses': Flags.boolean({ description: 'Cache blocks read on a miss, not only prefetched ones.', allowNo: true }),
     'storage-delay': Flags.integer({ description: 'Test/benchmark: delay every storage read by MS milliseconds.', helpValue: 'MS' }),
@@ -64,6 +67,9 @@ ${EXIT_CODES_HELP}`;
       socket: f.socket,
       listen: f.listen,
       control: f.control,
+      socketMode: f['socket-mode'],
+      socketGroup: f['socket-group'],
+      maxConnections: f['max-connections'],
       cacheSize: f['cache-size'],
       cacheMisses: f['cache-misses'],
       storageDelayMs: f['storage-delay'],
