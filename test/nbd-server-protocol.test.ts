@@ -887,6 +887,27 @@ describe('NBD server: handshake', () => {
     await waitFor(() => server.stats.activeConnections === 0);
   });
 
+  it('makes room for a new client by dropping the longest-negotiating connection, never one in transmission', async () => {
+    const { server, target, logs } = await startServer({ maxConnections: 3 });
+    const serving = await NbdClient.connect(target, { exportName: 'disk' });
+    // Two clients that stall in the handshake fill the server.
+    const stalledOld = await handshake(target);
+    await waitFor(() => server.stats.activeConnections === 2);
+    const stalledNew = await handshake(target);
+    await waitFor(() => server.stats.activeConnections === 3);
+    // A real client still gets in: the oldest staller makes room, then the next one.
+    const fresh = await NbdClient.connect(target, { exportName: 'disk' });
+    await closedWithin(stalledOld.socket, 2000, 'the oldest stalled handshake');
+    expect(stalledNew.socket.destroyed).toBe(false);
+    const another = await NbdClient.connect(target, { exportName: 'disk' });
+    await closedWithin(stalledNew.socket, 2000, 'the other stalled handshake');
+    expect(logs.filter((l) => l.includes('still negotiating while the server is full'))).toHaveLength(2);
+    // Full of connections in transmission: a newcomer is refused, nobody is dropped.
+    await expect(NbdClient.connect(target, { exportName: 'disk' })).rejects.toThrow();
+    for (const c of [serving, fresh, another]) expect((await c.read(0, 512)).equals(data.subarray(0, 512))).toBe(true);
+    await Promise.all([serving.disconnect(), fresh.disconnect(), another.disconnect()]);
+  });
+
   it('refuses connections beyond maxConnections and serves the rest', async () => {
     const { server, target } = await startServer({ maxConnections: 2 });
     const a = await NbdClient.connect(target, { exportName: 'disk' });

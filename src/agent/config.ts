@@ -37,7 +37,7 @@ export interface AgentConfig {
   blockSize: number;
   /** node-cron schedule for maintenance (cache index compaction), or 'off'. */
   maintenance: string;
-  /** NBD connections at once (handshaking or not); more are closed on accept. */
+  /** NBD connections at once (negotiating or not); see NbdServer's dropOldestNegotiating. */
   maxConnections: number;
   /** Permission bits of the NBD socket (connecting needs write permission). */
   socketMode: number;

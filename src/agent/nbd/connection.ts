@@ -148,6 +148,11 @@ export class NbdConnection {
     this.done = this.run();
   }
 
+  /** True until the client has finished negotiating (option haggling). */
+  get negotiating(): boolean {
+    return this.phase === 'handshake';
+  }
+
   /** Requests whose replies are not yet handed to the kernel. */
   get requestsInFlight(): number {
     return this.inFlight;

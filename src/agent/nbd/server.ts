@@ -8,7 +8,7 @@ import { NBD_DEFAULT_PORT, PORTABLE_MAX_BLOCK } from './protocol.js';
 export type { NbdLogger, NbdLogLevel } from './connection.js';
 
 export interface NbdServerOptions {
-  /** Connections at once, handshaking or not (default 128); more are closed on accept. */
+  /** Connections at once, negotiating or not (default 128); see dropOldestNegotiating. */
   maxConnections?: number;
   /** Requests served concurrently per connection (default 64); beyond it the socket is not read. */
   maxInFlightPerConnection?: number;
@@ -238,6 +238,7 @@ export class NbdServer {
   }
 
   private accept(socket: net.Socket): void {
+    if (this.closing === null && this.connections.size >= this.maxConnections) this.dropOldestNegotiating();
     if (this.closing !== null || this.connections.size >= this.maxConnections) {
       if (this.closing === null) {
         this.rejectedConnections++;
@@ -264,5 +265,26 @@ export class NbdServer {
     this.connections.add(connection);
     this.log('debug', 'connection accepted', { connection: connection.id, remote: socket.remoteAddress ?? 'unix' });
     void connection.done.finally(() => this.connections.delete(connection));
+  }
+
+  /**
+   * The server is full: makes room by dropping the connection that has been
+   * negotiating longest. A real client negotiates in milliseconds, so clients
+   * that stall in the handshake (up to handshakeTimeoutMs each) only push out
+   * one another, never a connection in transmission or a newcomer.
+   */
+  private dropOldestNegotiating(): void {
+    for (const connection of this.connections) {
+      // Set order is insertion order: the first negotiating one is the oldest.
+      if (!connection.negotiating) continue;
+      this.connections.delete(connection);
+      this.rejectedConnections++;
+      this.log('warn', 'connection dropped: still negotiating while the server is full', {
+        connection: connection.id,
+        maxConnections: this.maxConnections,
+      });
+      connection.destroy('dropped for a new client: still negotiating while the server was full');
+      return;
+    }
   }
 }

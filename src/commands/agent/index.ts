@@ -33,7 +33,7 @@ ${EXIT_CODES_HELP}`;
     control: Flags.string({ description: `Control socket for status and mark-booted (default ${DEFAULT_CONTROL}).`, helpValue: 'PATH' }),
     'socket-mode': Flags.string({ description: 'Permission bits of the NBD socket; connecting needs write permission (default 660).', helpValue: 'OCTAL' }),
     'socket-group': Flags.string({ description: 'Group of both sockets, name or gid, e.g. the group QEMU runs in (default: the agent\'s).', helpValue: 'GROUP' }),
-    'max-connections': Flags.integer({ description: `NBD connections at once, handshaking or not; more are closed on accept (default ${CONFIG_DEFAULTS.maxConnections}).`, helpValue: 'N' }),
+    'max-connections': Flags.integer({ description: `NBD connections at once; when full, the longest-negotiating one makes room, else newcomers are closed (default ${CONFIG_DEFAULTS.maxConnections}).`, helpValue: 'N' }),
     'cache-size': Flags.string({ description: `Cache capacity, e.g. 8G (default ${CONFIG_DEFAULTS.cacheSize / 1024 ** 3}G).`, helpValue: 'BYTES' }),
     'cache-misses': Flags.boolean({ description: 'Cache blocks read on a miss, not only prefetched ones.', allowNo: true }),
     'storage-delay': Flags.integer({ description: 'Test/benchmark: delay every storage read by MS milliseconds.', helpValue: 'MS' }),
