@@ -74,5 +74,8 @@ describe('socket group lookup', () => {
     expect(await resolveGroup('1234', file)).toBe(1234);
     await expect(resolveGroup('qemu', file)).rejects.toThrow(/no group named "qemu"/);
     await expect(resolveGroup('qemu', join(dir, 'missing'))).rejects.toThrow(UsageError);
+    // Without a file: getent, so NSS groups resolve too.
+    expect(await resolveGroup('root')).toBe(0);
+    await expect(resolveGroup('no-such-group-here')).rejects.toThrow(/no group named "no-such-group-here"$/);
   });
 });
