@@ -143,8 +143,7 @@ export class Agent implements ExportProvider {
       this.control = await ControlServer.start(c.control, {
         status: async () => this.status(),
         markBooted: async (name) => this.markBooted(name),
-      });
-      if (gid !== undefined) await applySocketAccess(c.control, 0o660, gid);
+      }, gid);
     } catch (err) {
       await this.stop();
       throw err;

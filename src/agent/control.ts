@@ -4,10 +4,11 @@
  *   GET  /status                      -> AgentStatus
  *   POST /mark-booted?export=NAME      -> the ended boot's summary
  */
-import { chmod, rm } from 'node:fs/promises';
+import { rm } from 'node:fs/promises';
 import { createServer, request, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { AgentError, BootcacheError, UsageError } from '../errors.js';
 import { ExportNotFoundError } from './nbd/export.js';
+import { applySocketAccess } from './socket-access.js';
 
 export interface ControlHandlers {
   status(): Promise<unknown>;
@@ -17,7 +18,8 @@ export interface ControlHandlers {
 export class ControlServer {
   private constructor(private readonly server: Server, readonly path: string) {}
 
-  static async start(path: string, handlers: ControlHandlers): Promise<ControlServer> {
+  /** Listens on `path`, mode 660, in group `gid` when given. */
+  static async start(path: string, handlers: ControlHandlers, gid?: number): Promise<ControlServer> {
     await removeStaleSocket(path);
     const server = createServer((req, res) => {
       void handle(req, res, handlers);
@@ -29,7 +31,10 @@ export class ControlServer {
         reject(new AgentError(`cannot listen on the control socket: ${err.code ?? err.message}`, { file: path })));
       server.listen(path, () => resolve());
     });
-    await chmod(path, 0o660).catch(() => undefined);
+    await applySocketAccess(path, 0o660, gid).catch(async (err: unknown) => {
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+      throw err;
+    });
     return new ControlServer(server, path);
   }
 
