@@ -4,7 +4,7 @@
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdir, mkdtemp, stat, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, stat, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -71,9 +71,11 @@ describe('bootcache agent (process)', () => {
     expect(status.json).toMatchObject({
       exports: [{ name: 'disk.raw', size: 8 * 1024 * 1024 }],
       counters: { storage: { readRequests: expect.any(Number) }, cache: { misses: expect.any(Number) } },
+      nbd: { handshakes: 1, rejectedConnections: 0, droppedConnections: 0, protocolErrors: 0 },
     });
     const human = await cli('agent', 'status', '--control', p.control);
     expect(human.stdout).toMatch(/disk\.raw: 8\.0 MiB/);
+    expect(human.stdout).toMatch(/nbd: \d+ connections open, 1 accepted, 0 refused and 0 dropped when full/);
     // Group members may connect (write permission on the socket), others may not.
     expect((await stat(p.socket)).mode & 0o777).toBe(0o660);
     // An export that is not open is bad input (3), not an unreachable agent (7).
@@ -108,6 +110,14 @@ describe('bootcache agent (process)', () => {
     expect(inUse.stderr()).toMatch(new RegExp(`${port}.*(in use|EADDRINUSE)`, 'i'));
     // It never started, so it does not log that it stopped.
     expect(inUse.stdout()).not.toMatch(/agent stopped/);
+    // The cache directory it created is removed again; an existing one is left as it was.
+    await expect(stat(p.cache)).rejects.toThrow(/ENOENT/);
+    const kept = join(dir, 'existing-cache');
+    await mkdir(kept);
+    await writeFile(join(kept, 'marker'), 'x');
+    const inUseKept = startAgent(['--storage', join(dir, 'storage'), '--cache', kept, '--socket', p.socket, '--control', p.control, '--listen', `127.0.0.1:${port}`]);
+    expect(await inUseKept.exited).toBe(7);
+    expect((await readdir(kept)).sort()).toEqual(expect.arrayContaining(['cache.data', 'marker']));
     busy.close();
   });
 
@@ -140,7 +150,9 @@ describe('bootcache agent (process)', () => {
     const b = startAgent(['--storage', join(dir, 'storage'), '--cache', q.cache, '--socket', q.socket, '--control', q.control,
       '--socket-group', 'no-such-group-here']);
     expect(await b.exited).toBe(2);
-    expect(b.stderr()).toMatch(/socketGroup: no group named "no-such-group-here"/);
+    expect(b.stderr()).toMatch(/socket group: no group named "no-such-group-here"/);
+    // A configuration error is found before anything is created.
+    await expect(stat(q.cache)).rejects.toThrow(/ENOENT/);
   });
 
   it('status without an agent is a clear error', async () => {

@@ -2,7 +2,8 @@ import { mkdtemp, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { CONFIG_DEFAULTS, resolveConfig } from '../src/agent/config.js';
+import { CONFIG_DEFAULTS, FLAG_FOR_KEY, resolveConfig } from '../src/agent/config.js';
+import AgentRun from '../src/commands/agent/index.js';
 import { resolveGroup } from '../src/agent/socket-access.js';
 import { UsageError } from '../src/errors.js';
 
@@ -61,6 +62,45 @@ describe('agent configuration: validation', () => {
     fails({ socketMode: '444' }, /lets nobody connect/);
     fails({ socketGroup: 'a b' }, /socketGroup must be a group name or a numeric gid/);
     fails({ socketGroup: 7 }, /socketGroup must be a group name/);
+  });
+});
+
+describe('agent configuration: flags', () => {
+  const flagFails = (flags: Record<string, unknown>, pattern: RegExp, file: Record<string, unknown> = {}): void => {
+    expect(() => resolveConfig(file, base, flags)).toThrow(UsageError);
+    expect(() => resolveConfig(file, base, flags)).toThrow(pattern);
+  };
+
+  it('maps every flag of `bootcache agent` to a setting, so none is silently ignored', () => {
+    const mapped = Object.values(FLAG_FOR_KEY).map((spec) => spec.flag).sort();
+    const flags = Object.keys(AgentRun.flags).filter((name) => name !== 'config').sort();
+    expect(mapped).toEqual(flags);
+  });
+
+  it('converts flag units and lets flags win over the file', () => {
+    const c = resolveConfig({ boot: { idleMs: 5000, minReads: 10 }, cacheSize: '1G' }, base, { 'boot-idle': '2.5', 'cache-size': '64M', 'merge-window': 6 });
+    expect(c.boot).toMatchObject({ idleMs: 2500, minReads: 10 });
+    expect(c.cacheSize).toBe(64 * 1024 * 1024);
+    expect(c.merge.window).toBe(6);
+  });
+
+  it('names the flag, in its own unit, when a flag value is bad', () => {
+    flagFails({ 'boot-idle': 'abc' }, /^--boot-idle must be a number of seconds from 0\.1 to 3600, got "abc"$/);
+    flagFails({ 'boot-idle': '' }, /^--boot-idle must be a number of seconds/);
+    flagFails({ 'boot-window': '-5' }, /^--boot-window must be a number of seconds from 1 to 86400, got "-5"$/);
+    flagFails({ 'cache-size': '12Q' }, /^--cache-size must be a size such as 4096, 64K, 512M or 8G, got "12Q"$/);
+    flagFails({ 'cache-size': '1M' }, /^--cache-size must be at least 16M, got "1M"$/);
+    flagFails({ 'prefetch-chunk': '1K' }, /^--prefetch-chunk must be from 64K to 256M/);
+    flagFails({ 'storage-error-rate': 'x' }, /^--storage-error-rate must be a number from 0 to 1/);
+    flagFails({ 'socket-mode': '999' }, /^--socket-mode must be octal permission bits/);
+    flagFails({ listen: 'host:99999' }, /^--listen: port 99999 is out of range/);
+    flagFails({ 'merge-min-seen': 5 }, /^--merge-min-seen \(5\) cannot exceed the merge window \(4 boots; /);
+  });
+
+  it('names the key when the bad value came from the file', () => {
+    flagFails({}, /^config: boot\.idleMs must be a number from 100 to 3600000, got "abc"$/, { boot: { idleMs: 'abc' } });
+    flagFails({}, /^config: cacheSize must be a size such as/, { cacheSize: '12Q' });
+    flagFails({ 'boot-window': '30' }, /^config: logLevel "loud" is not a pino level/, { logLevel: 'loud' });
   });
 });
 

@@ -231,6 +231,7 @@ describe('bootcache agent', () => {
     const first = await NbdClient.connect(uri(config, 'disk.raw'));
     const second = await NbdClient.connect(uri(config, 'disk.raw'));
     await expect(NbdClient.connect(uri(config, 'disk.raw'))).rejects.toThrow();
+    expect(agent.status().nbd).toMatchObject({ activeConnections: 2, rejectedConnections: 1, droppedConnections: 0, handshakes: 2 });
     await first.close();
     await waitFor(() => agent.status().exports.find((e) => e.name === 'disk.raw')?.connections === 1, 'the close');
     const third = await NbdClient.connect(uri(config, 'disk.raw'));

@@ -902,8 +902,10 @@ describe('NBD server: handshake', () => {
     const another = await NbdClient.connect(target, { exportName: 'disk' });
     await closedWithin(stalledNew.socket, 2000, 'the other stalled handshake');
     expect(logs.filter((l) => l.includes('still negotiating while the server is full'))).toHaveLength(2);
+    expect(server.stats).toMatchObject({ droppedConnections: 2, rejectedConnections: 0 });
     // Full of connections in transmission: a newcomer is refused, nobody is dropped.
     await expect(NbdClient.connect(target, { exportName: 'disk' })).rejects.toThrow();
+    expect(server.stats).toMatchObject({ droppedConnections: 2, rejectedConnections: 1 });
     for (const c of [serving, fresh, another]) expect((await c.read(0, 512)).equals(data.subarray(0, 512))).toBe(true);
     await Promise.all([serving.disconnect(), fresh.disconnect(), another.disconnect()]);
   });

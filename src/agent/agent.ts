@@ -5,7 +5,7 @@
  * recorded; when one ends, the map is merged and a new segment is built and
  * published next to the image (IMAGE.bcmap, IMAGE.bcseg).
  */
-import { mkdir, rm } from 'node:fs/promises';
+import { lstat, mkdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import cron from 'node-cron';
 import type { Logger } from 'pino';
@@ -24,7 +24,7 @@ import { applySocketAccess, resolveGroup } from './socket-access.js';
 import { MissWriter } from './miss-writer.js';
 import { ImageService, type ReadCounters } from './image-service.js';
 import { ExportNotFoundError, type ExportDescription, type ExportProvider, type NbdExport } from './nbd/export.js';
-import { NbdServer } from './nbd/server.js';
+import { NbdServer, type NbdServerStats } from './nbd/server.js';
 import { Prefetcher } from './prefetcher.js';
 import { SidecarStore, SIDECAR_SUFFIXES } from './sidecars.js';
 
@@ -64,6 +64,8 @@ export interface AgentStatus {
   cache: ReturnType<CacheDevice['stats']>;
   /** The prefetch chunk buffers the agent keeps (see BufferPool). */
   prefetchBuffers: ReturnType<BufferPool['stats']>;
+  /** The NBD server: connections (open, refused or dropped when full), requests, errors. */
+  nbd: NbdServerStats;
   counters: AgentCounters;
 }
 
@@ -109,6 +111,10 @@ export class Agent implements ExportProvider {
   /** Opens storage and cache and starts listening; clear errors when anything is wrong. */
   async start(): Promise<void> {
     const c = this.config;
+    // Before anything is opened or created: an unknown group is a configuration error.
+    const gid = c.socketGroup === undefined ? undefined : await resolveGroup(c.socketGroup);
+    // A cache directory this start creates is removed again if the start fails.
+    const cacheExisted = await pathExists(c.cache);
     let storage: Storage = await LocalDirStorage.open(c.storage).catch((err: unknown) => {
       throw new AgentError(`storage: ${(err as Error).message}`, { cause: err });
     });
@@ -118,19 +124,17 @@ export class Agent implements ExportProvider {
     this.storage = new CountingStorage(storage);
     this.counters.storage = this.storage.counters;
     this.sidecars = new SidecarStore(this.storage, c.blockSize, c.merge, this.log);
-    this.cache = await CacheDevice.open(c.cache, { capacityBytes: c.cacheSize, blockSize: c.blockSize, logger: this.log }).catch(
-      (err: unknown) => {
-        throw err instanceof AgentError ? err : new AgentError(`cache: ${(err as Error).message}`, { cause: err });
-      },
-    );
-    this.missWriter = new MissWriter(this.cache);
-    // Faulted in now, in the background, rather than under the first boot's reads.
-    const keep = Math.min(2 * c.prefetchDepth, Math.max(1, Math.floor(CHUNK_BUFFERS_MAX_BYTES / c.prefetchChunk)));
-    this.chunkBuffers = new BufferPool(c.prefetchChunk, keep);
-    void this.chunkBuffers.prefault();
     try {
-      // Before anything listens: an unknown group is a configuration error.
-      const gid = c.socketGroup === undefined ? undefined : await resolveGroup(c.socketGroup);
+      this.cache = await CacheDevice.open(c.cache, { capacityBytes: c.cacheSize, blockSize: c.blockSize, logger: this.log }).catch(
+        (err: unknown) => {
+          throw err instanceof AgentError ? err : new AgentError(`cache: ${(err as Error).message}`, { cause: err });
+        },
+      );
+      this.missWriter = new MissWriter(this.cache);
+      // Faulted in now, in the background, rather than under the first boot's reads.
+      const keep = Math.min(2 * c.prefetchDepth, Math.max(1, Math.floor(CHUNK_BUFFERS_MAX_BYTES / c.prefetchChunk)));
+      this.chunkBuffers = new BufferPool(c.prefetchChunk, keep);
+      void this.chunkBuffers.prefault();
       this.nbd = new NbdServer(this, {
         maxConnections: c.maxConnections,
         logger: (level, msg, fields) => this.log[level === 'warn' ? 'warn' : level === 'error' ? 'error' : 'debug'](fields ?? {}, msg),
@@ -146,6 +150,7 @@ export class Agent implements ExportProvider {
       }, gid);
     } catch (err) {
       await this.stop();
+      if (!cacheExisted) await rm(c.cache, { recursive: true, force: true }).catch(() => undefined);
       throw err;
     }
     if (c.maintenance !== 'off') {
@@ -405,6 +410,7 @@ export class Agent implements ExportProvider {
       exports,
       cache: this.cache.stats(),
       prefetchBuffers: this.chunkBuffers.stats(),
+      nbd: this.nbd!.stats,
       counters: this.counters,
     };
     if (this.config.listen) status.listen = `${this.config.listen.host}:${this.config.listen.port}`;
@@ -422,4 +428,14 @@ export function isImageKey(key: string): boolean {
   if (SIDECAR_SUFFIXES.some((s) => key.endsWith(s))) return false;
   if (/\.tmp-[^/]*$/.test(key)) return false;
   return true;
+}
+
+/** Whether anything is at `path`, a dangling symlink included; when unsure (no permission to look), true, so it is never removed. */
+async function pathExists(path: string): Promise<boolean> {
+  try {
+    await lstat(path);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code !== 'ENOENT';
+  }
 }

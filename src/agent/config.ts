@@ -1,6 +1,7 @@
 /**
  * Agent configuration: from flags, a JSON config file, or both (flags win).
- * Every value is validated here with a one-line error naming the key.
+ * Every value is validated here with a one-line error naming the flag or
+ * the key it came from.
  */
 import { readFile } from 'node:fs/promises';
 import cron from 'node-cron';
@@ -67,27 +68,27 @@ export const CONFIG_DEFAULTS: Omit<AgentConfig, 'storage' | 'cache'> = {
   logLevel: 'info',
 };
 
-/** Parses sizes like 4096, 64K, 512M, 8G, 1.5GiB. */
-export function parseSize(value: string | number, key: string): number {
+/** Parses sizes like 4096, 64K, 512M, 8G, 1.5GiB; `label` names the setting in errors. */
+export function parseSize(value: unknown, label: string): number {
   if (typeof value === 'number') {
     if (Number.isSafeInteger(value) && value >= 0) return value;
-    throw new UsageError(`${key}: ${value} is not a whole number of bytes`);
+    throw new UsageError(`${label} must be a whole number of bytes, got ${value}`);
   }
-  const m = /^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$/i.exec(value);
-  if (!m) throw new UsageError(`${key}: cannot parse size ${JSON.stringify(value)} (examples: 4096, 64K, 512M, 8G)`);
+  const m = typeof value === 'string' ? /^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$/i.exec(value) : null;
+  if (!m) throw new UsageError(`${label} must be a size such as 4096, 64K, 512M or 8G, got ${JSON.stringify(value)}`);
   const mult = { '': 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3, t: 1024 ** 4 }[m[2]!.toLowerCase() as '' | 'k' | 'm' | 'g' | 't'];
   const bytes = Math.round(Number(m[1]) * mult);
-  if (!Number.isSafeInteger(bytes)) throw new UsageError(`${key}: size ${value} is too large`);
+  if (!Number.isSafeInteger(bytes)) throw new UsageError(`${label}: size ${String(value)} is too large`);
   return bytes;
 }
 
 /** Parses HOST:PORT, [v6]:PORT, HOST (default port) or :PORT. */
-export function parseListen(value: string): { host: string; port: number } {
+export function parseListen(value: string, label = 'listen'): { host: string; port: number } {
   const m = /^(?:\[([^\]]+)\]|([^:]*))(?::(\d+))?$/.exec(value.trim());
-  if (!m) throw new UsageError(`listen: cannot parse ${JSON.stringify(value)} (expected HOST:PORT)`);
+  if (!m) throw new UsageError(`${label} must be HOST:PORT, got ${JSON.stringify(value)}`);
   const host = m[1] ?? (m[2] || '127.0.0.1');
   const port = m[3] === undefined ? DEFAULT_NBD_PORT : Number(m[3]);
-  if (!Number.isInteger(port) || port < 1 || port > 65535) throw new UsageError(`listen: port ${m[3]} is out of range`);
+  if (!Number.isInteger(port) || port < 1 || port > 65535) throw new UsageError(`${label}: port ${m[3]} is out of range (1-65535)`);
   return { host, port };
 }
 
@@ -120,36 +121,58 @@ export async function loadConfigFile(path: string): Promise<Raw> {
   return parsed as Raw;
 }
 
-/** Validates and completes a configuration (file values overlaid by flag values). */
-export function resolveConfig(fromFile: Raw, fromFlags: Raw): AgentConfig {
+/**
+ * The command-line flag for each setting, so an error names what the user
+ * typed. `scale` converts the flag's unit to the setting's (seconds to ms).
+ */
+export const FLAG_FOR_KEY: Readonly<Record<string, { flag: string; scale?: number; unit?: string }>> = {
+  storage: { flag: 'storage' },
+  cache: { flag: 'cache' },
+  socket: { flag: 'socket' },
+  listen: { flag: 'listen' },
+  control: { flag: 'control' },
+  socketMode: { flag: 'socket-mode' },
+  socketGroup: { flag: 'socket-group' },
+  maxConnections: { flag: 'max-connections' },
+  cacheSize: { flag: 'cache-size' },
+  cacheMisses: { flag: 'cache-misses' },
+  storageDelayMs: { flag: 'storage-delay' },
+  storageErrorRate: { flag: 'storage-error-rate' },
+  'boot.idleMs': { flag: 'boot-idle', scale: 1000, unit: 'seconds' },
+  'boot.windowMs': { flag: 'boot-window', scale: 1000, unit: 'seconds' },
+  'boot.minReads': { flag: 'boot-min-reads' },
+  'merge.minSeen': { flag: 'merge-min-seen' },
+  'merge.window': { flag: 'merge-window' },
+  prefetchChunk: { flag: 'prefetch-chunk' },
+  prefetchDepth: { flag: 'prefetch-depth' },
+  readahead: { flag: 'readahead' },
+  logLevel: { flag: 'log-level' },
+  maintenance: { flag: 'maintenance' },
+};
+
+/** A setting's value and how to name it in an error. */
+interface Setting {
+  value: unknown;
+  /** "--boot-idle" for a flag, "config: boot.idleMs" otherwise. */
+  label: string;
+  /** Multiplies a flag value into the setting's unit (1 unless the units differ). */
+  scale: number;
+  /** The flag's unit when it differs from the setting's, for messages. */
+  unit?: string;
+}
+
+/**
+ * Validates and completes a configuration. Sources, strongest first:
+ * `fromFlags` (command-line flags by flag name, in the flags' units), then
+ * `overrides` (settings by key, as in the file), then the file, then defaults.
+ * Errors name the flag or the key the bad value came from.
+ */
+export function resolveConfig(fromFile: Raw, overrides: Raw = {}, fromFlags: Raw = {}): AgentConfig {
   for (const key of Object.keys(fromFile)) {
     if (!KNOWN_KEYS.has(key)) throw new UsageError(`config: unknown key ${JSON.stringify(key)}`);
   }
   const raw: Raw = { ...fromFile };
-  for (const [k, v] of Object.entries(fromFlags)) if (v !== undefined) raw[k] = v;
-
-  const str = (key: string, fallback?: string): string => {
-    const v = raw[key] ?? fallback;
-    if (v === undefined) throw new UsageError(`config: ${key} is required (a path)`);
-    if (typeof v !== 'string' || v.length === 0) throw new UsageError(`config: ${key} must be a path (a non-empty string), got ${JSON.stringify(v)}`);
-    return v;
-  };
-  const num = (key: string, value: unknown, min: number, max: number): number => {
-    const n = typeof value === 'string' ? Number(value) : value;
-    if (typeof n !== 'number' || !Number.isFinite(n) || n < min || n > max) {
-      throw new UsageError(`config: ${key} must be a number from ${min} to ${max}, got ${JSON.stringify(value)}`);
-    }
-    return n;
-  };
-  const int = (key: string, value: unknown, min: number, max: number): number => {
-    const n = num(key, value, min, max);
-    if (!Number.isInteger(n)) throw new UsageError(`config: ${key} must be a whole number, got ${JSON.stringify(value)}`);
-    return n;
-  };
-  const bool = (key: string, value: unknown): boolean => {
-    if (typeof value !== 'boolean') throw new UsageError(`config: ${key} must be true or false`);
-    return value;
-  };
+  for (const [k, v] of Object.entries(overrides)) if (v !== undefined) raw[k] = v;
   const sub = (key: string, known: Set<string>): Raw => {
     const v = raw[key];
     if (v === undefined) return {};
@@ -157,83 +180,125 @@ export function resolveConfig(fromFile: Raw, fromFlags: Raw): AgentConfig {
     for (const k of Object.keys(v)) if (!known.has(k)) throw new UsageError(`config: unknown key ${JSON.stringify(`${key}.${k}`)}`);
     return v as Raw;
   };
+  const nested: Record<string, Raw> = { boot: sub('boot', KNOWN_BOOT_KEYS), merge: sub('merge', KNOWN_MERGE_KEYS) };
 
   const d = CONFIG_DEFAULTS;
-  const bootRaw = sub('boot', KNOWN_BOOT_KEYS);
-  const mergeRaw = sub('merge', KNOWN_MERGE_KEYS);
+  const defaults: Raw = { ...d, 'boot.idleMs': d.boot.idleMs, 'boot.windowMs': d.boot.windowMs, 'boot.minReads': d.boot.minReads,
+    'merge.minSeen': d.merge.minSeen, 'merge.window': d.merge.window };
+  const setting = (key: string): Setting => {
+    const spec = FLAG_FOR_KEY[key];
+    const flagged = spec === undefined ? undefined : fromFlags[spec.flag];
+    if (spec !== undefined && flagged !== undefined) {
+      return { value: flagged, label: `--${spec.flag}`, scale: spec.scale ?? 1, ...(spec.unit !== undefined ? { unit: spec.unit } : {}) };
+    }
+    const [outer, inner] = key.split('.') as [string, string | undefined];
+    const configured = inner === undefined ? raw[outer] : nested[outer]![inner];
+    return { value: configured ?? defaults[key], label: `config: ${key}`, scale: 1 };
+  };
+
+  const str = (key: string): string => {
+    const { value, label } = setting(key);
+    if (value === undefined) throw new UsageError(`${label} is required (a path)`);
+    if (typeof value !== 'string' || value.length === 0) throw new UsageError(`${label} must be a path (a non-empty string), got ${JSON.stringify(value)}`);
+    return value;
+  };
+  const num = (key: string, min: number, max: number): number => {
+    const { value, label, scale, unit } = setting(key);
+    const n = typeof value === 'string' ? (value.trim() === '' ? NaN : Number(value)) : value;
+    if (typeof n !== 'number' || !Number.isFinite(n) || n * scale < min || n * scale > max) {
+      const what = unit === undefined ? 'a number' : `a number of ${unit}`;
+      throw new UsageError(`${label} must be ${what} from ${min / scale} to ${max / scale}, got ${JSON.stringify(value)}`);
+    }
+    return n * scale;
+  };
+  const int = (key: string, min: number, max: number): number => {
+    const n = num(key, min, max);
+    if (!Number.isInteger(n)) throw new UsageError(`${setting(key).label} must be a whole number, got ${JSON.stringify(setting(key).value)}`);
+    return n;
+  };
+  const bool = (key: string): boolean => {
+    const { value, label } = setting(key);
+    if (typeof value !== 'boolean') throw new UsageError(`${label} must be true or false, got ${JSON.stringify(value)}`);
+    return value;
+  };
+  const size = (key: string, min: number, max: number, range: string, allowZero = false): number => {
+    const { value, label } = setting(key);
+    const bytes = parseSize(value, label);
+    if (!(allowZero && bytes === 0) && (bytes < min || bytes > max)) throw new UsageError(`${label} must be ${range}, got ${JSON.stringify(value)}`);
+    return bytes;
+  };
+
   const boot: BootPolicy = {
-    idleMs: num('boot.idleMs', bootRaw.idleMs ?? d.boot.idleMs, 100, 3_600_000),
-    windowMs: num('boot.windowMs', bootRaw.windowMs ?? d.boot.windowMs, 1_000, 86_400_000),
-    minReads: int('boot.minReads', bootRaw.minReads ?? d.boot.minReads, 0, 1e9),
+    idleMs: num('boot.idleMs', 100, 3_600_000),
+    windowMs: num('boot.windowMs', 1_000, 86_400_000),
+    minReads: int('boot.minReads', 0, 1e9),
   };
   const merge: MergePolicy = {
-    window: int('merge.window', mergeRaw.window ?? d.merge.window, 1, 8),
-    minSeen: int('merge.minSeen', mergeRaw.minSeen ?? d.merge.minSeen, 1, 8),
+    window: int('merge.window', 1, 8),
+    minSeen: int('merge.minSeen', 1, 8),
   };
-  if (merge.minSeen > merge.window) throw new UsageError('config: merge.minSeen cannot exceed merge.window');
+  if (merge.minSeen > merge.window) {
+    throw new UsageError(`${setting('merge.minSeen').label} (${merge.minSeen}) cannot exceed the merge window (${merge.window} boots; --merge-window, config merge.window)`);
+  }
 
-  const blockSize = int('blockSize', raw.blockSize ?? d.blockSize, 512, 2 * 1024 * 1024);
+  const blockSize = int('blockSize', 512, 2 * 1024 * 1024);
   if ((blockSize & (blockSize - 1)) !== 0) throw new UsageError(`config: blockSize ${blockSize} is not a power of two`);
-  const maintenance = raw.maintenance ?? d.maintenance;
-  if (typeof maintenance !== 'string') throw new UsageError(`config: maintenance must be a cron schedule string or "off", got ${JSON.stringify(maintenance)}`);
-  if (maintenance !== 'off' && !cron.validate(maintenance)) {
-    throw new UsageError(`config: maintenance ${JSON.stringify(maintenance)} is not a valid cron schedule (or "off")`);
+  const maintenance = setting('maintenance');
+  if (typeof maintenance.value !== 'string') {
+    throw new UsageError(`${maintenance.label} must be a cron schedule string or "off", got ${JSON.stringify(maintenance.value)}`);
   }
-  const logLevel = (raw.logLevel ?? d.logLevel) as AgentConfig['logLevel'];
-  if (!['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].includes(logLevel)) {
-    throw new UsageError(`config: logLevel ${JSON.stringify(logLevel)} is not a pino level`);
+  if (maintenance.value !== 'off' && !cron.validate(maintenance.value)) {
+    throw new UsageError(`${maintenance.label} ${JSON.stringify(maintenance.value)} is not a valid cron schedule (or "off")`);
   }
-  const cacheSize = parseSize(raw.cacheSize as string | number ?? d.cacheSize, 'cacheSize');
-  if (cacheSize < 16 * 1024 * 1024) throw new UsageError('config: cacheSize must be at least 16M');
-  const prefetchChunk = parseSize(raw.prefetchChunk as string | number ?? d.prefetchChunk, 'prefetchChunk');
-  if (prefetchChunk < 64 * 1024 || prefetchChunk > 256 * 1024 * 1024) {
-    throw new UsageError('config: prefetchChunk must be from 64K to 256M');
-  }
-  const readahead = parseSize(raw.readahead as string | number ?? d.readahead, 'readahead');
-  if (readahead !== 0 && (readahead < 64 * 1024 || readahead > 32 * 1024 * 1024)) {
-    throw new UsageError('config: readahead must be 0 (off) or from 64K to 32M');
+  const logLevel = setting('logLevel');
+  if (typeof logLevel.value !== 'string' || !LOG_LEVELS.includes(logLevel.value as AgentConfig['logLevel'])) {
+    throw new UsageError(`${logLevel.label} ${JSON.stringify(logLevel.value)} is not a pino level (${LOG_LEVELS.join(', ')})`);
   }
 
   const config: AgentConfig = {
     storage: str('storage'),
     cache: str('cache'),
-    socket: str('socket', d.socket),
-    control: str('control', d.control),
-    cacheSize,
-    cacheMisses: bool('cacheMisses', raw.cacheMisses ?? d.cacheMisses),
-    storageDelayMs: num('storageDelayMs', raw.storageDelayMs ?? d.storageDelayMs, 0, 60_000),
-    storageErrorRate: num('storageErrorRate', raw.storageErrorRate ?? d.storageErrorRate, 0, 1),
+    socket: str('socket'),
+    control: str('control'),
+    cacheSize: size('cacheSize', 16 * 1024 * 1024, Number.MAX_SAFE_INTEGER, 'at least 16M'),
+    cacheMisses: bool('cacheMisses'),
+    storageDelayMs: num('storageDelayMs', 0, 60_000),
+    storageErrorRate: num('storageErrorRate', 0, 1),
     boot,
     merge,
-    prefetchChunk,
-    prefetchDepth: int('prefetchDepth', raw.prefetchDepth ?? d.prefetchDepth, 1, 64),
-    readahead,
+    prefetchChunk: size('prefetchChunk', 64 * 1024, 256 * 1024 * 1024, 'from 64K to 256M'),
+    prefetchDepth: int('prefetchDepth', 1, 64),
+    readahead: size('readahead', 64 * 1024, 32 * 1024 * 1024, '0 (off) or from 64K to 32M', true),
     blockSize,
-    maintenance,
-    maxConnections: int('maxConnections', raw.maxConnections ?? d.maxConnections, 1, 65_536),
-    socketMode: parseMode(raw.socketMode ?? d.socketMode),
-    logLevel,
+    maintenance: maintenance.value,
+    maxConnections: int('maxConnections', 1, 65_536),
+    socketMode: parseMode(setting('socketMode')),
+    logLevel: logLevel.value as AgentConfig['logLevel'],
   };
-  if (raw.socketGroup !== undefined) {
-    if (typeof raw.socketGroup !== 'string' || !/^[A-Za-z0-9_][A-Za-z0-9_.-]*\$?$/.test(raw.socketGroup)) {
-      throw new UsageError(`config: socketGroup must be a group name or a numeric gid, got ${JSON.stringify(raw.socketGroup)}`);
+  const group = setting('socketGroup');
+  if (group.value !== undefined) {
+    if (typeof group.value !== 'string' || !/^[A-Za-z0-9_][A-Za-z0-9_.-]*\$?$/.test(group.value)) {
+      throw new UsageError(`${group.label} must be a group name or a numeric gid, got ${JSON.stringify(group.value)}`);
     }
-    config.socketGroup = raw.socketGroup;
+    config.socketGroup = group.value;
   }
-  if (raw.listen !== undefined) {
-    if (typeof raw.listen !== 'string') throw new UsageError('config: listen must be a string HOST:PORT');
-    config.listen = parseListen(raw.listen);
+  const listen = setting('listen');
+  if (listen.value !== undefined) {
+    if (typeof listen.value !== 'string') throw new UsageError(`${listen.label} must be a string HOST:PORT`);
+    config.listen = parseListen(listen.value, listen.label);
   }
   return config;
 }
 
+const LOG_LEVELS: ReadonlyArray<AgentConfig['logLevel']> = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
+
 /** Socket permission bits from octal text ("660", "0o660") or a number (0o660 = 432). */
-function parseMode(value: unknown): number {
+function parseMode({ value, label }: Setting): number {
   const mode = typeof value === 'string' && /^(?:0o?)?[0-7]{3}$/.test(value) ? parseInt(value.replace(/^0o?/, ''), 8) : value;
   if (typeof mode !== 'number' || !Number.isInteger(mode) || mode < 0 || mode > 0o777) {
-    throw new UsageError(`config: socketMode must be octal permission bits such as "660", got ${JSON.stringify(value)}`);
+    throw new UsageError(`${label} must be octal permission bits such as "660", got ${JSON.stringify(value)}`);
   }
   // Connecting to a unix socket needs write permission: a mode nobody can connect with is a mistake.
-  if ((mode & 0o222) === 0) throw new UsageError(`config: socketMode ${mode.toString(8)} lets nobody connect (no write bit)`);
+  if ((mode & 0o222) === 0) throw new UsageError(`${label} ${mode.toString(8)} lets nobody connect (no write bit)`);
   return mode;
 }

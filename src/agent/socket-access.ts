@@ -18,7 +18,7 @@ export async function resolveGroup(group: string, groupFile?: string): Promise<n
   // group(5): name:password:GID:members
   const gid = entry?.split(':')[2];
   if (gid === undefined || !/^\d+$/.test(gid)) {
-    throw new UsageError(`socketGroup: no group named ${JSON.stringify(group)}${groupFile === undefined ? '' : ` in ${groupFile}`}`);
+    throw new UsageError(`socket group: no group named ${JSON.stringify(group)}${groupFile === undefined ? '' : ` in ${groupFile}`}`);
   }
   return Number(gid);
 }
@@ -29,7 +29,7 @@ function getentGroup(group: string): Promise<string | undefined> {
     execFile('getent', ['group', group], { timeout: 10_000 }, (err, stdout) => {
       if (!err) return resolve(stdout.trim().split('\n')[0]);
       if (typeof err.code === 'number') return resolve(undefined);
-      reject(new UsageError(`socketGroup: cannot look up group ${JSON.stringify(group)} with getent (${err.code ?? err.message})`));
+      reject(new UsageError(`socket group: cannot look up group ${JSON.stringify(group)} with getent (${err.code ?? err.message})`));
     });
   });
 }
@@ -39,7 +39,7 @@ async function groupFileEntry(group: string, groupFile: string): Promise<string 
   try {
     text = await readFile(groupFile, 'utf8');
   } catch (err) {
-    throw new UsageError(`socketGroup: cannot read ${groupFile} to look up group ${JSON.stringify(group)} (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
+    throw new UsageError(`socket group: cannot read ${groupFile} to look up group ${JSON.stringify(group)} (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
   }
   return text.split('\n').find((line) => line.split(':')[0] === group);
 }

@@ -34,8 +34,10 @@ export interface NbdServerStats {
   activeConnections: number;
   /** Connections accepted since start. */
   totalConnections: number;
-  /** Connections closed on accept because maxConnections was reached. */
+  /** Connections closed on accept because maxConnections was reached and none could make room. */
   rejectedConnections: number;
+  /** Connections still negotiating that were dropped to make room for a newcomer. */
+  droppedConnections: number;
   /** Connections that reached the transmission phase. */
   handshakes: number;
   /** Transmission requests received (NBD_CMD_DISC excluded). */
@@ -111,6 +113,7 @@ export class NbdServer {
   private readonly counters: ServerCounters = { handshakes: 0, requests: 0, bytesRead: 0, readErrors: 0, protocolErrors: 0 };
   private totalConnections = 0;
   private rejectedConnections = 0;
+  private droppedConnections = 0;
   private closing: Promise<void> | null = null;
 
   constructor(
@@ -147,6 +150,7 @@ export class NbdServer {
       activeConnections: this.connections.size,
       totalConnections: this.totalConnections,
       rejectedConnections: this.rejectedConnections,
+      droppedConnections: this.droppedConnections,
       handshakes: this.counters.handshakes,
       requests: this.counters.requests,
       requestsInFlight,
@@ -278,7 +282,7 @@ export class NbdServer {
       // Set order is insertion order: the first negotiating one is the oldest.
       if (!connection.negotiating) continue;
       this.connections.delete(connection);
-      this.rejectedConnections++;
+      this.droppedConnections++;
       this.log('warn', 'connection dropped: still negotiating while the server is full', {
         connection: connection.id,
         maxConnections: this.maxConnections,

@@ -53,35 +53,8 @@ ${EXIT_CODES_HELP}`;
   async run(): Promise<AgentRunResult> {
     const f = this.flags;
     const fromFile = f.config ? await loadConfigFile(f.config) : {};
-    const seconds = (v: string | undefined): number | undefined => (v === undefined ? undefined : Number(v) * 1000);
-    const boot: Record<string, number> = { ...((fromFile.boot as Record<string, number> | undefined) ?? {}) };
-    if (f['boot-idle'] !== undefined) boot.idleMs = seconds(f['boot-idle'])!;
-    if (f['boot-window'] !== undefined) boot.windowMs = seconds(f['boot-window'])!;
-    if (f['boot-min-reads'] !== undefined) boot.minReads = f['boot-min-reads'];
-    const merge: Record<string, number> = { ...((fromFile.merge as Record<string, number> | undefined) ?? {}) };
-    if (f['merge-min-seen'] !== undefined) merge.minSeen = f['merge-min-seen'];
-    if (f['merge-window'] !== undefined) merge.window = f['merge-window'];
-    const config = resolveConfig(fromFile, {
-      storage: f.storage,
-      cache: f.cache,
-      socket: f.socket,
-      listen: f.listen,
-      control: f.control,
-      socketMode: f['socket-mode'],
-      socketGroup: f['socket-group'],
-      maxConnections: f['max-connections'],
-      cacheSize: f['cache-size'],
-      cacheMisses: f['cache-misses'],
-      storageDelayMs: f['storage-delay'],
-      storageErrorRate: f['storage-error-rate'],
-      boot,
-      merge,
-      prefetchChunk: f['prefetch-chunk'],
-      prefetchDepth: f['prefetch-depth'],
-      readahead: f.readahead,
-      logLevel: f['log-level'],
-      maintenance: f.maintenance,
-    });
+    // Flags by name, in their own units: resolveConfig converts them and names them in errors.
+    const config = resolveConfig(fromFile, {}, f);
     const log = pino({ level: config.logLevel, base: { pid: process.pid } });
     const agent = new Agent(config, log);
     await agent.start();
