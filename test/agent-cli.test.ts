@@ -158,6 +158,6 @@ describe('bootcache agent (process)', () => {
   it('status without an agent is a clear error', async () => {
     const r = await cli('agent', 'status', '--control', join(dir, 'none.ctl'));
     expect(r.status).toBe(7);
-    expect(r.stderr).toMatch(/none\.ctl: cannot reach the agent's control socket .*is the agent running/);
+    expect(r.stderr).toMatch(/^bootcache agent status: error: .*none\.ctl: cannot reach the agent's control socket .*is the agent running/);
   });
 });

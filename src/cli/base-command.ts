@@ -87,7 +87,9 @@ export abstract class BaseCommand<T extends typeof Command> extends Command {
     if (this.jsonEnabled()) {
       this.logJson({ error: info } satisfies ErrorJson);
     } else {
-      process.stderr.write(`bootcache ${this.id ?? ''}: error: ${info.message} [${info.code}]\n`);
+      // The command as typed: oclif ids join topics with ':', the CLI with its topicSeparator (' ').
+      const command = (this.id ?? '').replaceAll(':', this.config.topicSeparator ?? ' ');
+      process.stderr.write(`bootcache ${command}: error: ${info.message} [${info.code}]\n`);
     }
     if (debug && err instanceof Error && err.stack) process.stderr.write(`${err.stack}\n`);
     // An ExitError is silent in oclif's handler and carries our exit code.
