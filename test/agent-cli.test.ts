@@ -118,6 +118,10 @@ describe('bootcache agent (process)', () => {
     const inUseKept = startAgent(['--storage', join(dir, 'storage'), '--cache', kept, '--socket', p.socket, '--control', p.control, '--listen', `127.0.0.1:${port}`]);
     expect(await inUseKept.exited).toBe(7);
     expect((await readdir(kept)).sort()).toEqual(expect.arrayContaining(['cache.data', 'marker']));
+    // Named through a directory that does not exist yet and "..": still the existing one, still kept.
+    const throughMissing = startAgent(['--storage', join(dir, 'storage'), '--cache', `${dir}/not-yet/../existing-cache`, '--socket', p.socket, '--control', p.control, '--listen', `127.0.0.1:${port}`]);
+    expect(await throughMissing.exited).toBe(7);
+    expect((await readdir(kept)).sort()).toEqual(expect.arrayContaining(['cache.data', 'marker']));
     busy.close();
   });
 

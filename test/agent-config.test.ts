@@ -94,12 +94,18 @@ describe('agent configuration: flags', () => {
     flagFails({ 'storage-error-rate': 'x' }, /^--storage-error-rate must be a number from 0 to 1/);
     flagFails({ 'socket-mode': '999' }, /^--socket-mode must be octal permission bits/);
     flagFails({ listen: 'host:99999' }, /^--listen: port 99999 is out of range/);
+    flagFails({ listen: '' }, /^--listen must be HOST:PORT, got ""$/);
+    flagFails({ 'boot-idle': '0x10' }, /^--boot-idle must be a number of seconds from 0\.1 to 3600, got "0x10"$/);
+    flagFails({ 'storage-error-rate': 'Infinity' }, /^--storage-error-rate must be a number from 0 to 1, got "Infinity"$/);
     flagFails({ 'merge-min-seen': 5 }, /^--merge-min-seen \(5\) cannot exceed the merge window \(4 boots; /);
   });
 
   it('names the key when the bad value came from the file', () => {
     flagFails({}, /^config: boot\.idleMs must be a number from 100 to 3600000, got "abc"$/, { boot: { idleMs: 'abc' } });
     flagFails({}, /^config: cacheSize must be a size such as/, { cacheSize: '12Q' });
+    flagFails({}, /^config: boot\.idleMs must be a number from 100 to 3600000, got Infinity$/, { boot: { idleMs: Infinity } });
+    flagFails({}, /^config: maxConnections must be a number from 1 to 65536, got "0x10"$/, { maxConnections: '0x10' });
+    expect(resolveConfig({ storageErrorRate: ' 0.25 ', boot: { idleMs: '1.5e3' } }, base)).toMatchObject({ storageErrorRate: 0.25, boot: { idleMs: 1500 } });
     flagFails({ 'boot-window': '30' }, /^config: logLevel "loud" is not a pino level/, { logLevel: 'loud' });
   });
 });

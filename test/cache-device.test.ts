@@ -1,4 +1,4 @@
-import { mkdtemp, readdir, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it, vi } from 'vitest';
@@ -405,6 +405,45 @@ describe('CacheDevice basics', () => {
     await Promise.all(ops);
     expect(cache.stats().usedBytes).toBeLessThanOrEqual(24 * BS);
     await cache.close();
+  });
+});
+
+describe('CacheDevice closeAndRemoveIfCreated (a start that failed)', () => {
+  it('removes a cache directory this open created, and nothing else', async () => {
+    const root = await tempDir();
+    const fresh = join(root, 'new', 'cache');
+    const created = await openCache(fresh, 32);
+    await created.put('aa', 1, block('aa', 1), 'other');
+    await created.closeAndRemoveIfCreated();
+    await expect(stat(fresh)).rejects.toThrow(/ENOENT/);
+    // The parent it had to create stays: only the cache directory itself is removed.
+    expect(await readdir(join(root, 'new'))).toEqual([]);
+  });
+
+  it('leaves a directory that existed before, also when named through a missing one and ".."', async () => {
+    const root = await tempDir();
+    const existing = join(root, 'existing');
+    await mkdir(existing);
+    await writeFile(join(existing, 'precious'), 'x');
+    for (const path of [existing, join(root, 'missing', '..', 'existing')]) {
+      const cache = await openCache(path, 32);
+      await cache.closeAndRemoveIfCreated();
+      expect((await readdir(existing)).sort()).toEqual(['cache.data', 'cache.journal', 'cache.snap', 'precious']);
+    }
+    // A reopen finds its cache intact.
+    const again = await openCache(existing, 32);
+    await again.close();
+  });
+
+  it('never removes a cache another process holds: an open that fails on the lock has nothing to remove', async () => {
+    const root = await tempDir();
+    const shared = join(root, 'shared');
+    const holder = await openCache(shared, 32);
+    await holder.put('aa', 2, block('aa', 2), 'other');
+    await expect(openCache(shared, 32)).rejects.toThrow(/in use/);
+    expect((await holder.get('aa', 2))?.equals(block('aa', 2))).toBe(true);
+    await holder.close();
+    expect(await readdir(shared)).toContain('cache.data');
   });
 });
 

@@ -5,7 +5,7 @@
  * recorded; when one ends, the map is merged and a new segment is built and
  * published next to the image (IMAGE.bcmap, IMAGE.bcseg).
  */
-import { lstat, mkdir, rm } from 'node:fs/promises';
+import { mkdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import cron from 'node-cron';
 import type { Logger } from 'pino';
@@ -113,8 +113,6 @@ export class Agent implements ExportProvider {
     const c = this.config;
     // Before anything is opened or created: an unknown group is a configuration error.
     const gid = c.socketGroup === undefined ? undefined : await resolveGroup(c.socketGroup);
-    // A cache directory this start creates is removed again if the start fails.
-    const cacheExisted = await pathExists(c.cache);
     let storage: Storage = await LocalDirStorage.open(c.storage).catch((err: unknown) => {
       throw new AgentError(`storage: ${(err as Error).message}`, { cause: err });
     });
@@ -149,8 +147,8 @@ export class Agent implements ExportProvider {
         markBooted: async (name) => this.markBooted(name),
       }, gid);
     } catch (err) {
-      await this.stop();
-      if (!cacheExisted) await rm(c.cache, { recursive: true, force: true }).catch(() => undefined);
+      // A cache this start created is removed again, under its lock (CacheDevice.closeAndRemoveIfCreated).
+      await this.stop({ removeNewCache: true });
       throw err;
     }
     if (c.maintenance !== 'off') {
@@ -164,7 +162,7 @@ export class Agent implements ExportProvider {
   }
 
   /** Stops accepting, drains in-flight requests, finishes rebuilds, flushes the cache. */
-  async stop(): Promise<void> {
+  async stop(options: { removeNewCache?: boolean } = {}): Promise<void> {
     this.maintenance?.stop();
     await this.nbd?.close().catch((err: unknown) => this.log.warn({ err }, 'closing NBD server'));
     await this.control?.close().catch(() => undefined);
@@ -176,7 +174,8 @@ export class Agent implements ExportProvider {
     }
     await this.missWriter?.flush();
     this.chunkBuffers?.close();
-    await this.cache?.close().catch((err: unknown) => this.log.warn({ err }, 'closing cache'));
+    const closing = options.removeNewCache === true ? this.cache?.closeAndRemoveIfCreated() : this.cache?.close();
+    await closing?.catch((err: unknown) => this.log.warn({ err }, 'closing cache'));
     if (this.started) this.log.info({ counters: this.counters }, 'agent stopped');
     else this.log.debug('agent did not start; what it had opened is closed');
   }
@@ -428,14 +427,4 @@ export function isImageKey(key: string): boolean {
   if (SIDECAR_SUFFIXES.some((s) => key.endsWith(s))) return false;
   if (/\.tmp-[^/]*$/.test(key)) return false;
   return true;
-}
-
-/** Whether anything is at `path`, a dangling symlink included; when unsure (no permission to look), true, so it is never removed. */
-async function pathExists(path: string): Promise<boolean> {
-  try {
-    await lstat(path);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code !== 'ENOENT';
-  }
 }

@@ -84,7 +84,7 @@ export function parseSize(value: unknown, label: string): number {
 
 /** Parses HOST:PORT, [v6]:PORT, HOST (default port) or :PORT. */
 export function parseListen(value: string, label = 'listen'): { host: string; port: number } {
-  const m = /^(?:\[([^\]]+)\]|([^:]*))(?::(\d+))?$/.exec(value.trim());
+  const m = value.trim() === '' ? null : /^(?:\[([^\]]+)\]|([^:]*))(?::(\d+))?$/.exec(value.trim());
   if (!m) throw new UsageError(`${label} must be HOST:PORT, got ${JSON.stringify(value)}`);
   const host = m[1] ?? (m[2] || '127.0.0.1');
   const port = m[3] === undefined ? DEFAULT_NBD_PORT : Number(m[3]);
@@ -204,16 +204,17 @@ export function resolveConfig(fromFile: Raw, overrides: Raw = {}, fromFlags: Raw
   };
   const num = (key: string, min: number, max: number): number => {
     const { value, label, scale, unit } = setting(key);
-    const n = typeof value === 'string' ? (value.trim() === '' ? NaN : Number(value)) : value;
+    // Decimal only: Number() would also take "0x10", "0b1" and "Infinity".
+    const n = typeof value === 'string' ? (DECIMAL.test(value) ? Number(value) : NaN) : value;
     if (typeof n !== 'number' || !Number.isFinite(n) || n * scale < min || n * scale > max) {
       const what = unit === undefined ? 'a number' : `a number of ${unit}`;
-      throw new UsageError(`${label} must be ${what} from ${min / scale} to ${max / scale}, got ${JSON.stringify(value)}`);
+      throw new UsageError(`${label} must be ${what} from ${min / scale} to ${max / scale}, got ${shown(value)}`);
     }
     return n * scale;
   };
   const int = (key: string, min: number, max: number): number => {
     const n = num(key, min, max);
-    if (!Number.isInteger(n)) throw new UsageError(`${setting(key).label} must be a whole number, got ${JSON.stringify(setting(key).value)}`);
+    if (!Number.isInteger(n)) throw new UsageError(`${setting(key).label} must be a whole number, got ${shown(setting(key).value)}`);
     return n;
   };
   const bool = (key: string): boolean => {
@@ -288,6 +289,13 @@ export function resolveConfig(fromFile: Raw, overrides: Raw = {}, fromFlags: Raw
     config.listen = parseListen(listen.value, listen.label);
   }
   return config;
+}
+
+const DECIMAL = /^\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?\s*$/i;
+
+/** A value as the user wrote it, for messages (JSON.stringify would print Infinity as null). */
+function shown(value: unknown): string {
+  return typeof value === 'number' ? String(value) : JSON.stringify(value);
 }
 
 const LOG_LEVELS: ReadonlyArray<AgentConfig['logLevel']> = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];

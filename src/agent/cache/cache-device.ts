@@ -14,7 +14,7 @@
  *      but is reused only after the record saying so is durable.
  */
 import { constants, read, readSync } from 'node:fs';
-import { mkdir, open, readdir, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { mkdir, open, readdir, rmdir, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { randomInt } from 'node:crypto';
 import { dirname, join } from 'node:path';
 import { crc32 } from 'node:zlib';
@@ -179,6 +179,8 @@ export class CacheDevice implements BlockCache {
   private dataDirty = false;
   private failed: BootcacheError | undefined;
   private closed = false;
+  /** This open created the cache directory (see closeAndRemoveIfCreated). */
+  private createdDir = false;
   private active = 0;
   private idleWaiters: (() => void)[] = [];
   private counters = { hits: 0, misses: 0, evictions: 0, checksumFailures: 0, droppedPuts: 0, slowSyncReads: 0 };
@@ -220,7 +222,7 @@ export class CacheDevice implements BlockCache {
       throw new AgentError(`cache size ${String(cap)} is not a positive number of bytes`);
     }
     const log = options.logger ?? processWarnings;
-    await prepareDir(dir);
+    const created = await prepareDir(dir);
     const lockPath = join(dir, FILES.lock);
     await acquireLock(lockPath, dir);
     let loaded: Loaded;
@@ -233,7 +235,9 @@ export class CacheDevice implements BlockCache {
     }
     const { blockSize, slotCount, files, persisted: p } = loaded;
     p.index.rebuildFreeList(slotCount);
-    return new CacheDevice(dir, blockSize, p.index, slotCount, files, p.epoch, p.salt, p.journalSize, options.verifyReads ?? true, options.syncReads ?? true, log);
+    const device = new CacheDevice(dir, blockSize, p.index, slotCount, files, p.epoch, p.salt, p.journalSize, options.verifyReads ?? true, options.syncReads ?? true, log);
+    device.createdDir = created;
+    return device;
   }
 
   // --- the block interface ---
@@ -525,7 +529,21 @@ export class CacheDevice implements BlockCache {
   }
 
   /** Waits for operations in flight, makes everything durable and closes the files. */
-  async close(): Promise<void> {
+  close(): Promise<void> {
+    return this.closeFiles(false);
+  }
+
+  /**
+   * For a start that failed: closes the cache and, when this open created its
+   * directory, removes the cache again. The files go while the lock is still
+   * held, then the directory only if it is empty, so a cache another process
+   * opened meanwhile (or a directory that existed before) is never touched.
+   */
+  closeAndRemoveIfCreated(): Promise<void> {
+    return this.closeFiles(this.createdDir);
+  }
+
+  private async closeFiles(remove: boolean): Promise<void> {
     if (this.closed) return;
     this.closed = true;
     if (this.active > 0) await new Promise<void>((resolve) => this.idleWaiters.push(resolve));
@@ -536,8 +554,13 @@ export class CacheDevice implements BlockCache {
     this.timer = undefined;
     await this.files.data.close().catch((err: unknown) => (error ??= err));
     await this.files.journal.close().catch((err: unknown) => (error ??= err));
+    if (remove) {
+      await removeStaleTempFiles(this.dir);
+      for (const name of [FILES.data, FILES.snapshot, FILES.journal]) await unlink(join(this.dir, name)).catch(() => undefined);
+    }
     await releaseLock(join(this.dir, FILES.lock));
-    if (error !== undefined) throw fromSystemError(error, this.dir, 'closing the cache');
+    if (remove) await rmdir(this.dir).catch(() => undefined);
+    if (error !== undefined && !remove) throw fromSystemError(error, this.dir, 'closing the cache');
   }
 
   // --- puts and slots ---
@@ -940,14 +963,15 @@ function slotsFor(capacityBytes: number, blockSize: number): number {
   return slots;
 }
 
-async function prepareDir(dir: string): Promise<void> {
+/** Checks or creates the cache directory; true when this call created it (its own mkdir succeeded). */
+async function prepareDir(dir: string): Promise<boolean> {
   try {
     const st = await stat(dir).catch((err: unknown) => {
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
       throw err;
     });
     if (st && !st.isDirectory()) throw new AgentError(`cache directory ${dir} exists and is not a directory`);
-    if (!st) await makeDir(dir);
+    return st ? false : await makeDir(dir);
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
     if (code === 'ENOTDIR' || code === 'ENOENT') {
@@ -961,17 +985,20 @@ async function prepareDir(dir: string): Promise<void> {
  * mkdir -p. Not fs.mkdir's recursive mode: that loops forever where mkdir
  * fails with ENOENT under an existing parent (e.g. in /proc).
  */
-async function makeDir(dir: string): Promise<void> {
+async function makeDir(dir: string): Promise<boolean> {
   try {
     await mkdir(dir);
+    return true;
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
-    if (code === 'EEXIST') return;
+    if (code === 'EEXIST') return false;
     const parent = dirname(dir);
     if (code !== 'ENOENT' || parent === dir) throw err;
     await makeDir(parent);
-    await mkdir(dir).catch((again: unknown) => {
+    // "a/missing/../b" names a directory that may exist once "a/missing" does: created only if this mkdir succeeds.
+    return mkdir(dir).then(() => true, (again: unknown) => {
       if ((again as NodeJS.ErrnoException).code !== 'EEXIST') throw again;
+      return false;
     });
   }
 }
