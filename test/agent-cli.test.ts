@@ -4,7 +4,7 @@
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdir, mkdtemp, readdir, stat, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -95,6 +95,15 @@ describe('bootcache agent (process)', () => {
     expect(await missing.exited).toBe(7);
     expect(missing.stderr()).toMatch(/storage: .*nope.*no such file/);
     expect(missing.stderr().trim().split('\n')).toHaveLength(1);
+
+    // A control path at a regular file is refused, and the file kept.
+    const notSocket = join(dir, 'control-is-a-file');
+    await writeFile(notSocket, 'precious');
+    const badControl = startAgent(['--storage', join(dir, 'storage'), '--cache', p.cache, '--socket', p.socket, '--control', notSocket]);
+    expect(await badControl.exited).toBe(7);
+    expect(badControl.stderr()).toMatch(/control-is-a-file: the path exists and is not a socket/);
+    expect(await readFile(notSocket, 'utf8')).toBe('precious');
+    await expect(stat(p.socket)).rejects.toThrow(/ENOENT/);
 
     const notDir = join(dir, 'cache-is-a-file');
     await writeFile(notDir, 'x');

@@ -95,6 +95,7 @@ describe('agent configuration: flags', () => {
     flagFails({ 'socket-mode': '999' }, /^--socket-mode must be octal permission bits/);
     flagFails({ listen: 'host:99999' }, /^--listen: port 99999 is out of range/);
     flagFails({ listen: '' }, /^--listen must be HOST:PORT, got ""$/);
+    flagFails({ socket: `/run/${'x'.repeat(110)}.sock` }, /^--socket is 120 bytes long; a unix socket path can have at most 107$/);
     flagFails({ 'boot-idle': '0x10' }, /^--boot-idle must be a number of seconds from 0\.1 to 3600, got "0x10"$/);
     flagFails({ 'storage-error-rate': 'Infinity' }, /^--storage-error-rate must be a number from 0 to 1, got "Infinity"$/);
     flagFails({ 'merge-min-seen': 5 }, /^--merge-min-seen \(5\) cannot exceed the merge window \(4 boots; /);

@@ -1,4 +1,4 @@
-import { mkdir, mkdtemp, readdir, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it, vi } from 'vitest';
@@ -425,7 +425,8 @@ describe('CacheDevice closeAndRemoveIfCreated (a start that failed)', () => {
     const existing = join(root, 'existing');
     await mkdir(existing);
     await writeFile(join(existing, 'precious'), 'x');
-    for (const path of [existing, join(root, 'missing', '..', 'existing')]) {
+    // A template string: join() would fold "missing/.." away.
+    for (const path of [existing, `${root}/missing/../existing`]) {
       const cache = await openCache(path, 32);
       await cache.closeAndRemoveIfCreated();
       expect((await readdir(existing)).sort()).toEqual(['cache.data', 'cache.journal', 'cache.snap', 'precious']);
@@ -433,6 +434,31 @@ describe('CacheDevice closeAndRemoveIfCreated (a start that failed)', () => {
     // A reopen finds its cache intact.
     const again = await openCache(existing, 32);
     await again.close();
+  });
+
+  it('removes nothing once another process holds the lock, and never removes a lock that is not its own', async () => {
+    const root = await tempDir();
+    const fresh = join(root, 'taken-over');
+    const cache = await openCache(fresh, 32);
+    // As if another live process (pid 1) had taken the lock over meanwhile.
+    await writeFile(join(fresh, 'cache.lock'), '1\n');
+    await cache.closeAndRemoveIfCreated();
+    expect((await readdir(fresh)).sort()).toEqual(['cache.data', 'cache.journal', 'cache.lock', 'cache.snap']);
+    expect(await readFile(join(fresh, 'cache.lock'), 'latin1')).toBe('1\n');
+  });
+
+  it('links a complete lock into place and clears lock temp files of dead processes', async () => {
+    const root = await tempDir();
+    const dir = join(root, 'locks');
+    await mkdir(dir);
+    const deadTemp = 'cache.lock.999999999.0123456789ab.lock-tmp';
+    await writeFile(join(dir, deadTemp), '999999999\n');
+    const cache = await openCache(dir, 32);
+    expect(await readFile(join(dir, 'cache.lock'), 'latin1')).toBe(`${process.pid}\n`);
+    expect(await readdir(dir)).not.toContain(deadTemp);
+    expect((await readdir(dir)).filter((n) => n.endsWith('.lock-tmp'))).toEqual([]);
+    await cache.close();
+    expect(await readdir(dir)).not.toContain('cache.lock');
   });
 
   it('never removes a cache another process holds: an open that fails on the lock has nothing to remove', async () => {

@@ -9,6 +9,7 @@ import { UsageError, fromSystemError } from '../errors.js';
 import { DEFAULT_MERGE_POLICY, type MergePolicy } from '../format/map.js';
 import { DEFAULT_BOOT_POLICY, type BootPolicy } from './boot-recorder.js';
 import { DEFAULT_READAHEAD } from './readahead.js';
+import { MAX_SOCKET_PATH_BYTES } from './socket-access.js';
 
 export const DEFAULT_NBD_PORT = 10809;
 export const DEFAULT_SOCKET = '/run/bootcache/nbd.sock';
@@ -202,6 +203,14 @@ export function resolveConfig(fromFile: Raw, overrides: Raw = {}, fromFlags: Raw
     if (typeof value !== 'string' || value.length === 0) throw new UsageError(`${label} must be a path (a non-empty string), got ${JSON.stringify(value)}`);
     return value;
   };
+  const socketPath = (key: string): string => {
+    const path = str(key);
+    const bytes = Buffer.byteLength(path);
+    if (bytes > MAX_SOCKET_PATH_BYTES) {
+      throw new UsageError(`${setting(key).label} is ${bytes} bytes long; a unix socket path can have at most ${MAX_SOCKET_PATH_BYTES}`);
+    }
+    return path;
+  };
   const num = (key: string, min: number, max: number): number => {
     const { value, label, scale, unit } = setting(key);
     // Decimal only: Number() would also take "0x10", "0b1" and "Infinity".
@@ -259,8 +268,8 @@ export function resolveConfig(fromFile: Raw, overrides: Raw = {}, fromFlags: Raw
   const config: AgentConfig = {
     storage: str('storage'),
     cache: str('cache'),
-    socket: str('socket'),
-    control: str('control'),
+    socket: socketPath('socket'),
+    control: socketPath('control'),
     cacheSize: size('cacheSize', 16 * 1024 * 1024, Number.MAX_SAFE_INTEGER, 'at least 16M'),
     cacheMisses: bool('cacheMisses'),
     storageDelayMs: num('storageDelayMs', 0, 60_000),

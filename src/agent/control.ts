@@ -8,7 +8,7 @@ import { rm } from 'node:fs/promises';
 import { createServer, request, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { AgentError, BootcacheError, UsageError } from '../errors.js';
 import { ExportNotFoundError } from './nbd/export.js';
-import { applySocketAccess } from './socket-access.js';
+import { applySocketAccess, claimSocketPath } from './socket-access.js';
 
 export interface ControlHandlers {
   status(): Promise<unknown>;
@@ -20,7 +20,7 @@ export class ControlServer {
 
   /** Listens on `path`, mode 660, in group `gid` when given. */
   static async start(path: string, handlers: ControlHandlers, gid?: number): Promise<ControlServer> {
-    await removeStaleSocket(path);
+    await claimSocketPath(path);
     const server = createServer((req, res) => {
       void handle(req, res, handlers);
     });
@@ -111,17 +111,3 @@ function controlError(error: { code?: string; message?: string } | undefined, st
   }
 }
 
-/** Removes a leftover socket file, but never one a live process listens on. */
-export async function removeStaleSocket(path: string): Promise<void> {
-  const { connect } = await import('node:net');
-  const alive = await new Promise<boolean>((resolve) => {
-    const sock = connect(path);
-    sock.once('connect', () => {
-      sock.destroy();
-      resolve(true);
-    });
-    sock.once('error', () => resolve(false));
-  });
-  if (alive) throw new AgentError(`socket ${path} is already in use by another process (another agent?)`);
-  await rm(path, { force: true });
-}

@@ -21,7 +21,7 @@ import { crc32 } from 'node:zlib';
 import { AgentError, BootcacheError, StorageIOError, fromSystemError } from '../../errors.js';
 import type { BlockCache, CacheBlockKind, CacheEntry } from '../block-cache.js';
 import { isTempName, writeFileAtomic } from '../../format/atomic-write.js';
-import { acquireLock, pwriteAll, readHead, readIfExists, releaseLock, writevAll } from './file-io.js';
+import { acquireLock, holdsLock, pwriteAll, readHead, readIfExists, releaseLock, removeStaleLockTemps, writevAll } from './file-io.js';
 import {
   JOURNAL_HEADER_SIZE,
   PUT_FLAG_BOOT,
@@ -228,6 +228,7 @@ export class CacheDevice implements BlockCache {
     let loaded: Loaded;
     try {
       await removeStaleTempFiles(dir);
+      await removeStaleLockTemps(dir, FILES.lock);
       loaded = await loadPersisted(dir, requested, cap, log); // closes what it opened if it fails
     } catch (err) {
       await releaseLock(lockPath);
@@ -554,6 +555,8 @@ export class CacheDevice implements BlockCache {
     this.timer = undefined;
     await this.files.data.close().catch((err: unknown) => (error ??= err));
     await this.files.journal.close().catch((err: unknown) => (error ??= err));
+    // Only while the lock is still ours: never the files of a cache another process has taken over.
+    if (remove && !(await holdsLock(join(this.dir, FILES.lock)))) remove = false;
     if (remove) {
       await removeStaleTempFiles(this.dir);
       for (const name of [FILES.data, FILES.snapshot, FILES.journal]) await unlink(join(this.dir, name)).catch(() => undefined);

@@ -2,8 +2,10 @@
  * Small file helpers for the cache device: positional writes on the
  * callback API (cheaper than FileHandle's), and the directory lock.
  */
-import { constants, write } from 'node:fs';
-import { open, readFile, unlink, type FileHandle } from 'node:fs/promises';
+import { write } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { link, open, readdir, readFile, unlink, writeFile, type FileHandle } from 'node:fs/promises';
+import { join } from 'node:path';
 import { AgentError, fromSystemError } from '../../errors.js';
 
 /** Writes all of buf at `position`. */
@@ -72,33 +74,70 @@ export async function readIfExists(path: string, doing: string): Promise<Buffer 
 /**
  * Takes the cache directory's lock file (it holds the owner's pid). A lock
  * left by a process that no longer runs (kill -9) is taken over.
+ *
+ * The pid is written to a private file first and hard-linked into place
+ * (link(2) fails if the lock exists), so a lock is never seen empty: an
+ * empty lock, read between create and write, looked stale and let a second
+ * process take over a live cache.
  */
 export async function acquireLock(path: string, dir: string): Promise<void> {
-  for (let attempt = 0; attempt < 3; attempt++) {
-    try {
-      const handle = await open(path, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, 0o644);
-      try {
-        await handle.writeFile(`${process.pid}\n`);
-      } finally {
-        await handle.close();
-      }
-      return;
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw fromSystemError(err, path, 'locking the cache directory');
-    }
-    const owner = Number.parseInt((await readIfExists(path, 'reading the cache lock'))?.toString('latin1') ?? '', 10);
-    if (Number.isSafeInteger(owner) && owner > 0 && isRunning(owner)) {
-      const who = owner === process.pid ? 'this process (opened twice)' : `process ${owner}`;
-      throw new AgentError(`cache directory ${dir} is in use by ${who}`);
-    }
-    await unlink(path).catch((err: unknown) => {
-      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw fromSystemError(err, path, 'removing a stale cache lock');
-    });
+  const mine = `${path}.${process.pid}.${randomBytes(6).toString('hex')}${LOCK_TEMP_SUFFIX}`;
+  try {
+    await writeFile(mine, `${process.pid}\n`, { mode: 0o644, flag: 'wx' });
+  } catch (err) {
+    throw fromSystemError(err, path, 'locking the cache directory');
   }
-  throw new AgentError(`cache directory ${dir}: could not take the lock ${path}`);
+  try {
+    for (let attempt = 0; attempt < 3; attempt++) {
+      try {
+        await link(mine, path);
+        return;
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw fromSystemError(err, path, 'locking the cache directory');
+      }
+      const owner = await lockOwner(path);
+      if (owner !== undefined && isRunning(owner)) {
+        const who = owner === process.pid ? 'this process (opened twice)' : `process ${owner}`;
+        throw new AgentError(`cache directory ${dir} is in use by ${who}`);
+      }
+      await unlink(path).catch((err: unknown) => {
+        if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw fromSystemError(err, path, 'removing a stale cache lock');
+      });
+    }
+    throw new AgentError(`cache directory ${dir}: could not take the lock ${path}`);
+  } finally {
+    await unlink(mine).catch(() => undefined);
+  }
 }
 
+/** Suffix of the private files acquireLock links into place; one left by a crash is removed by removeStaleLockTemps. */
+const LOCK_TEMP_SUFFIX = '.lock-tmp';
+
+/** Removes lock temp files (see acquireLock) of processes that no longer run. */
+export async function removeStaleLockTemps(dir: string, lockName: string): Promise<void> {
+  const names = await readdir(dir).catch(() => [] as string[]);
+  const pattern = new RegExp(`^${lockName.replace(/\./g, '\\.')}\\.(\\d+)\\.[0-9a-f]{12}${LOCK_TEMP_SUFFIX.replace(/\./g, '\\.')}$`);
+  await Promise.all(names.map(async (name) => {
+    const pid = pattern.exec(name)?.[1];
+    if (pid !== undefined && !isRunning(Number(pid))) await unlink(join(dir, name)).catch(() => undefined);
+  }));
+}
+
+/** The pid in a lock file, or undefined when there is none or it is unreadable. */
+async function lockOwner(path: string): Promise<number | undefined> {
+  const owner = Number.parseInt((await readIfExists(path, 'reading the cache lock'))?.toString('latin1') ?? '', 10);
+  return Number.isSafeInteger(owner) && owner > 0 ? owner : undefined;
+}
+
+/** True when the lock file holds this process's pid. */
+export async function holdsLock(path: string): Promise<boolean> {
+  return (await lockOwner(path).catch(() => undefined)) === process.pid;
+}
+
+/** Removes the lock if it is still this process's (never one another process took over). */
 export async function releaseLock(path: string): Promise<void> {
+  const owner = await lockOwner(path).catch(() => undefined);
+  if (owner !== undefined && owner !== process.pid) return;
   await unlink(path).catch(() => undefined);
 }
 

@@ -1,5 +1,5 @@
-import { lstat, unlink } from 'node:fs/promises';
 import net from 'node:net';
+import { claimSocketPath } from '../socket-access.js';
 import { AgentError } from '../../errors.js';
 import { NbdConnection, type ConnectionLimits, type NbdLogger, type ServerCounters } from './connection.js';
 import type { ExportProvider } from './export.js';
@@ -60,27 +60,6 @@ function positiveInteger(name: string, value: number | undefined, fallback: numb
     throw new AgentError(`NBD server option ${name} must be an integer from ${min} to ${max}, got ${String(value)}`);
   }
   return v;
-}
-
-/** The server will not replace a path that is not a socket, or a socket someone answers on. */
-async function socketInUse(path: string): Promise<boolean> {
-  return new Promise<boolean>((resolve, reject) => {
-    const probe = net.connect({ path });
-    const timer = setTimeout(() => {
-      probe.destroy();
-      resolve(true); // Something holds it but does not answer promptly: do not steal it.
-    }, 1000);
-    probe.once('connect', () => {
-      clearTimeout(timer);
-      probe.destroy();
-      resolve(true);
-    });
-    probe.once('error', (err: NodeJS.ErrnoException) => {
-      clearTimeout(timer);
-      if (err.code === 'ECONNREFUSED' || err.code === 'ENOENT') resolve(false);
-      else reject(new AgentError(`cannot check socket ${path}: ${err.message}`, { cause: err }));
-    });
-  });
 }
 
 function listenError(err: NodeJS.ErrnoException, where: string): AgentError {
@@ -166,20 +145,7 @@ export class NbdServer {
    */
   async listenUnix(path: string): Promise<void> {
     this.assertOpen();
-    let existing;
-    try {
-      existing = await lstat(path);
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw listenError(err as NodeJS.ErrnoException, `socket ${path}`);
-    }
-    if (existing !== undefined) {
-      if (!existing.isSocket()) throw new AgentError(`cannot listen on ${path}: the path exists and is not a socket`);
-      if (await socketInUse(path)) throw new AgentError(`socket ${path} is already in use by another process`);
-      this.log('info', 'removing stale NBD socket', { path });
-      await unlink(path).catch((err: NodeJS.ErrnoException) => {
-        if (err.code !== 'ENOENT') throw listenError(err, `socket ${path}`);
-      });
-    }
+    if (await claimSocketPath(path)) this.log('info', 'removed a stale NBD socket', { path });
     await this.listen({ path }, `socket ${path}`);
   }
 
