@@ -1,4 +1,4 @@
-import { mkdir, mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, readFile, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it, vi } from 'vitest';
@@ -322,6 +322,18 @@ describe('CacheDevice basics', () => {
     await writeFile(join(dir, 'cache.lock'), '999999999\n'); // no such process
     const again = await openCache(dir, 32);
     await again.close();
+    expect(await readdir(dir)).not.toContain('cache.lock');
+  });
+
+  it('takes over a lock with its own pid that it does not hold (pid 1 in a container, killed and restarted), but not one it holds under another path', async () => {
+    const dir = await tempDir();
+    await writeFile(join(dir, 'cache.lock'), `${process.pid}\n`);
+    const cache = await openCache(dir, 32);
+    const link = `${dir}-link`;
+    dirs.push(link);
+    await symlink(dir, link);
+    await expect(openCache(link, 32)).rejects.toThrow(/in use by this process \(opened twice\)/);
+    await cache.close();
     expect(await readdir(dir)).not.toContain('cache.lock');
   });
 

@@ -4,8 +4,8 @@
  */
 import { write } from 'node:fs';
 import { randomBytes } from 'node:crypto';
-import { link, open, readdir, readFile, unlink, writeFile, type FileHandle } from 'node:fs/promises';
-import { join } from 'node:path';
+import { link, open, readdir, readFile, realpath, unlink, writeFile, type FileHandle } from 'node:fs/promises';
+import { basename, dirname, join, resolve } from 'node:path';
 import { AgentError, fromSystemError } from '../../errors.js';
 
 /** Writes all of buf at `position`. */
@@ -91,14 +91,18 @@ export async function acquireLock(path: string, dir: string): Promise<void> {
     for (let attempt = 0; attempt < 3; attempt++) {
       try {
         await link(mine, path);
+        heldLocks.add(await lockKey(path));
         return;
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw fromSystemError(err, path, 'locking the cache directory');
       }
       const owner = await lockOwner(path);
-      if (owner !== undefined && isRunning(owner)) {
-        const who = owner === process.pid ? 'this process (opened twice)' : `process ${owner}`;
-        throw new AgentError(`cache directory ${dir} is in use by ${who}`);
+      if (owner === process.pid && heldLocks.has(await lockKey(path))) {
+        throw new AgentError(`cache directory ${dir} is in use by this process (opened twice)`);
+      }
+      // Our own pid without our hold: a previous process that had this pid (pid 1 in a container, killed), so stale.
+      if (owner !== undefined && owner !== process.pid && isRunning(owner)) {
+        throw new AgentError(`cache directory ${dir} is in use by process ${owner}`);
       }
       await unlink(path).catch((err: unknown) => {
         if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw fromSystemError(err, path, 'removing a stale cache lock');
@@ -136,9 +140,20 @@ export async function holdsLock(path: string): Promise<boolean> {
 
 /** Removes the lock if it is still this process's (never one another process took over). */
 export async function releaseLock(path: string): Promise<void> {
+  const key = await lockKey(path);
   const owner = await lockOwner(path).catch(() => undefined);
+  heldLocks.delete(key);
   if (owner !== undefined && owner !== process.pid) return;
   await unlink(path).catch(() => undefined);
+}
+
+/** Locks this process holds, by lockKey: tells a second open here from a lock a previous process with our pid left. */
+const heldLocks = new Set<string>();
+
+/** A lock's identity whichever path names it: its directory's real path. */
+async function lockKey(path: string): Promise<string> {
+  const dir = await realpath(dirname(path)).catch(() => resolve(dirname(path)));
+  return join(dir, basename(path));
 }
 
 function isRunning(pid: number): boolean {
