@@ -120,10 +120,11 @@ const LOCK_TEMP_SUFFIX = '.lock-tmp';
 /** Removes lock temp files (see acquireLock) of processes that no longer run. */
 export async function removeStaleLockTemps(dir: string, lockName: string): Promise<void> {
   const names = await readdir(dir).catch(() => [] as string[]);
-  const pattern = new RegExp(`^${lockName.replace(/\./g, '\\.')}\\.(\\d+)\\.[0-9a-f]{12}${LOCK_TEMP_SUFFIX.replace(/\./g, '\\.')}$`);
   await Promise.all(names.map(async (name) => {
-    const pid = pattern.exec(name)?.[1];
-    if (pid !== undefined && !isRunning(Number(pid))) await unlink(join(dir, name)).catch(() => undefined);
+    // LOCK.PID.HEX.lock-tmp
+    if (!name.startsWith(`${lockName}.`) || !name.endsWith(LOCK_TEMP_SUFFIX)) return;
+    const pid = name.slice(lockName.length + 1).split('.')[0] ?? '';
+    if (/^\d+$/.test(pid) && !isRunning(Number(pid))) await unlink(join(dir, name)).catch(() => undefined);
   }));
 }
 
