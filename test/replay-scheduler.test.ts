@@ -230,6 +230,24 @@ describe('runSchedule with a controlled reader', () => {
     expect(result.durationUs).toBeGreaterThanOrEqual(20_000 + 20_000 + 3 * 2000);
   });
 
+  it('real clock: sub-millisecond and longer waits end at or after the target, and I/O keeps being processed meanwhile', async () => {
+    for (const waitUs of [80, 700, 5000, 15_000]) {
+      const start = realClock.nowUs();
+      const target = start + waitUs;
+      // A callback ready while the clock waits, as a reply would be: it runs long before the wait ends.
+      let ranAt = -1;
+      setImmediate(() => (ranAt = realClock.nowUs()));
+      await realClock.sleepUntilUs(target);
+      const end = realClock.nowUs();
+      expect(end).toBeGreaterThanOrEqual(target);
+      // (A short wait may be over before its first turn of the event loop.)
+      if (waitUs >= 5000) {
+        expect(ranAt).toBeGreaterThan(0);
+        expect(ranAt - start).toBeLessThan(waitUs / 2);
+      }
+    }
+  });
+
   it('stops at the first failed read and waits for reads in flight', async () => {
     const plan = buildPlan(traceOf(WINDOWS), { thinkTime: false });
     const started: number[] = [];

@@ -8,25 +8,47 @@ export interface Clock {
 }
 
 /**
- * Below this much waiting, timers are too coarse: yield to the event loop
- * instead. Node's setTimeout fires between 1 ms early (fractional delays are
- * truncated) and 0.8 ms late (p99, measured here), so a 1 ms window never
- * overshoots in practice; 2 ms spun the replay's CPU for nothing. Local
- * qemu-nbd replays, alternating: 2 ms window 26.56-27.39 s and 4.6-4.9 s of
- * client CPU; 1 ms window 26.54-26.60 s and 3.7-3.8 s; lag 0.05-0.08 s in both.
+ * Waits longer than this (µs) sleep on a timer until this long before the
+ * target; the rest is napped (below). Node's setTimeout fires up to 1 ms early
+ * (fractional delays are truncated) and about 0.8 ms late (p99, measured here).
  */
-const SPIN_WINDOW_US = 1000;
+const TIMER_WINDOW_US = 10_000;
+/** Longest nap, µs: a blocking Atomics.wait, so replies wait at most this long to be read. */
+const NAP_US = 50;
+/** The last this many µs are spent yielding to the event loop, which is exact. */
+const FINAL_YIELD_US = 150;
+
+/** Shared memory that nobody notifies: Atomics.wait on it is a precise, blocking sleep. */
+const napCell = new Int32Array(new SharedArrayBuffer(4));
 
 /**
- * performance.now() clock. Sleeps with a timer until about 1 ms before the
- * target, then yields to the event loop (setImmediate) until it is reached,
- * so sub-millisecond think times are kept and replies are still processed.
+ * performance.now() clock. Sleeps on a timer until 10 ms before the target,
+ * naps in 50 us futex waits (Atomics.wait) with a turn of the event loop after
+ * each, so replies are still processed, and yields to the event loop for the
+ * last 150 us.
+ *
+ * Why naps and not a spin: on this 2-vCPU VM a process that spins for half a
+ * millisecond or more before sending makes the server's next wake-up cross
+ * vCPUs, which costs 110-290 us against 25-35 us on the same vCPU (a C
+ * ping-pong over a unix socket, bench/tools/wakeup-pingpong.c: 27-30 us after
+ * a 500 us sleep, 129-150 us after a 500 us spin; both ends pinned, 24-34 us
+ * on one vCPU and 137-316 us across two). The replay used to spin the last
+ * millisecond of every wait, and most of the boot's think times are under a
+ * millisecond: reads against a warm agent took 0.30-0.42 ms on average
+ * spinning and 0.19-0.25 ms napping, and whole replays 26.6-27.2 s against
+ * 26.2-26.6 s (docs/replay.md, "Timing").
  */
 export const realClock: Clock = {
   nowUs: () => performance.now() * 1000,
   async sleepUntilUs(targetUs: number): Promise<void> {
     const remaining = targetUs - performance.now() * 1000;
-    if (remaining > SPIN_WINDOW_US) await sleepMs((remaining - SPIN_WINDOW_US) / 1000);
+    if (remaining > TIMER_WINDOW_US + 1000) await sleepMs((remaining - TIMER_WINDOW_US) / 1000);
+    for (;;) {
+      const left = targetUs - performance.now() * 1000;
+      if (left <= FINAL_YIELD_US) break;
+      Atomics.wait(napCell, 0, 0, Math.min(NAP_US, left - FINAL_YIELD_US) / 1000);
+      await yieldToLoop();
+    }
     while (performance.now() * 1000 < targetUs) await yieldToLoop();
   },
 };
