@@ -8,8 +8,10 @@
 // One client, queue depth 1, 4 KiB reads at random aligned offsets of a 64 MiB
 // file that is in the page cache, against qemu-nbd and against the agent with
 // every block cached. Before each read the client waits GAP the way the replay
-// waits (src/replay/scheduler.ts: a timer, then event-loop yields for the last
-// millisecond). Reports read latency per gap, both servers interleaved.
+// waits (src/replay/scheduler.ts: a timer down to 10 ms before, then 50 us
+// naps, then event-loop yields for the last 150 us; before 0c1e243, event-loop
+// yields for the whole last millisecond). Reports read latency per gap, both
+// servers interleaved.
 //
 // Run after `npm run build`:  node bench/idle-gap.js
 // Environment: BENCH_SAMPLES (default 1000 per gap and server),
