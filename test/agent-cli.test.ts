@@ -4,13 +4,13 @@
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdir, mkdtemp, readdir, readFile, stat, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
-import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { cli } from './helpers/cli.js';
 
 const run = promisify(execFile);
@@ -26,6 +26,10 @@ beforeAll(async () => {
 
 afterEach(() => {
   for (const c of children.splice(0)) c.kill('SIGKILL');
+});
+
+afterAll(async () => {
+  await rm(dir, { recursive: true, force: true });
 });
 
 interface Started {

@@ -6,11 +6,11 @@
 import { execFile, execFileSync } from 'node:child_process';
 import { promisify } from 'node:util';
 import { randomBytes } from 'node:crypto';
-import { mkdir, mkdtemp, readFile, stat, symlink, utimes, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, stat, symlink, utimes, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pino } from 'pino';
-import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { Agent } from '../src/agent/agent.js';
 import { resolveConfig, type AgentConfig } from '../src/agent/config.js';
 import { controlRequest } from '../src/agent/control.js';
@@ -49,6 +49,11 @@ function freshStorage(name: string): string {
 
 afterEach(async () => {
   while (agents.length) await agents.pop()!.stop();
+});
+
+// Each run's images and caches take about 1.5 GiB.
+afterAll(async () => {
+  await rm(root, { recursive: true, force: true });
 });
 
 async function startAgent(name: string, overrides: Record<string, unknown> = {}): Promise<{ agent: Agent; config: AgentConfig }> {

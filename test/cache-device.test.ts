@@ -3,6 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it, vi } from 'vitest';
 import { CacheDevice, type CacheLogger } from '../src/agent/cache/cache-device.js';
+import { acquireLock } from '../src/agent/cache/file-io.js';
 import { AgentError, BootcacheError } from '../src/errors.js';
 
 const BS = 4096;
@@ -466,11 +467,32 @@ describe('CacheDevice closeAndRemoveIfCreated (a start that failed)', () => {
     const deadTemp = 'cache.lock.999999999.0123456789ab.lock-tmp';
     await writeFile(join(dir, deadTemp), '999999999\n');
     const cache = await openCache(dir, 32);
-    expect(await readFile(join(dir, 'cache.lock'), 'latin1')).toBe(`${process.pid}\n`);
+    expect(await readFile(join(dir, 'cache.lock'), 'latin1')).toMatch(new RegExp(`^${process.pid} [0-9a-f]{12}\\n$`));
     expect(await readdir(dir)).not.toContain(deadTemp);
     expect((await readdir(dir)).filter((n) => n.endsWith('.lock-tmp'))).toEqual([]);
     await cache.close();
     expect(await readdir(dir)).not.toContain('cache.lock');
+  });
+
+  it('takes over a stale lock only if it is still the stale one: a lock another process took meanwhile is left in place', async () => {
+    const root = await tempDir();
+    const dir = join(root, 'stale-race');
+    await mkdir(dir);
+    const lock = join(dir, 'cache.lock');
+    await writeFile(lock, '999999999\n'); // a dead owner
+    // Between our reading the dead pid and our takeover, another live process (pid 1) takes over first.
+    const racer = async (): Promise<void> => {
+      await rm(lock, { force: true });
+      await writeFile(lock, '1\n');
+    };
+    await expect(acquireLock(lock, dir, { beforeTakeover: racer })).rejects.toThrow(/in use by process 1$/);
+    expect(await readFile(lock, 'latin1')).toBe('1\n');
+    expect((await readdir(dir)).sort()).toEqual(['cache.lock']);
+    // Without a racer the dead owner's lock is taken over.
+    await writeFile(lock, '999999999\n');
+    await acquireLock(lock, dir);
+    expect(await readFile(lock, 'latin1')).toMatch(new RegExp(`^${process.pid} [0-9a-f]{12}\\n$`));
+    expect((await readdir(dir)).sort()).toEqual(['cache.lock']);
   });
 
   it('never removes a cache another process holds: an open that fails on the lock has nothing to remove', async () => {

@@ -4,10 +4,10 @@
  */
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtemp, open, readFile, writeFile } from 'node:fs/promises';
+import { mkdtemp, open, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { cli } from './helpers/cli.js';
 
 const MiB = 1024 * 1024;
@@ -31,6 +31,10 @@ beforeAll(async () => {
   }
   await fh.close();
   execFileSync('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-c', raw, qcow2]);
+});
+
+afterAll(async () => {
+  await rm(dir, { recursive: true, force: true });
 });
 
 describe('bootcache CLI pipeline', () => {

@@ -4,7 +4,7 @@
  */
 import { write } from 'node:fs';
 import { randomBytes } from 'node:crypto';
-import { link, open, readdir, readFile, realpath, unlink, writeFile, type FileHandle } from 'node:fs/promises';
+import { link, open, readdir, readFile, realpath, stat, unlink, writeFile, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
 import { AgentError, fromSystemError } from '../../errors.js';
 
@@ -72,31 +72,48 @@ export async function readIfExists(path: string, doing: string): Promise<Buffer 
 }
 
 /**
- * Takes the cache directory's lock file (it holds the owner's pid). A lock
- * left by a process that no longer runs (kill -9) is taken over.
+ * Takes the cache directory's lock file. It holds the owner's pid and a
+ * random token ("PID TOKEN\n"); a lock whose pid no longer runs (kill -9) is
+ * taken over.
  *
- * The pid is written to a private file first and hard-linked into place
- * (link(2) fails if the lock exists), so a lock is never seen empty: an
- * empty lock, read between create and write, looked stale and let a second
- * process take over a live cache.
+ * The lock is written to a private file first and hard-linked into place
+ * (link(2) fails if the lock exists), so a lock is never seen empty: an empty
+ * lock, read between create and write, looked stale and let a second process
+ * take over a live cache.
+ *
+ * A stale lock is replaced only under a takeover marker (LOCK.takeover,
+ * created exclusively), and only if the lock still holds exactly what was
+ * read as stale: two processes that both read the same dead pid would
+ * otherwise both remove "the stale lock", the second one the lock the first
+ * had just taken, and both run on one cache. The live lock is never moved or
+ * removed by anyone but its owner. A marker left by a crash is stale when its
+ * pid is dead or it is older than TAKEOVER_STALE_MS (a takeover takes
+ * microseconds; pid 1 of a killed container is "alive" in the next one).
+ * What remains open needs a kernel lock, flock(2), which Node lacks without a
+ * native addon: two processes removing one stale marker at the same instant,
+ * and pids across pid namespaces. `hooks` exist for tests.
  */
-export async function acquireLock(path: string, dir: string): Promise<void> {
-  const mine = `${path}.${process.pid}.${randomBytes(6).toString('hex')}${LOCK_TEMP_SUFFIX}`;
+export async function acquireLock(path: string, dir: string, hooks: { beforeTakeover?: () => Promise<void> } = {}): Promise<void> {
+  const token = randomBytes(6).toString('hex');
+  const content = `${process.pid} ${token}\n`;
+  const mine = `${path}.${process.pid}.${token}${LOCK_TEMP_SUFFIX}`;
   try {
-    await writeFile(mine, `${process.pid}\n`, { mode: 0o644, flag: 'wx' });
+    await writeFile(mine, content, { mode: 0o644, flag: 'wx' });
   } catch (err) {
     throw fromSystemError(err, path, 'locking the cache directory');
   }
   try {
-    for (let attempt = 0; attempt < 3; attempt++) {
+    for (let attempt = 0; attempt < 5; attempt++) {
       try {
         await link(mine, path);
-        heldLocks.add(await lockKey(path));
+        heldLocks.set(await lockKey(path), content);
         return;
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw fromSystemError(err, path, 'locking the cache directory');
       }
-      const owner = await lockOwner(path);
+      const seen = await readLock(path);
+      if (seen === undefined) continue; // released meanwhile
+      const owner = pidOf(seen);
       if (owner === process.pid && heldLocks.has(await lockKey(path))) {
         throw new AgentError(`cache directory ${dir} is in use by this process (opened twice)`);
       }
@@ -104,13 +121,47 @@ export async function acquireLock(path: string, dir: string): Promise<void> {
       if (owner !== undefined && owner !== process.pid && isRunning(owner)) {
         throw new AgentError(`cache directory ${dir} is in use by process ${owner}`);
       }
-      await unlink(path).catch((err: unknown) => {
-        if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw fromSystemError(err, path, 'removing a stale cache lock');
-      });
+      await hooks.beforeTakeover?.();
+      await removeStaleLock(path, seen, content);
     }
     throw new AgentError(`cache directory ${dir}: could not take the lock ${path}`);
   } finally {
     await unlink(mine).catch(() => undefined);
+  }
+}
+
+/** A takeover marker older than this is stale whatever its pid (see acquireLock). */
+const TAKEOVER_STALE_MS = 5000;
+
+/**
+ * Removes the lock at `path` if it still holds `stale`, under the takeover
+ * marker; returns without removing anything when another process is taking
+ * over (the caller tries again).
+ */
+async function removeStaleLock(path: string, stale: string, content: string): Promise<void> {
+  const marker = `${path}.takeover`;
+  try {
+    await writeFile(marker, content, { mode: 0o644, flag: 'wx' });
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw fromSystemError(err, marker, 'taking over a stale cache lock');
+    const other = await readLock(marker);
+    const otherPid = other === undefined ? undefined : pidOf(other);
+    const age = await stat(marker).then((st) => Date.now() - st.mtimeMs, () => 0);
+    if (other !== undefined && (otherPid === undefined || !isRunning(otherPid) || age > TAKEOVER_STALE_MS)) {
+      await unlink(marker).catch(() => undefined);
+    } else {
+      await new Promise((resolve) => setTimeout(resolve, 10)); // let the other takeover finish
+    }
+    return;
+  }
+  try {
+    if ((await readLock(path)) === stale) {
+      await unlink(path).catch((err: unknown) => {
+        if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw fromSystemError(err, path, 'removing a stale cache lock');
+      });
+    }
+  } finally {
+    await unlink(marker).catch(() => undefined);
   }
 }
 
@@ -128,28 +179,34 @@ export async function removeStaleLockTemps(dir: string, lockName: string): Promi
   }));
 }
 
-/** The pid in a lock file, or undefined when there is none or it is unreadable. */
-async function lockOwner(path: string): Promise<number | undefined> {
-  const owner = Number.parseInt((await readIfExists(path, 'reading the cache lock'))?.toString('latin1') ?? '', 10);
-  return Number.isSafeInteger(owner) && owner > 0 ? owner : undefined;
+/** A lock file's contents, or undefined when there is none. */
+async function readLock(path: string): Promise<string | undefined> {
+  return (await readIfExists(path, 'reading the cache lock'))?.toString('latin1');
 }
 
-/** True when the lock file holds this process's pid. */
+/** The pid a lock's contents name, or undefined when they name none. */
+function pidOf(lock: string): number | undefined {
+  const pid = Number.parseInt(lock, 10);
+  return Number.isSafeInteger(pid) && pid > 0 ? pid : undefined;
+}
+
+/** True when the lock file holds the lock this process took. */
 export async function holdsLock(path: string): Promise<boolean> {
-  return (await lockOwner(path).catch(() => undefined)) === process.pid;
+  const mine = heldLocks.get(await lockKey(path));
+  return mine !== undefined && (await readLock(path).catch(() => undefined)) === mine;
 }
 
-/** Removes the lock if it is still this process's (never one another process took over). */
+/** Removes the lock if it is still the one this process took (never one another process took over). */
 export async function releaseLock(path: string): Promise<void> {
   const key = await lockKey(path);
-  const owner = await lockOwner(path).catch(() => undefined);
+  const mine = heldLocks.get(key);
   heldLocks.delete(key);
-  if (owner !== undefined && owner !== process.pid) return;
+  if (mine === undefined || (await readLock(path).catch(() => undefined)) !== mine) return;
   await unlink(path).catch(() => undefined);
 }
 
-/** Locks this process holds, by lockKey: tells a second open here from a lock a previous process with our pid left. */
-const heldLocks = new Set<string>();
+/** Locks this process holds, by lockKey, with their contents: tells a second open here from a lock a previous process with our pid left. */
+const heldLocks = new Map<string, string>();
 
 /** A lock's identity whichever path names it: its directory's real path. */
 async function lockKey(path: string): Promise<string> {
