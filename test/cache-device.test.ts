@@ -495,6 +495,23 @@ describe('CacheDevice closeAndRemoveIfCreated (a start that failed)', () => {
     expect((await readdir(dir)).sort()).toEqual(['cache.lock']);
   });
 
+  it('clears takeover markers that a crash left: a dead pid, or our own pid when we are not taking over (pid 1 restarted)', async () => {
+    const root = await tempDir();
+    for (const [name, markerPid] of [['dead-marker', 999999999], ['own-pid-marker', process.pid]] as const) {
+      const dir = join(root, name);
+      await mkdir(dir);
+      const lock = join(dir, 'cache.lock');
+      await writeFile(lock, `${process.pid} 0123456789ab\n`); // our pid, not held here: stale
+      await writeFile(`${lock}.takeover`, `${markerPid} ba9876543210\n`);
+      const started = Date.now();
+      await acquireLock(lock, dir);
+      expect(Date.now() - started).toBeLessThan(2000); // not by waiting for the marker to age
+      expect(await readFile(lock, 'latin1')).toMatch(new RegExp(`^${process.pid} [0-9a-f]{12}\\n$`));
+      expect(await readFile(lock, 'latin1')).not.toBe(`${process.pid} 0123456789ab\n`);
+      expect((await readdir(dir)).sort()).toEqual(['cache.lock']);
+    }
+  });
+
   it('never removes a cache another process holds: an open that fails on the lock has nothing to remove', async () => {
     const root = await tempDir();
     const shared = join(root, 'shared');

@@ -97,16 +97,19 @@ export async function acquireLock(path: string, dir: string, hooks: { beforeTake
   const token = randomBytes(6).toString('hex');
   const content = `${process.pid} ${token}\n`;
   const mine = `${path}.${process.pid}.${token}${LOCK_TEMP_SUFFIX}`;
+  const key = await lockKey(path);
   try {
     await writeFile(mine, content, { mode: 0o644, flag: 'wx' });
   } catch (err) {
     throw fromSystemError(err, path, 'locking the cache directory');
   }
+  // Long enough to outlast a takeover marker that is about to turn stale.
+  const deadline = Date.now() + TAKEOVER_STALE_MS + 1000;
   try {
-    for (let attempt = 0; attempt < 5; attempt++) {
+    for (let attempt = 0; attempt < 5 || Date.now() < deadline; attempt++) {
       try {
         await link(mine, path);
-        heldLocks.set(await lockKey(path), content);
+        heldLocks.set(key, content); // no await between the link and this: a second open here sees the hold
         return;
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw fromSystemError(err, path, 'locking the cache directory');
@@ -114,7 +117,7 @@ export async function acquireLock(path: string, dir: string, hooks: { beforeTake
       const seen = await readLock(path);
       if (seen === undefined) continue; // released meanwhile
       const owner = pidOf(seen);
-      if (owner === process.pid && heldLocks.has(await lockKey(path))) {
+      if (owner === process.pid && heldLocks.has(key)) {
         throw new AgentError(`cache directory ${dir} is in use by this process (opened twice)`);
       }
       // Our own pid without our hold: a previous process that had this pid (pid 1 in a container, killed), so stale.
@@ -122,7 +125,7 @@ export async function acquireLock(path: string, dir: string, hooks: { beforeTake
         throw new AgentError(`cache directory ${dir} is in use by process ${owner}`);
       }
       await hooks.beforeTakeover?.();
-      await removeStaleLock(path, seen, content);
+      await removeStaleLock(path, seen, mine, content);
     }
     throw new AgentError(`cache directory ${dir}: could not take the lock ${path}`);
   } finally {
@@ -133,27 +136,36 @@ export async function acquireLock(path: string, dir: string, hooks: { beforeTake
 /** A takeover marker older than this is stale whatever its pid (see acquireLock). */
 const TAKEOVER_STALE_MS = 5000;
 
+/** Contents of this process's takeover markers while it holds them: a marker with our pid and other contents is a dead predecessor's. */
+const ownTakeovers = new Set<string>();
+
 /**
  * Removes the lock at `path` if it still holds `stale`, under the takeover
- * marker; returns without removing anything when another process is taking
- * over (the caller tries again).
+ * marker (linked from `mine`, so it is never seen empty); returns without
+ * removing anything when another process is taking over (the caller tries
+ * again).
  */
-async function removeStaleLock(path: string, stale: string, content: string): Promise<void> {
+async function removeStaleLock(path: string, stale: string, mine: string, content: string): Promise<void> {
   const marker = `${path}.takeover`;
   try {
-    await writeFile(marker, content, { mode: 0o644, flag: 'wx' });
+    await link(mine, marker);
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw fromSystemError(err, marker, 'taking over a stale cache lock');
     const other = await readLock(marker);
-    const otherPid = other === undefined ? undefined : pidOf(other);
-    const age = await stat(marker).then((st) => Date.now() - st.mtimeMs, () => 0);
-    if (other !== undefined && (otherPid === undefined || !isRunning(otherPid) || age > TAKEOVER_STALE_MS)) {
-      await unlink(marker).catch(() => undefined);
+    if (other === undefined) return; // gone meanwhile
+    const otherPid = pidOf(other);
+    // ctime: link(2) sets it when the marker is made (its mtime is the temp file's).
+    const age = await stat(marker).then((st) => Date.now() - st.ctimeMs, () => 0);
+    const dead = otherPid === undefined || (otherPid === process.pid ? !ownTakeovers.has(other) : !isRunning(otherPid));
+    if (dead || age > TAKEOVER_STALE_MS) {
+      // Only the marker we judged stale: one that replaced it meanwhile stays.
+      if ((await readLock(marker)) === other) await unlink(marker).catch(() => undefined);
     } else {
       await new Promise((resolve) => setTimeout(resolve, 10)); // let the other takeover finish
     }
     return;
   }
+  ownTakeovers.add(content);
   try {
     if ((await readLock(path)) === stale) {
       await unlink(path).catch((err: unknown) => {
@@ -161,7 +173,9 @@ async function removeStaleLock(path: string, stale: string, content: string): Pr
       });
     }
   } finally {
-    await unlink(marker).catch(() => undefined);
+    ownTakeovers.delete(content);
+    // Ours only: if ours was judged stale and replaced (a stall past TAKEOVER_STALE_MS), the new one stays.
+    if ((await readLock(marker).catch(() => undefined)) === content) await unlink(marker).catch(() => undefined);
   }
 }
 
