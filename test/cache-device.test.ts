@@ -466,6 +466,8 @@ describe('CacheDevice closeAndRemoveIfCreated (a start that failed)', () => {
     await mkdir(dir);
     const deadTemp = 'cache.lock.999999999.0123456789ab.lock-tmp';
     await writeFile(join(dir, deadTemp), '999999999\n');
+    // One with our own pid that this process is not using: left by a predecessor with our pid (pid 1 restarted).
+    await writeFile(join(dir, `cache.lock.${process.pid}.0123456789ab.lock-tmp`), `${process.pid} 0123456789ab\n`);
     const cache = await openCache(dir, 32);
     expect(await readFile(join(dir, 'cache.lock'), 'latin1')).toMatch(new RegExp(`^${process.pid} [0-9a-f]{12}\\n$`));
     expect(await readdir(dir)).not.toContain(deadTemp);

@@ -98,9 +98,11 @@ export async function acquireLock(path: string, dir: string, hooks: { beforeTake
   const content = `${process.pid} ${token}\n`;
   const mine = `${path}.${process.pid}.${token}${LOCK_TEMP_SUFFIX}`;
   const key = await lockKey(path);
+  ownTemps.add(join(dirname(path), basename(mine)));
   try {
     await writeFile(mine, content, { mode: 0o644, flag: 'wx' });
   } catch (err) {
+    ownTemps.delete(join(dirname(path), basename(mine)));
     throw fromSystemError(err, path, 'locking the cache directory');
   }
   // Long enough to outlast a takeover marker that is about to turn stale.
@@ -130,8 +132,12 @@ export async function acquireLock(path: string, dir: string, hooks: { beforeTake
     throw new AgentError(`cache directory ${dir}: could not take the lock ${path}`);
   } finally {
     await unlink(mine).catch(() => undefined);
+    ownTemps.delete(join(dirname(path), basename(mine)));
   }
 }
+
+/** This process's lock temp files while acquireLock uses them (see removeStaleLockTemps). */
+const ownTemps = new Set<string>();
 
 /** A takeover marker older than this is stale whatever its pid (see acquireLock). */
 const TAKEOVER_STALE_MS = 5000;
@@ -189,7 +195,10 @@ export async function removeStaleLockTemps(dir: string, lockName: string): Promi
     // LOCK.PID.HEX.lock-tmp
     if (!name.startsWith(`${lockName}.`) || !name.endsWith(LOCK_TEMP_SUFFIX)) return;
     const pid = name.slice(lockName.length + 1).split('.')[0] ?? '';
-    if (/^\d+$/.test(pid) && !isRunning(Number(pid))) await unlink(join(dir, name)).catch(() => undefined);
+    if (!/^\d+$/.test(pid)) return;
+    // Our own pid: a previous process's (pid 1 restarted) unless this process is using it.
+    const stale = Number(pid) === process.pid ? !ownTemps.has(join(dir, name)) : !isRunning(Number(pid));
+    if (stale) await unlink(join(dir, name)).catch(() => undefined);
   }));
 }
 
@@ -214,9 +223,13 @@ export async function holdsLock(path: string): Promise<boolean> {
 export async function releaseLock(path: string): Promise<void> {
   const key = await lockKey(path);
   const mine = heldLocks.get(key);
-  heldLocks.delete(key);
-  if (mine === undefined || (await readLock(path).catch(() => undefined)) !== mine) return;
-  await unlink(path).catch(() => undefined);
+  if (mine === undefined) return;
+  try {
+    if ((await readLock(path).catch(() => undefined)) === mine) await unlink(path).catch(() => undefined);
+  } finally {
+    // Only now: a reopen here during the release sees the hold ("opened twice"), not a stale lock to take over.
+    if (heldLocks.get(key) === mine) heldLocks.delete(key);
+  }
 }
 
 /** Locks this process holds, by lockKey, with their contents: tells a second open here from a lock a previous process with our pid left. */
