@@ -1,4 +1,4 @@
-import { mkdtemp, writeFile } from 'node:fs/promises';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -96,6 +96,8 @@ describe('agent configuration: flags', () => {
     flagFails({ listen: 'host:99999' }, /^--listen: port 99999 is out of range/);
     flagFails({ listen: '' }, /^--listen must be HOST:PORT, got ""$/);
     flagFails({ socket: `/run/${'x'.repeat(110)}.sock` }, /^--socket is 120 bytes long; a unix socket path can have at most 107$/);
+    flagFails({ socket: '/tmp/a.sock', control: '/tmp/./a.sock' }, /^--socket and --control name the same path \/tmp\/a\.sock$/);
+    flagFails({}, /^config: socket and config: control name the same path \/tmp\/b\.sock$/, { socket: '/tmp/b.sock', control: '/tmp/b.sock' });
     flagFails({ 'boot-idle': '0x10' }, /^--boot-idle must be a number of seconds from 0\.1 to 3600, got "0x10"$/);
     flagFails({ 'storage-error-rate': 'Infinity' }, /^--storage-error-rate must be a number from 0 to 1, got "Infinity"$/);
     flagFails({ 'merge-min-seen': 5 }, /^--merge-min-seen \(5\) cannot exceed the merge window \(4 boots; /);
@@ -124,5 +126,6 @@ describe('socket group lookup', () => {
     // Without a file: getent, so NSS groups resolve too.
     expect(await resolveGroup('root')).toBe(0);
     await expect(resolveGroup('no-such-group-here')).rejects.toThrow(/no group named "no-such-group-here"$/);
+    await rm(dir, { recursive: true, force: true });
   });
 });

@@ -1,13 +1,20 @@
-import { mkdtemp, mkdir, readdir, symlink, writeFile } from 'node:fs/promises';
+import { mkdtemp, mkdir, readdir, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { StorageIOError, UsageError } from '../src/errors.js';
 import { CountingStorage, FaultyStorage } from '../src/storage/filters.js';
 import { LocalDirStorage, validateKey } from '../src/storage/local.js';
 
+/** Temp directories of this file, removed at the end. */
+const temps: string[] = [];
+afterAll(async () => {
+  await Promise.all(temps.map((dir) => rm(dir, { recursive: true, force: true })));
+});
+
 async function fixture(): Promise<{ root: string; storage: LocalDirStorage }> {
   const root = await mkdtemp(join(tmpdir(), 'bc-storage-'));
+  temps.push(root);
   await mkdir(join(root, 'sub'));
   await writeFile(join(root, 'a.img'), Buffer.from('0123456789'));
   await writeFile(join(root, 'sub', 'b.img'), Buffer.alloc(4096, 7));
@@ -54,6 +61,7 @@ describe('LocalDirStorage', () => {
   it('refuses keys that reach outside the root', async () => {
     const { root, storage } = await fixture();
     const outside = await mkdtemp(join(tmpdir(), 'bc-outside-'));
+    temps.push(outside);
     await writeFile(join(outside, 'secret'), 'x');
     await symlink(join(outside, 'secret'), join(root, 'link'));
     await symlink(outside, join(root, 'dirlink'));

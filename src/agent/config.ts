@@ -4,6 +4,7 @@
  * the key it came from.
  */
 import { readFile } from 'node:fs/promises';
+import { resolve as resolvePath } from 'node:path';
 import cron from 'node-cron';
 import { UsageError, fromSystemError } from '../errors.js';
 import { DEFAULT_MERGE_POLICY, type MergePolicy } from '../format/map.js';
@@ -285,6 +286,10 @@ export function resolveConfig(fromFile: Raw, overrides: Raw = {}, fromFlags: Raw
     socketMode: parseMode(setting('socketMode')),
     logLevel: logLevel.value as AgentConfig['logLevel'],
   };
+  if (resolvePath(config.socket) === resolvePath(config.control)) {
+    // One path cannot be both sockets; at start it would read as "in use by another process".
+    throw new UsageError(`${setting('socket').label} and ${setting('control').label} name the same path ${config.socket}`);
+  }
   const group = setting('socketGroup');
   if (group.value !== undefined) {
     if (typeof group.value !== 'string' || !/^[A-Za-z0-9_][A-Za-z0-9_.-]*\$?$/.test(group.value)) {
