@@ -86,7 +86,8 @@ export function parseSize(value: unknown, label: string): number {
 
 /** Parses HOST:PORT, [v6]:PORT, HOST (default port) or :PORT. */
 export function parseListen(value: string, label = 'listen'): { host: string; port: number } {
-  const m = value.trim() === '' ? null : /^(?:\[([^\]]+)\]|([^:]*))(?::(\d+))?$/.exec(value.trim());
+  const trimmed = value.trim();
+  const m = trimmed === '' ? null : /^(?:\[([^\]]+)\]|([^:]*))(?::(\d+))?$/.exec(trimmed);
   if (!m) throw new UsageError(`${label} must be HOST:PORT, got ${JSON.stringify(value)}`);
   const host = m[1] ?? (m[2] || '127.0.0.1');
   const port = m[3] === undefined ? DEFAULT_NBD_PORT : Number(m[3]);

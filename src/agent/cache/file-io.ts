@@ -87,22 +87,23 @@ export async function readIfExists(path: string, doing: string): Promise<Buffer 
  * otherwise both remove "the stale lock", the second one the lock the first
  * had just taken, and both run on one cache. The live lock is never moved or
  * removed by anyone but its owner. A marker left by a crash is stale when its
- * pid is dead or it is older than TAKEOVER_STALE_MS (a takeover takes
- * microseconds; pid 1 of a killed container is "alive" in the next one).
- * What remains open needs a kernel lock, flock(2), which Node lacks without a
- * native addon: two processes removing one stale marker at the same instant,
- * and pids across pid namespaces. `hooks` exist for tests.
+ * pid is dead, when it names this process but none of its acquires (pid 1 of
+ * a killed container, restarted), or when it is older than TAKEOVER_STALE_MS
+ * (a takeover takes microseconds). What remains open needs a kernel lock,
+ * flock(2), which Node lacks without a native addon: a taker stalled past
+ * TAKEOVER_STALE_MS inside its takeover, and pids across pid namespaces.
+ * `hooks` exist for tests.
  */
 export async function acquireLock(path: string, dir: string, hooks: { beforeTakeover?: () => Promise<void> } = {}): Promise<void> {
   const token = randomBytes(6).toString('hex');
   const content = `${process.pid} ${token}\n`;
-  const mine = `${path}.${process.pid}.${token}${LOCK_TEMP_SUFFIX}`;
+  const mine = join(dirname(path), `${basename(path)}.${process.pid}.${token}${LOCK_TEMP_SUFFIX}`);
   const key = await lockKey(path);
-  ownTemps.add(join(dirname(path), basename(mine)));
+  ownAcquires.set(mine, content);
   try {
     await writeFile(mine, content, { mode: 0o644, flag: 'wx' });
   } catch (err) {
-    ownTemps.delete(join(dirname(path), basename(mine)));
+    ownAcquires.delete(mine);
     throw fromSystemError(err, path, 'locking the cache directory');
   }
   // Long enough to outlast a takeover marker that is about to turn stale.
@@ -132,18 +133,19 @@ export async function acquireLock(path: string, dir: string, hooks: { beforeTake
     throw new AgentError(`cache directory ${dir}: could not take the lock ${path}`);
   } finally {
     await unlink(mine).catch(() => undefined);
-    ownTemps.delete(join(dirname(path), basename(mine)));
+    ownAcquires.delete(mine);
   }
 }
 
-/** This process's lock temp files while acquireLock uses them (see removeStaleLockTemps). */
-const ownTemps = new Set<string>();
+/**
+ * This process's acquireLock calls in progress: temp file path -> the lock
+ * contents it links. A temp file or takeover marker with our pid that none of
+ * them owns is a dead predecessor's (pid 1 restarted).
+ */
+const ownAcquires = new Map<string, string>();
 
 /** A takeover marker older than this is stale whatever its pid (see acquireLock). */
 const TAKEOVER_STALE_MS = 5000;
-
-/** Contents of this process's takeover markers while it holds them: a marker with our pid and other contents is a dead predecessor's. */
-const ownTakeovers = new Set<string>();
 
 /**
  * Removes the lock at `path` if it still holds `stale`, under the takeover
@@ -162,7 +164,7 @@ async function removeStaleLock(path: string, stale: string, mine: string, conten
     const otherPid = pidOf(other);
     // ctime: link(2) sets it when the marker is made (its mtime is the temp file's).
     const age = await stat(marker).then((st) => Date.now() - st.ctimeMs, () => 0);
-    const dead = otherPid === undefined || (otherPid === process.pid ? !ownTakeovers.has(other) : !isRunning(otherPid));
+    const dead = otherPid === undefined || (otherPid === process.pid ? ![...ownAcquires.values()].includes(other) : !isRunning(otherPid));
     if (dead || age > TAKEOVER_STALE_MS) {
       // Only the marker we judged stale: one that replaced it meanwhile stays.
       if ((await readLock(marker)) === other) await unlink(marker).catch(() => undefined);
@@ -171,7 +173,6 @@ async function removeStaleLock(path: string, stale: string, mine: string, conten
     }
     return;
   }
-  ownTakeovers.add(content);
   try {
     if ((await readLock(path)) === stale) {
       await unlink(path).catch((err: unknown) => {
@@ -179,7 +180,6 @@ async function removeStaleLock(path: string, stale: string, mine: string, conten
       });
     }
   } finally {
-    ownTakeovers.delete(content);
     // Ours only: if ours was judged stale and replaced (a stall past TAKEOVER_STALE_MS), the new one stays.
     if ((await readLock(marker).catch(() => undefined)) === content) await unlink(marker).catch(() => undefined);
   }
@@ -197,7 +197,7 @@ export async function removeStaleLockTemps(dir: string, lockName: string): Promi
     const pid = name.slice(lockName.length + 1).split('.')[0] ?? '';
     if (!/^\d+$/.test(pid)) return;
     // Our own pid: a previous process's (pid 1 restarted) unless this process is using it.
-    const stale = Number(pid) === process.pid ? !ownTemps.has(join(dir, name)) : !isRunning(Number(pid));
+    const stale = Number(pid) === process.pid ? !ownAcquires.has(join(dir, name)) : !isRunning(Number(pid));
     if (stale) await unlink(join(dir, name)).catch(() => undefined);
   }));
 }
