@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { BufferPool } from '../src/agent/buffer-pool.js';
+import { closeSync, openSync } from 'node:fs';
+import { BufferPool, writeFromKernel } from '../src/agent/buffer-pool.js';
 
 describe('BufferPool', () => {
   it('hands a given buffer out again instead of allocating', () => {
@@ -48,5 +49,18 @@ describe('BufferPool', () => {
     expect(pool.stats().allocated).toBeLessThanOrEqual(1);
     pool.give(pool.take());
     expect(pool.stats().idle).toBe(0);
+  });
+
+  it('has the kernel write every byte of the range, and nothing outside it', () => {
+    const buf = Buffer.alloc(3 * 1024 * 1024, 0xff);
+    const zero = openSync('/dev/zero', 'r');
+    try {
+      writeFromKernel(zero, buf, 4097, 2 * 1024 * 1024 + 3);
+    } finally {
+      closeSync(zero);
+    }
+    expect(buf[4096]).toBe(0xff);
+    expect(buf.subarray(4097, 2 * 1024 * 1024 + 3).every((b) => b === 0)).toBe(true);
+    expect(buf[2 * 1024 * 1024 + 3]).toBe(0xff);
   });
 });
