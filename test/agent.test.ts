@@ -117,6 +117,16 @@ async function boot(config: AgentConfig, name: string, seed: number): Promise<vo
   }
 }
 
+/** A fresh storage root in which an agent (stopped again) recorded a boot of disk.raw and published its map and segment. */
+async function publishFirstBoot(name: string, seed: number): Promise<void> {
+  freshStorage(name);
+  const first = await startAgent(`${name}-1`);
+  await boot(first.config, 'disk.raw', seed);
+  await waitFor(bootComplete(first.agent, 'disk.raw'), 'the end of the boot');
+  await first.agent.stop();
+  agents.splice(agents.indexOf(first.agent), 1);
+}
+
 describe('bootcache agent', () => {
   it('serves raw and qcow2 exports byte-exact (qemu-img compare)', async () => {
     freshStorage('compare');
@@ -276,12 +286,7 @@ describe('bootcache agent', () => {
   });
 
   it('skips a stale segment after the image is rewritten, and still serves correct data', async () => {
-    freshStorage('stale');
-    const first = await startAgent('stale-1');
-    await boot(first.config, 'disk.raw', 3);
-    await waitFor(bootComplete(first.agent, 'disk.raw'), 'the end of the boot');
-    await first.agent.stop();
-    agents.pop();
+    await publishFirstBoot('stale', 3);
     const path = join(storageDir, 'disk.raw');
     expect((await readFile(`${path}.bcseg`)).length).toBeGreaterThan(4096);
     const later = new Date(Date.now() + 5_000);
@@ -302,12 +307,7 @@ describe('bootcache agent', () => {
   });
 
   it('skips segment blocks that fail their checksum and serves those blocks from the image', async () => {
-    freshStorage('badblock');
-    const first = await startAgent('badblock-1');
-    await boot(first.config, 'disk.raw', 5);
-    await waitFor(bootComplete(first.agent, 'disk.raw'), 'the end of the boot');
-    await first.agent.stop();
-    agents.pop();
+    await publishFirstBoot('badblock', 5);
     // One byte of the segment's block of rank 5 flipped; header, table and mtime unchanged.
     const segPath = join(storageDir, 'disk.raw.bcseg');
     const reader = await SegmentReader.open(segPath);
