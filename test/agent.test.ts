@@ -209,6 +209,25 @@ describe('bootcache agent', () => {
     expect(warmPrefetch()?.blocksCached).toBe(map2.blocksSet);
   });
 
+  it('gives up a start that stop() overtakes: nothing listens, the cache is released', async () => {
+    freshStorage('overtaken');
+    const dir = join(root, 'overtaken');
+    await mkdir(dir, { recursive: true });
+    const config = resolveConfig(
+      {},
+      { storage: storageDir, cache: join(dir, 'cache'), socket: join(dir, 'nbd.sock'), control: join(dir, 'control.sock'), maintenance: 'off', logLevel: 'silent' },
+    );
+    const agent = new Agent(config, pino({ level: 'silent' }));
+    const starting = agent.start();
+    await agent.stop();
+    await expect(starting).rejects.toThrow(/^the agent was stopped while it was starting$/);
+    await expect(stat(config.socket)).rejects.toThrow(/ENOENT/);
+    // The cache lock went with it: another agent opens the same cache.
+    const again = new Agent(config, pino({ level: 'silent' }));
+    await again.start();
+    agents.push(again);
+  });
+
   it('keeps 2 x prefetch-depth chunk buffers, within 128 MiB or one chunk', async () => {
     freshStorage('pool');
     const small = await startAgent('pool-small', { prefetchChunk: '1M', prefetchDepth: 3 });

@@ -1,7 +1,7 @@
 /**
  * The prefetch stream's writes into the cache: one slice's store at a time
  * (the thread pool keeps room for the boot's own I/O), every good block
- * stored, and a failed store fails the stream.
+ * stored, and a failed store fails the stream, which stops its other chunks.
  */
 import { randomBytes } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
@@ -76,6 +76,10 @@ describe('prefetch stream stores', () => {
     });
     await prefetcher.start();
     expect(prefetcher.progress()).toMatchObject({ state: 'failed', error: 'injected cache write failure' });
+    // The other chunks in flight stopped before the stream ended: nothing is stored afterwards.
+    const storesAtEnd = calls.length;
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    expect(calls.length).toBe(storesAtEnd);
     // The failing slice is its chunk's second; that chunk's third and fourth slices were never handed over.
     const chunkOf = (block: number): number => Math.floor(block / 2 / 256);
     const failedChunk = chunkOf(calls[1]!);

@@ -96,6 +96,8 @@ export class Agent implements ExportProvider {
   private maintenance: cron.ScheduledTask | undefined;
   /** Set once start() has completed: only a started agent logs "agent stopped". */
   private started = false;
+  /** Set by stop(): a start() still in progress gives up instead of listening. */
+  private stopRequested = false;
   private readonly startedAt = Date.now();
   private storage!: CountingStorage;
   private sidecars!: SidecarStore;
@@ -137,6 +139,8 @@ export class Agent implements ExportProvider {
       const prefaultStart = performance.now();
       await this.chunkBuffers.prefault();
       this.log.debug({ ...this.chunkBuffers.stats(), ms: Math.round(performance.now() - prefaultStart) }, 'prefetch buffers faulted in');
+      // A stop() meanwhile (it ends the prefault early) must not leave an agent listening on a closed cache.
+      if (this.stopRequested) throw new AgentError('the agent was stopped while it was starting');
       this.nbd = new NbdServer(this, {
         maxConnections: c.maxConnections,
         logger: (level, msg, fields) => this.log[level === 'warn' ? 'warn' : level === 'error' ? 'error' : 'debug'](fields ?? {}, msg),
@@ -167,6 +171,7 @@ export class Agent implements ExportProvider {
 
   /** Stops accepting, drains in-flight requests, finishes rebuilds, flushes the cache. */
   async stop(options: { removeNewCache?: boolean } = {}): Promise<void> {
+    this.stopRequested = true;
     this.maintenance?.stop();
     await this.nbd?.close().catch((err: unknown) => this.log.warn({ err }, 'closing NBD server'));
     await this.control?.close().catch(() => undefined);

@@ -37,7 +37,8 @@ export class BufferPool {
   /**
    * Fills the pool up to maxIdle buffers, touching every page from user space
    * and from the kernel, so later reads into them fault nothing. 1 MiB per
-   * event-loop turn: the agent keeps serving meanwhile.
+   * event-loop turn (signals and a stop() are handled meanwhile); the agent
+   * awaits it before it listens. Returns early once the pool is closed.
    */
   async prefault(): Promise<void> {
     const step = 1024 * 1024;

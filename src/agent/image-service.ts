@@ -397,7 +397,10 @@ export class ImageService {
         }
       }
     }
-    await Promise.all([...puts].map(([space, list]) => this.cache.putMany(space, list, 'boot')));
+    // Settled, not fail-fast: the caller reuses the data's buffer once this returns, so no write may still read it.
+    const results = await Promise.allSettled([...puts].map(([space, list]) => this.cache.putMany(space, list, 'boot')));
+    const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) throw failed.reason;
   }
 
   hasMapBlock(mapBlock: number): boolean {

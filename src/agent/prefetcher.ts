@@ -57,9 +57,9 @@ export interface PrefetchOptions {
  * SHA-256 and cache bookkeeping), not behind every chunk in flight. Measured
  * before the lane: 8 chunks yielding in turn held the first reads of a cold
  * boot 20-80 ms each. A slice's cache writes finish before the next slice is
- * handed over, so the stream keeps one write in the thread pool, not one per
- * slice of every chunk in flight: the pool's threads stay free for the boot's
- * own I/O, and on 2 CPUs the writes no longer crowd out the event loop (four
+ * handed over, so the stream keeps one slice's writes in the thread pool (a
+ * write per run of consecutive slots), not those of every slice of every
+ * chunk in flight: the pool's threads stay free for the boot's own I/O, and on 2 CPUs the writes no longer crowd out the event loop (four
  * alternating cold replays: 27.16 / 27.16 / 27.10 / 27.03 s against 27.59 /
  * 27.39 / 27.16 / 26.87 s; the stream still took 0.6 s).
  */
@@ -269,16 +269,20 @@ export class Prefetcher {
   }
 
   private async run(): Promise<void> {
+    let workers: Array<Promise<void>> = [];
     try {
       await this.source;
       // A window of `depth` chunks in flight: the bounded buffer.
-      const workers = Array.from({ length: Math.min(this.options.depth, this.chunkCount) }, () => this.worker());
+      workers = Array.from({ length: Math.min(this.options.depth, this.chunkCount) }, () => this.worker());
       await Promise.all(workers);
       // Chunks started on demand finish too (their failure fails the stream, as a worker's would).
       while (this.demanded.size > 0) await Promise.allSettled([...this.demanded]);
       if (this.demandFailure) throw this.demandFailure;
       this.state = this.stopped ? 'stopped' : 'done';
     } catch (err) {
+      // The other workers and demanded chunks stop at their next slice and end before the source closes.
+      this.stopped = true;
+      await Promise.allSettled([...workers, ...this.demanded]);
       this.state = 'failed';
       this.error = (err as Error).message;
       this.options.onWarning?.(`prefetch of ${this.segment.key} stopped: ${this.error}`);
