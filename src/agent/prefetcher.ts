@@ -59,9 +59,10 @@ export interface PrefetchOptions {
  * boot 20-80 ms each. A slice's cache writes finish before the next slice is
  * handed over, so the stream keeps one slice's writes in the thread pool (a
  * write per run of consecutive slots), not those of every slice of every
- * chunk in flight: the pool's threads stay free for the boot's own I/O, and on 2 CPUs the writes no longer crowd out the event loop (four
- * alternating cold replays: 27.16 / 27.16 / 27.10 / 27.03 s against 27.59 /
- * 27.39 / 27.16 / 26.87 s; the stream still took 0.6 s).
+ * chunk in flight: the pool's threads stay free for the boot's own I/O, and
+ * on 2 CPUs the writes no longer crowd out the event loop (four alternating
+ * cold replays: 27.16 / 27.16 / 27.10 / 27.03 s against 27.59 / 27.39 /
+ * 27.16 / 26.87 s; the stream still took 0.6 s).
  */
 const VERIFY_SLICE = 64;
 
