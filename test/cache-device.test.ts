@@ -1,6 +1,7 @@
 import { mkdir, mkdtemp, readdir, readFile, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { crc32 } from 'node:zlib';
 import { afterAll, describe, expect, it, vi } from 'vitest';
 import { CacheDevice, type CacheLogger } from '../src/agent/cache/cache-device.js';
 import { acquireLock } from '../src/agent/cache/file-io.js';
@@ -541,6 +542,23 @@ describe('CacheDevice putMany', () => {
     expect(cache.stats()).toMatchObject({ blocks: 100, bootBlocks: 100 });
     for (const b of range(0, 100)) expect((await cache.get('aa', b))?.equals(block('aa', b))).toBe(true);
     await cache.close();
+  });
+
+  it('keeps a CRC-32 the caller computed, and a wrong one is caught as damage on read', async () => {
+    const dir = await tempDir();
+    const cache = await openCache(dir, 64);
+    await cache.putMany('aa', range(0, 4).map((b) => ({ block: b, data: block('aa', b), crc: crc32(block('aa', b)) })), 'boot');
+    // Block 4 comes with the CRC of other bytes: the cache trusts it, so its reads must catch it.
+    await cache.putMany('aa', [{ block: 4, data: block('aa', 4), crc: crc32(block('aa', 5)) }], 'boot');
+    for (const b of range(0, 4)) expect((await cache.get('aa', b))?.equals(block('aa', b))).toBe(true);
+    expect(await cache.get('aa', 4)).toBeUndefined();
+    expect(cache.stats()).toMatchObject({ blocks: 4, checksumFailures: 1 });
+    await cache.close();
+    // The given CRCs went to the journal as the slots' checksums: a reopened cache serves the good blocks.
+    const again = await openCache(dir, 64);
+    for (const b of range(0, 4)) expect((await again.get('aa', b))?.equals(block('aa', b))).toBe(true);
+    expect(await again.get('aa', 4)).toBeUndefined();
+    await again.close();
   });
 
   it('handles blocks already cached: same bytes are kept, other bytes replaced, a duplicate keeps its last data', async () => {

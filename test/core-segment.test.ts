@@ -12,7 +12,7 @@ import { FileNotFoundError, InvalidMapError, InvalidSegmentError, MismatchError 
 import { isTempName } from '../src/format/atomic-write.js';
 import { Bitmap } from '../src/format/bitmap.js';
 import { BootMap, saveMap } from '../src/format/map.js';
-import { SegmentReader } from '../src/format/segment.js';
+import { BLOCK_CHECKSUM_SHA256_128, SegmentReader, serializeSegment } from '../src/format/segment.js';
 import { readTrace, type TraceEvent } from '../src/format/trace.js';
 import { FileByteSource } from '../src/image/file-source.js';
 import { RawImage } from '../src/image/raw.js';
@@ -276,6 +276,32 @@ describe('verifySegment', () => {
     }
   });
 
+  it('checks segments with SHA-256 block checksums (written before CRC-32), inline and on the worker', async () => {
+    const image = await openRaw();
+    try {
+      // 20 MiB of blocks: enough for the worker (16 MiB or more).
+      const bitmap = new Bitmap(Math.ceil(image.virtualSize / BS));
+      bitmap.setRange(0, 5000);
+      const map = new BootMap({ blockSize: BS, virtualSize: image.virtualSize, identity: image.identity, boots: 1, bitmap });
+      const out = join(dir, 'sha.bcseg');
+      const meta = { blockSize: BS, virtualSize: image.virtualSize, identity: image.identity, mapDigest: map.mapDigest() };
+      await writeFile(out, serializeSegment({ ...meta, checksumAlgorithm: BLOCK_CHECKSUM_SHA256_128 }, imageBytes.subarray(0, 5000 * BS)));
+      for (const checksumWorker of [false, true]) expect((await verifySegment(image, map, out, { checksumWorker })).ok).toBe(true);
+      const reader = await SegmentReader.open(out);
+      const offset = reader.blockOffset(4321) + 9;
+      await reader.close();
+      await flipByte(out, offset);
+      for (const checksumWorker of [false, true]) {
+        const report = await verifySegment(image, map, out, { checksumWorker });
+        expect(report.checksumMismatches).toBe(1);
+        expect(report.mismatches).toEqual([{ rank: 4321, block: 4321, imageOffset: 4321 * BS, reason: 'checksum+data' }]);
+      }
+      expect((await inspectSegment(out)).blockChecksum).toBe('sha256-128');
+    } finally {
+      await image.close();
+    }
+  });
+
   it('detects a rewritten image: identity mismatch and the changed block', async () => {
     const copy = join(dir, 'rewritten.raw');
     await writeFile(copy, imageBytes);
@@ -379,6 +405,7 @@ describe('inspect and detectFileKind', () => {
       expect(seg).toMatchObject({
         kind: 'segment',
         version: 1,
+        blockChecksum: 'crc32',
         blocks: map.blocksSet,
         bytes: map.blocksSet * BS,
         blockSize: BS,

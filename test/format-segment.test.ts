@@ -2,11 +2,14 @@ import { createHash, randomBytes } from 'node:crypto';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { crc32 } from 'node:zlib';
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FileNotFoundError, InvalidSegmentError } from '../src/errors.js';
 import {
+  BLOCK_CHECKSUM_CRC32,
   BLOCK_CHECKSUM_LENGTH,
+  BLOCK_CHECKSUM_SHA256_128,
   SEGMENT_DATA_ALIGNMENT,
   SEGMENT_HEADER_LENGTH,
   SegmentReader,
@@ -29,15 +32,16 @@ afterAll(async () => {
 
 const segmentArb = fc
   .record({
+    algorithm: fc.constantFrom(BLOCK_CHECKSUM_CRC32, BLOCK_CHECKSUM_SHA256_128),
     blockSize: fc.integer({ min: 9, max: 14 }).map((s) => 2 ** s),
     blocks: fc.integer({ min: 0, max: 300 }),
     extraBlocks: fc.nat(1000),
     seed: fc.nat(),
   })
-  .map(({ blockSize, blocks, extraBlocks, seed }) => {
+  .map(({ algorithm, blockSize, blocks, extraBlocks, seed }) => {
     const data = Buffer.alloc(blocks * blockSize);
     for (let i = 0; i < data.length; i += 4) data.writeUInt32LE((Math.imul(i + 1, 2654435761) ^ seed) >>> 0, i);
-    return { blockSize, data, virtualSize: (blocks + extraBlocks) * blockSize };
+    return { algorithm, blockSize, data, virtualSize: (blocks + extraBlocks) * blockSize };
   });
 
 function sampleSegment(blocks = 5, blockSize = 4096): { file: Buffer; data: Buffer } {
@@ -57,10 +61,10 @@ const open = (file: Buffer) => SegmentReader.fromSource(bufferSource(file, 's.bc
 describe('segment format', () => {
   it('round-trips through serializeSegment/SegmentReader (property)', async () => {
     await fc.assert(
-      fc.asyncProperty(segmentArb, async ({ blockSize, data, virtualSize }) => {
-        const file = serializeSegment({ blockSize, virtualSize, identity: ID, mapDigest: DIGEST }, data);
+      fc.asyncProperty(segmentArb, async ({ algorithm, blockSize, data, virtualSize }) => {
+        const file = serializeSegment({ blockSize, virtualSize, identity: ID, mapDigest: DIGEST, checksumAlgorithm: algorithm }, data);
         const blocks = data.length / blockSize;
-        const layout = segmentLayout(blocks, blockSize);
+        const layout = segmentLayout(blocks, blockSize, algorithm === BLOCK_CHECKSUM_CRC32 ? 4 : 16);
         expect(file.length).toBe(layout.fileSize);
         expect(layout.dataOffset % SEGMENT_DATA_ALIGNMENT).toBe(0);
         const reader = await open(file);
@@ -70,11 +74,13 @@ describe('segment format', () => {
         expect(reader.identity).toBe(ID);
         expect(reader.mapDigest).toBe(DIGEST);
         expect(reader.dataSha256).toBe(createHash('sha256').update(data).digest('hex'));
+        expect(reader.checksumAlgorithm).toBe(algorithm);
         for (let r = 0; r < blocks; r++) {
           const block = data.subarray(r * blockSize, (r + 1) * blockSize);
           expect(reader.blockOffset(r)).toBe(layout.dataOffset + r * blockSize);
           expect(file.subarray(reader.blockOffset(r), reader.blockOffset(r) + blockSize).equals(block)).toBe(true);
-          expect(reader.blockChecksum(r).equals(blockChecksum(block))).toBe(true);
+          expect(reader.blockChecksum(r).equals(blockChecksum(block, algorithm))).toBe(true);
+          expect(reader.storedCrc32(r)).toBe(algorithm === BLOCK_CHECKSUM_CRC32 ? crc32(block) : undefined);
           expect(reader.verifyBlock(r, block)).toBe(true);
         }
         if (blocks > 0) {
@@ -102,20 +108,37 @@ describe('segment format', () => {
     expect(file.subarray(136, 168).toString('hex')).toBe(createHash('sha256').update(file.subarray(224, 4096)).digest('hex'));
     expect(file.readBigUInt64LE(168)).toBe(224n);
     expect(file.readBigUInt64LE(176)).toBe(4096n);
+    expect(file.readUInt32LE(184)).toBe(4);
+    expect(file.readUInt32LE(188)).toBe(2);
+    // Table entry 1 = CRC-32 of block 1, little-endian; the rest of the page is zero.
+    expect(file.readUInt32LE(224 + 4)).toBe(crc32(data.subarray(4096, 8192)));
+    expect(file.subarray(224 + 12, 4096).every((b) => b === 0)).toBe(true);
+    expect(file.subarray(4096).equals(data)).toBe(true);
+  });
+
+  it('still reads segments with SHA-256 block checksums (algorithm 1, written before CRC-32)', async () => {
+    const data = randomBytes(3 * 4096);
+    const file = serializeSegment({ blockSize: 4096, virtualSize: 4096000, identity: ID, mapDigest: DIGEST, checksumAlgorithm: BLOCK_CHECKSUM_SHA256_128 }, data);
     expect(file.readUInt32LE(184)).toBe(16);
     expect(file.readUInt32LE(188)).toBe(1);
     // Table entry 1 = first 16 bytes of SHA-256(block 1).
     expect(file.subarray(224 + 16, 224 + 32).toString('hex')).toBe(
       createHash('sha256').update(data.subarray(4096, 8192)).digest('hex').slice(0, 32),
     );
-    expect(file.subarray(4096).equals(data)).toBe(true);
+    const reader = await open(file);
+    expect(reader.checksumAlgorithm).toBe(BLOCK_CHECKSUM_SHA256_128);
+    expect(reader.storedCrc32(1)).toBeUndefined();
+    expect(reader.verifyBlock(1, data.subarray(4096, 8192))).toBe(true);
+    const other = Buffer.from(data.subarray(4096, 8192));
+    other[100] ^= 4;
+    expect(reader.verifyBlock(1, other)).toBe(false);
   });
 
   it('puts data after a table that spans more than one page', async () => {
-    const blocks = 300; // 224 + 300 * 16 = 5024 bytes of header + table
+    const blocks = 1000; // 224 + 1000 * 4 = 4224 bytes of header + table
     const layout = segmentLayout(blocks, 512);
     expect(layout.dataOffset).toBe(8192);
-    expect((await open(sampleSegment(blocks, 512).file)).blockOffset(299)).toBe(8192 + 299 * 512);
+    expect((await open(sampleSegment(blocks, 512).file)).blockOffset(999)).toBe(8192 + 999 * 512);
   });
 
   it('rejects ranks out of range', async () => {
@@ -146,7 +169,8 @@ describe('SegmentReader rejects damaged segments', () => {
     ['block count beyond the image', (f) => resealHeader((f.writeBigUInt64LE(1001n, 24), f)), /more than the image has/],
     ['absurd block count', (f) => resealHeader((f.writeBigUInt64LE(2n ** 60n, 24), f)), /more than the image has/],
     ['moved data offset', (f) => resealHeader((f.writeBigUInt64LE(8192n, 176), f)), /do not match the layout/],
-    ['unknown checksum algorithm', (f) => resealHeader((f.writeUInt32LE(2, 188), f)), /unsupported block checksum/],
+    ['unknown checksum algorithm', (f) => resealHeader((f.writeUInt32LE(3, 188), f)), /unsupported block checksum \(algorithm 3, 4 bytes\)/],
+    ['checksum length not the algorithm\'s', (f) => resealHeader((f.writeUInt32LE(16, 184), f)), /unsupported block checksum \(algorithm 2, 16 bytes\)/],
     ['more blocks than the file holds', (f) => resealHeader((f.writeBigUInt64LE(50n, 24), f)), /truncated/],
   ];
   for (const [name, damage, message] of cases) {
@@ -160,16 +184,16 @@ describe('SegmentReader rejects damaged segments', () => {
 
   it('does not read or allocate past what the file size allows', async () => {
     const { file } = sampleSegment();
-    // 2^31 blocks with a consistent layout: only the file size gives it away.
+    // 2^31 blocks with a consistent layout (4-byte table entries): only the file size gives it away.
     file.writeBigUInt64LE(2n ** 50n, 32);
     file.writeBigUInt64LE(2n ** 31n, 24);
-    file.writeBigUInt64LE(2n ** 35n + 4096n, 176);
+    file.writeBigUInt64LE(2n ** 33n + 4096n, 176);
     resealHeader(file);
     const reads: Array<[number, number]> = [];
     const source = bufferSource(file, 's.bcseg');
     const spy = { ...source, read: (o: number, l: number) => (reads.push([o, l]), source.read(o, l)) };
     await expect(SegmentReader.fromSource(spy)).rejects.toThrow(/truncated/);
-    // One read of the file's head (at most 1 MiB); never the 32 GiB table the header claims.
+    // One read of the file's head (at most 1 MiB); never the 8 GiB table the header claims.
     expect(reads).toEqual([[0, file.length]]);
   });
 

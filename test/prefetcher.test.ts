@@ -4,8 +4,9 @@
  * stored, and a failed store fails the stream, which stops its other chunks.
  */
 import { randomBytes } from 'node:crypto';
+import { crc32 } from 'node:zlib';
 import { describe, expect, it } from 'vitest';
-import { Prefetcher, type PrefetchSink } from '../src/agent/prefetcher.js';
+import { Prefetcher, type PrefetchSegment, type PrefetchSink } from '../src/agent/prefetcher.js';
 import { blockChecksum } from '../src/format/segment.js';
 import type { Storage } from '../src/storage/types.js';
 
@@ -17,9 +18,26 @@ const DATA_OFFSET = 4096;
 /** Image block of each rank: every other block of the image. */
 const blockOf = (rank: number): number => rank * 2;
 
-function stream(sink: PrefetchSink): Prefetcher {
+/**
+ * A stream over a random segment. `crcTable`: the segment offers its CRC-32s
+ * (storedCrc32) and checkBlock must not be needed; `damagedRank`: that
+ * block's data is flipped after its checksum was taken.
+ */
+function stream(sink: PrefetchSink, options: { crcTable?: boolean; damagedRank?: number } = {}): Prefetcher {
   const segment = randomBytes(RANKS * BS);
   const checksums = Array.from({ length: RANKS }, (_, r) => blockChecksum(segment.subarray(r * BS, (r + 1) * BS)));
+  if (options.damagedRank !== undefined) segment[options.damagedRank * BS + 7]! ^= 0x10;
+  const segmentInfo: PrefetchSegment = {
+    key: 'disk.bcseg',
+    blockSize: BS,
+    blockCount: RANKS,
+    dataOffset: DATA_OFFSET,
+    checkBlock: (r, d) => {
+      if (options.crcTable) throw new Error('checkBlock called on a CRC-32 segment');
+      return blockChecksum(d).equals(checksums[r]!);
+    },
+  };
+  if (options.crcTable) segmentInfo.storedCrc32 = (r) => checksums[r]!.readUInt32LE(0);
   const read = async (offset: number, length: number): Promise<Buffer> => {
     await new Promise((resolve) => setTimeout(resolve, 1));
     return Buffer.from(segment.subarray(offset - DATA_OFFSET, offset - DATA_OFFSET + length));
@@ -38,7 +56,7 @@ function stream(sink: PrefetchSink): Prefetcher {
       rank: (block) => block / 2,
       select: blockOf,
     },
-    { key: 'disk.bcseg', blockSize: BS, blockCount: RANKS, dataOffset: DATA_OFFSET, checkBlock: (r, d) => blockChecksum(d).equals(checksums[r]!) },
+    segmentInfo,
     sink,
     { chunkBytes: 256 * BS, depth: 4 },
   );
@@ -63,6 +81,24 @@ describe('prefetch stream stores', () => {
     expect(prefetcher.progress()).toMatchObject({ state: 'done', blocksLoaded: RANKS, badBlocks: 0 });
     expect(stored.size).toBe(RANKS);
     expect(most).toBe(1);
+  });
+
+  it('checks a CRC-32 segment in one pass and hands the cache each block with its CRC', async () => {
+    const stored = new Map<number, { data: Buffer; crc?: number }>();
+    const prefetcher = stream(
+      {
+        has: (block) => stored.has(block),
+        storeMany: async (entries) => {
+          for (const { block, data, crc } of entries) stored.set(block, { data: Buffer.from(data), crc });
+        },
+      },
+      { crcTable: true, damagedRank: 300 },
+    );
+    await prefetcher.start();
+    expect(prefetcher.progress()).toMatchObject({ state: 'done', blocksLoaded: RANKS - 1, badBlocks: 1 });
+    expect(stored.has(blockOf(300))).toBe(false);
+    expect(stored.size).toBe(RANKS - 1);
+    for (const { data, crc } of stored.values()) expect(crc).toBe(crc32(data));
   });
 
   it('fails the stream when a store fails, and stores nothing after it in that chunk', async () => {

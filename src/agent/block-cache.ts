@@ -8,6 +8,13 @@ export type CacheBlockKind = 'boot' | 'other';
 export interface CacheEntry {
   block: number;
   data: Buffer;
+  /**
+   * CRC-32 (zlib's) of `data`, when the caller computed it already (the
+   * prefetch checks segment blocks with it): the cache keeps it instead of
+   * computing it again. It must be the CRC of these bytes; a wrong one is
+   * caught as damage on read.
+   */
+  crc?: number;
 }
 
 export interface BlockCache {

@@ -385,7 +385,7 @@ export class ImageService {
   async storeMapBlocks(entries: readonly CacheEntry[]): Promise<void> {
     const per = this.options.mapBlockSize / this.blockSize;
     const puts = new Map<string, CacheEntry[]>();
-    for (const { block: mapBlock, data } of entries) {
+    for (const { block: mapBlock, data, crc } of entries) {
       for (let k = 0; k < per; k++) {
         const block = mapBlock * per + k;
         if (block * this.blockSize >= this.image.virtualSize) break;
@@ -393,7 +393,9 @@ export class ImageService {
         if (!this.cache.has(space, block)) {
           let list = puts.get(space);
           if (!list) puts.set(space, (list = []));
-          list.push({ block, data: data.subarray(k * this.blockSize, (k + 1) * this.blockSize) });
+          const part = data.subarray(k * this.blockSize, (k + 1) * this.blockSize);
+          // A map block's CRC is its cache block's only when they are the same size.
+          list.push(per === 1 && crc !== undefined ? { block, data: part, crc } : { block, data: part });
         }
       }
     }

@@ -7,6 +7,7 @@
  * Foreground reads never queue behind it: a block whose chunk is in flight
  * waits for that chunk; any other block is read directly (see ImageService).
  */
+import { crc32 } from 'node:zlib';
 import { readSourceInto } from '../image/file-source.js';
 import type { ByteSource } from '../image/types.js';
 import type { Storage } from '../storage/types.js';
@@ -31,11 +32,20 @@ export interface PrefetchSegment {
   readonly dataOffset: number;
   /** True when `data` (one segment block) matches the checksum stored for `rank`. */
   checkBlock(rank: number, data: Buffer): boolean;
+  /**
+   * The CRC-32 stored for `rank`, when the segment's block checksums are
+   * CRC-32s (else undefined): the prefetch then checks the block itself and
+   * hands the cache the checksum it keeps per slot, computed once.
+   */
+  storedCrc32?(rank: number): number | undefined;
 }
 
 export interface PrefetchSink {
-  /** Stores segment blocks (segment.blockSize bytes each), each for its image block, as one batch. */
-  storeMany(entries: { block: number; data: Buffer }[]): Promise<void>;
+  /**
+   * Stores segment blocks (segment.blockSize bytes each), each for its image
+   * block, as one batch; `crc`, when given, is the CRC-32 of `data`.
+   */
+  storeMany(entries: { block: number; data: Buffer; crc?: number }[]): Promise<void>;
   /** True when the block is already cached (skip it). */
   has(block: number): boolean;
 }
@@ -354,19 +364,20 @@ export class Prefetcher {
     for (let start = 0; start < blocks.length; start += VERIFY_SLICE) {
       if (start > 0) await new Promise<void>((resolve) => setImmediate(resolve));
       if (this.stopped) break;
-      const entries: { block: number; data: Buffer }[] = [];
+      const entries: { block: number; data: Buffer; crc?: number }[] = [];
       for (let i = start; i < Math.min(blocks.length, start + VERIFY_SLICE); i++) {
         const rank = firstRank + i;
         const block = blocks[i]!;
         const blockData = data.subarray(i * blockSize, (i + 1) * blockSize);
-        if (!this.segment.checkBlock(rank, blockData)) {
+        const crc = this.segment.storedCrc32?.(rank);
+        if (crc !== undefined ? crc32(blockData) !== crc : !this.segment.checkBlock(rank, blockData)) {
           this.badBlocks++;
           if (this.badBlocks === 1) this.options.onWarning?.(`segment ${key}: block of rank ${rank} fails its checksum; skipped`);
           continue;
         }
         this.loaded.add(block);
         this.blocksLoaded++;
-        if (!this.sink.has(block)) entries.push({ block, data: blockData });
+        if (!this.sink.has(block)) entries.push(crc === undefined ? { block, data: blockData } : { block, data: blockData, crc });
       }
       if (entries.length > 0) await this.sink.storeMany(entries);
     }

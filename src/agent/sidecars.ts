@@ -83,6 +83,7 @@ export class SidecarStore {
         blockCount: reader.blockCount,
         dataOffset: reader.dataOffset,
         checkBlock: (rank, data) => reader.verifyBlock(rank, data),
+        storedCrc32: (rank) => reader.storedCrc32(rank),
       },
     };
   }

@@ -12,7 +12,7 @@ export default class Inspect extends BaseCommand<typeof Inspect> {
   static override description = `Recognises the file by its first bytes.
 - image: format, virtual size, cluster size, backing chain, allocated bytes;
 - map: blockSize, blocksSet, bytes, runs (contiguous runs of blocks), boots merged;
-- segment: blocks, bytes, identity, dataSha256.
+- segment: blocks, bytes, block checksum algorithm, identity, dataSha256.
 
 ${EXIT_CODES_HELP}`;
 
@@ -45,7 +45,7 @@ ${EXIT_CODES_HELP}`;
     if (kind === 'segment') {
       const s = await inspectSegment(path);
       this.log(`${path}: boot segment v${s.version}`);
-      this.log(`  ${s.blocks} blocks of ${s.blockSize} B (${formatBytes(s.bytes)})`);
+      this.log(`  ${s.blocks} blocks of ${s.blockSize} B (${formatBytes(s.bytes)}), block checksums ${s.blockChecksum}`);
       this.log(`  image identity ${s.identity}`);
       this.log(`  map digest ${s.mapDigest}`);
       this.log(`  dataSha256 ${s.dataSha256}`);

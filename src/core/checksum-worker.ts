@@ -5,18 +5,34 @@
  * buffers, so nothing is copied on the way.
  */
 import { Worker } from 'node:worker_threads';
-import { BLOCK_CHECKSUM_LENGTH, blockChecksum } from '../format/segment.js';
+import {
+  BLOCK_CHECKSUM_ALGORITHM,
+  BLOCK_CHECKSUM_CRC32,
+  blockChecksumLength,
+  writeBlockChecksums,
+  type BlockChecksumAlgorithm,
+} from '../format/segment.js';
 
-/** The worker: receives {id, data, blockSize}, answers {id, table} or {id, error}. */
+/**
+ * The worker: receives {id, data, offset, length, blockSize, algorithm},
+ * answers {id, table} or {id, error}. The same entries as
+ * writeBlockChecksums (docs/formats.md, "Segment header", checksumAlgorithm).
+ */
 const WORKER_SOURCE = `
 const { parentPort } = require('node:worker_threads');
 const { hash } = require('node:crypto');
-parentPort.on('message', ({ id, data, offset, length, blockSize }) => {
+const { crc32 } = require('node:zlib');
+parentPort.on('message', ({ id, data, offset, length, blockSize, algorithm }) => {
   try {
     const bytes = new Uint8Array(data, offset, length);
-    const table = new Uint8Array((length / blockSize) * ${BLOCK_CHECKSUM_LENGTH});
-    for (let o = 0, t = 0; o < length; o += blockSize, t += ${BLOCK_CHECKSUM_LENGTH}) {
-      table.set(hash('sha256', bytes.subarray(o, o + blockSize), 'buffer').subarray(0, ${BLOCK_CHECKSUM_LENGTH}), t);
+    const crc = algorithm === ${BLOCK_CHECKSUM_CRC32};
+    const entry = crc ? 4 : 16;
+    const table = new Uint8Array((length / blockSize) * entry);
+    const view = new DataView(table.buffer);
+    for (let o = 0, t = 0; o < length; o += blockSize, t += entry) {
+      const block = bytes.subarray(o, o + blockSize);
+      if (crc) view.setUint32(t, crc32(block), true);
+      else table.set(hash('sha256', block, 'buffer').subarray(0, 16), t);
     }
     parentPort.postMessage({ id, table: table.buffer }, [table.buffer]);
   } catch (err) {
@@ -30,10 +46,10 @@ interface Pending {
   reject: (err: Error) => void;
 }
 
-/** Checksum tables (BLOCK_CHECKSUM_LENGTH bytes per block) of whole-block buffers. */
+/** Checksum tables (one entry per block, see writeBlockChecksums) of whole-block buffers. */
 export interface BlockChecksummer {
   /** `data` is a whole number of blocks; worker-backed checksummers want it in a SharedArrayBuffer. */
-  checksums(data: Buffer, blockSize: number): Promise<Buffer>;
+  checksums(data: Buffer, blockSize: number, algorithm?: BlockChecksumAlgorithm): Promise<Buffer>;
   /** True when `data` must live in a SharedArrayBuffer (see sharedBuffer). */
   readonly wantsShared: boolean;
   close(): Promise<void>;
@@ -42,17 +58,15 @@ export interface BlockChecksummer {
 /** Checksums on the calling thread. */
 export const inlineChecksummer: BlockChecksummer = {
   wantsShared: false,
-  async checksums(data, blockSize) {
-    return checksumTable(data, blockSize);
+  async checksums(data, blockSize, algorithm) {
+    return checksumTable(data, blockSize, algorithm);
   },
   async close() {},
 };
 
-export function checksumTable(data: Uint8Array, blockSize: number): Buffer {
-  const table = Buffer.allocUnsafe((data.length / blockSize) * BLOCK_CHECKSUM_LENGTH);
-  for (let o = 0, t = 0; o < data.length; o += blockSize, t += BLOCK_CHECKSUM_LENGTH) {
-    blockChecksum(data.subarray(o, o + blockSize)).copy(table, t);
-  }
+export function checksumTable(data: Uint8Array, blockSize: number, algorithm: BlockChecksumAlgorithm = BLOCK_CHECKSUM_ALGORITHM): Buffer {
+  const table = Buffer.allocUnsafe((data.length / blockSize) * blockChecksumLength(algorithm));
+  writeBlockChecksums(data, blockSize, table, 0, algorithm);
   return table;
 }
 
@@ -82,13 +96,13 @@ class WorkerChecksummer implements BlockChecksummer {
     this.pending.clear();
   }
 
-  checksums(data: Buffer, blockSize: number): Promise<Buffer> {
-    if (!(data.buffer instanceof SharedArrayBuffer)) return Promise.resolve(checksumTable(data, blockSize));
+  checksums(data: Buffer, blockSize: number, algorithm: BlockChecksumAlgorithm = BLOCK_CHECKSUM_ALGORITHM): Promise<Buffer> {
+    if (!(data.buffer instanceof SharedArrayBuffer)) return Promise.resolve(checksumTable(data, blockSize, algorithm));
     if (this.failure) return Promise.reject(this.failure);
     const id = this.nextId++;
     return new Promise<Buffer>((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
-      this.worker.postMessage({ id, data: data.buffer, offset: data.byteOffset, length: data.length, blockSize });
+      this.worker.postMessage({ id, data: data.buffer, offset: data.byteOffset, length: data.length, blockSize, algorithm });
     });
   }
 

@@ -1,6 +1,6 @@
 /** inspect (map and segment part) and file kind detection by magic. */
 import { MAP_MAGIC, loadMap } from '../format/map.js';
-import { SEGMENT_MAGIC, SegmentReader } from '../format/segment.js';
+import { BLOCK_CHECKSUM_CRC32, SEGMENT_MAGIC, SegmentReader } from '../format/segment.js';
 import { FileByteSource } from '../image/file-source.js';
 
 export type FileKind = 'map' | 'segment' | 'image';
@@ -51,6 +51,8 @@ export interface SegmentInspection {
   identity: string;
   mapDigest: string;
   dataSha256: string;
+  /** Per-block checksums: 'crc32' or (segments written before 2026-11-27) 'sha256-128'. */
+  blockChecksum: 'crc32' | 'sha256-128';
 }
 
 /** Loads (and so fully checks) a map and summarises it. */
@@ -99,6 +101,7 @@ export async function inspectSegment(path: string): Promise<SegmentInspection> {
       identity: h.identity,
       mapDigest: h.mapDigest,
       dataSha256: h.dataSha256,
+      blockChecksum: h.checksumAlgorithm === BLOCK_CHECKSUM_CRC32 ? 'crc32' : 'sha256-128',
     };
   } finally {
     await reader.close();

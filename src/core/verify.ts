@@ -13,7 +13,7 @@ import { hasUsableReadInto } from '../image/file-source.js';
 import type { ByteSource, DiskImage } from '../image/types.js';
 import { shortHex } from '../format/binary.js';
 import type { BootMap } from '../format/map.js';
-import { BLOCK_CHECKSUM_LENGTH, SegmentReader, type SegmentSource } from '../format/segment.js';
+import { SegmentReader, type SegmentSource } from '../format/segment.js';
 import { createChecksummer, sharedBuffer } from './checksum-worker.js';
 import {
   DEFAULT_READ_CHUNK_BYTES,
@@ -165,6 +165,7 @@ export async function verifySegmentReader(
   const totalBlocks = reader.blockCount;
   const chunkBlocks = chunkBlocksFor(options.readChunkBytes ?? DEFAULT_READ_CHUNK_BYTES, blockSize);
   const dataHash = createHash('sha256');
+  const entryLength = reader.header.checksumLength;
 
   const record = (rank: number, block: number | null, checksumOk: boolean, dataOk: boolean): void => {
     if (!checksumOk) checksumMismatches++;
@@ -232,7 +233,7 @@ export async function verifySegmentReader(
           segment = segmentRing[slot]!.subarray(0, read.length);
           read.copy(segment);
         }
-        const computed = checksummer.checksums(segment, blockSize);
+        const computed = checksummer.checksums(segment, blockSize, reader.checksumAlgorithm);
         dataHash.update(segment);
         // Compare piece by piece; look at single blocks only where something differs.
         const badData = new Set<number>(); // ranks
@@ -257,8 +258,8 @@ export async function verifySegmentReader(
           rank = chunk.rank;
           for (const piece of chunk.pieces) {
             for (let i = 0; i < piece.count; i++, rank++) {
-              const t = (rank - chunk.rank) * BLOCK_CHECKSUM_LENGTH;
-              const checksumOk = checksums.subarray(t, t + BLOCK_CHECKSUM_LENGTH).equals(stored.subarray(t, t + BLOCK_CHECKSUM_LENGTH));
+              const t = (rank - chunk.rank) * entryLength;
+              const checksumOk = checksums.subarray(t, t + entryLength).equals(stored.subarray(t, t + entryLength));
               const dataOk = !badData.has(rank);
               if (!checksumOk || !dataOk) record(rank, canCompare ? piece.block + i : null, checksumOk, dataOk);
             }

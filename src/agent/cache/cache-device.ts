@@ -438,13 +438,14 @@ export class CacheDevice implements BlockCache {
     this.checkOpen();
     if (this.failed) throw this.failed;
     if (kind !== 'boot' && kind !== 'other') throw new AgentError(`cache put: unknown block kind ${JSON.stringify(kind)}`);
-    const byBlock = new Map<number, Buffer>();
-    for (const { block, data } of entries) {
+    const byBlock = new Map<number, CacheEntry>();
+    for (const entry of entries) {
+      const { block, data } = entry;
       if (!Number.isSafeInteger(block) || block < 0) throw new AgentError(`cache put: block ${block} is not a block index`);
       if (data.length !== this.blockSize) {
         throw new AgentError(`cache put: ${data.length} bytes of data, expected the block size ${this.blockSize}`);
       }
-      byBlock.set(block, data);
+      byBlock.set(block, entry);
     }
     if (byBlock.size === 0) return;
     const sp = this.intern(space);
@@ -644,13 +645,13 @@ export class CacheDevice implements BlockCache {
     this.kick(false);
   }
 
-  private async putManyLocked(sp: Space, blocks: number[], byBlock: Map<number, Buffer>, boot: boolean): Promise<void> {
+  private async putManyLocked(sp: Space, blocks: number[], byBlock: Map<number, CacheEntry>, boot: boolean): Promise<void> {
     const index = this.index;
     const writes: { block: number; data: Buffer; crc: number; slot: number }[] = [];
     let touched = false;
     for (const block of blocks) {
-      const data = byBlock.get(block)!;
-      const crc = crc32(data);
+      const { data, crc: given } = byBlock.get(block)!;
+      const crc = given ?? crc32(data);
       const existing = sp.blocks.get(block);
       if (existing !== undefined && index.crcOf[existing] === crc && !(index.flags[existing] & SlotFlag.UNVERIFIED)) {
         // The same bytes again: as in putLocked, no write.
