@@ -3,8 +3,9 @@
  * Every value is validated here with a one-line error naming the flag or
  * the key it came from.
  */
+import { realpathSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
-import { resolve as resolvePath } from 'node:path';
+import { basename, dirname, join, resolve as resolvePath } from 'node:path';
 import cron from 'node-cron';
 import { UsageError, fromSystemError } from '../errors.js';
 import { DEFAULT_MERGE_POLICY, type MergePolicy } from '../format/map.js';
@@ -287,7 +288,7 @@ export function resolveConfig(fromFile: Raw, overrides: Raw = {}, fromFlags: Raw
     socketMode: parseMode(setting('socketMode')),
     logLevel: logLevel.value as AgentConfig['logLevel'],
   };
-  if (resolvePath(config.socket) === resolvePath(config.control)) {
+  if (realLocation(config.socket) === realLocation(config.control)) {
     // One path cannot be both sockets; at start it would read as "in use by another process".
     throw new UsageError(`${setting('socket').label} and ${setting('control').label} name the same path ${config.socket}`);
   }
@@ -304,6 +305,25 @@ export function resolveConfig(fromFile: Raw, overrides: Raw = {}, fromFlags: Raw
     config.listen = parseListen(listen.value, listen.label);
   }
   return config;
+}
+
+/**
+ * Where `path` really is: its parent's real path (so a symlinked directory,
+ * "." or ".." reach the same answer as the kernel does) plus its basename.
+ * Sockets do not exist yet, so the file itself is not resolved.
+ */
+function realLocation(path: string): string {
+  return join(realDirectory(dirname(path)), basename(path));
+}
+
+/** A directory's real path; one not created yet (mkdir -p at start) through its nearest existing ancestor. */
+function realDirectory(dir: string): string {
+  try {
+    return realpathSync.native(dir);
+  } catch {
+    const up = dirname(dir);
+    return up === dir ? resolvePath(dir) : join(realDirectory(up), basename(dir));
+  }
 }
 
 const DECIMAL = /^\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?\s*$/i;
