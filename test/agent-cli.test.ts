@@ -167,9 +167,15 @@ describe('bootcache agent (process)', () => {
     const b = startAgent(['--storage', join(dir, 'storage'), '--cache', q.cache, '--socket', q.socket, '--control', q.control,
       '--socket-group', 'no-such-group-here']);
     expect(await b.exited).toBe(2);
-    expect(b.stderr()).toMatch(/socket group: no group named "no-such-group-here"/);
+    // One line naming the flag (or the config key), not a bare lookup failure.
+    expect(b.stderr()).toBe('bootcache agent: error: --socket-group: no group named "no-such-group-here" [BC_USAGE]\n');
     // A configuration error is found before anything is created.
     await expect(stat(q.cache)).rejects.toThrow(/ENOENT/);
+    const cfg = join(dir, 'nogroup.json');
+    await writeFile(cfg, JSON.stringify({ socketGroup: 'no-such-group-here' }));
+    const c = startAgent(['--config', cfg, '--storage', join(dir, 'storage'), '--cache', q.cache, '--socket', q.socket, '--control', q.control]);
+    expect(await c.exited).toBe(2);
+    expect(c.stderr()).toBe('bootcache agent: error: config: socketGroup: no group named "no-such-group-here" [BC_USAGE]\n');
   });
 
   it('status without an agent is a clear error', async () => {

@@ -114,7 +114,7 @@ export class Agent implements ExportProvider {
   async start(): Promise<void> {
     const c = this.config;
     // Before anything is opened or created: an unknown group is a configuration error.
-    const gid = c.socketGroup === undefined ? undefined : await resolveGroup(c.socketGroup);
+    const gid = c.socketGroup === undefined ? undefined : await resolveGroup(c.socketGroup, undefined, c.socketGroupLabel);
     let storage: Storage = await LocalDirStorage.open(c.storage).catch((err: unknown) => {
       throw new AgentError(`storage: ${(err as Error).message}`, { cause: err });
     });

@@ -47,6 +47,8 @@ export interface AgentConfig {
   socketMode: number;
   /** Group (name or numeric gid) given both sockets, e.g. the group QEMU runs in. */
   socketGroup?: string;
+  /** Where socketGroup came from ("--socket-group", "config: socketGroup"): the group is looked up at start, and its error names this. */
+  socketGroupLabel?: string;
   logLevel: 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
 }
 
@@ -298,6 +300,7 @@ export function resolveConfig(fromFile: Raw, overrides: Raw = {}, fromFlags: Raw
       throw new UsageError(`${group.label} must be a group name or a numeric gid, got ${JSON.stringify(group.value)}`);
     }
     config.socketGroup = group.value;
+    config.socketGroupLabel = group.label;
   }
   const listen = setting('listen');
   if (listen.value !== undefined) {
