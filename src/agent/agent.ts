@@ -428,7 +428,13 @@ export class Agent implements ExportProvider {
     await Promise.all([...this.services.values()].map((e) => e.rebuild));
   }
 
+  /** Counters and uptime, started or not: what `bootcache agent` reports when it stops. */
+  summary(): Pick<AgentStatus, 'counters' | 'uptimeSeconds'> {
+    return { counters: this.counters, uptimeSeconds: Math.round((Date.now() - this.startedAt) / 1000) };
+  }
+
   status(): AgentStatus {
+    const { counters, uptimeSeconds } = this.summary();
     const exports: ExportStatus[] = [];
     for (const [name, entry] of this.services) {
       const s: ExportStatus = {
@@ -449,14 +455,14 @@ export class Agent implements ExportProvider {
     }
     const status: AgentStatus = {
       pid: process.pid,
-      uptimeSeconds: Math.round((Date.now() - this.startedAt) / 1000),
+      uptimeSeconds,
       storage: this.storage.description,
       socket: this.config.socket,
       exports,
       cache: this.cache.stats(),
       prefetchBuffers: this.chunkBuffers.stats(),
       nbd: this.nbd!.stats,
-      counters: this.counters,
+      counters,
     };
     if (this.config.listen) status.listen = `${this.config.listen.host}:${this.config.listen.port}`;
     return status;
