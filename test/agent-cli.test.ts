@@ -58,6 +58,16 @@ async function waitForLog(s: Started, pattern: RegExp, timeoutMs = 30_000): Prom
   }
 }
 
+/** Sends `signal` as soon as the agent logs a line matching `pattern` (no polling delay). */
+function signalOnLog(s: Started, pattern: RegExp, signal: NodeJS.Signals): void {
+  const check = (): void => {
+    if (!pattern.test(s.stdout())) return;
+    s.child.stdout!.off('data', check);
+    s.child.kill(signal);
+  };
+  s.child.stdout!.on('data', check);
+}
+
 const paths = (name: string) => ({
   socket: join(dir, `${name}.sock`),
   control: join(dir, `${name}.ctl`),
@@ -91,6 +101,27 @@ describe('bootcache agent (process)', () => {
     // Every stdout line is a JSON log record.
     for (const line of a.stdout().trim().split('\n')) expect(() => JSON.parse(line)).not.toThrow();
     expect(a.stdout()).toMatch(/"msg":"agent stopped"/);
+  });
+
+  it('stops cleanly on a SIGTERM during its start: exit 0, no sockets left, the cache free for the next agent', async () => {
+    const p = paths('early');
+    // One 256 MiB prefetch buffer to fault in: the start takes a second or so, and the
+    // signal comes at its beginning (the "starting" line, logged once the handlers are in).
+    const args = ['--storage', join(dir, 'storage'), '--cache', p.cache, '--socket', p.socket, '--control', p.control,
+      '--cache-size', '64M', '--prefetch-chunk', '256M', '--prefetch-depth', '1', '--log-level', 'debug'];
+    const a = startAgent(args);
+    signalOnLog(a, /"msg":"starting"/, 'SIGTERM');
+    expect(await a.exited, a.stdout() + a.stderr()).toBe(0);
+    expect(a.stdout()).toMatch(/"msg":"stopping"/);
+    // The signal came during the start, not after it.
+    expect(a.stdout()).not.toMatch(/agent started/);
+    expect(a.stderr()).toBe('');
+    await expect(stat(p.socket)).rejects.toThrow(/ENOENT/);
+    await expect(stat(p.control)).rejects.toThrow(/ENOENT/);
+    const b = startAgent(args);
+    await waitForLog(b, /agent started/);
+    b.child.kill('SIGTERM');
+    expect(await b.exited).toBe(0);
   });
 
   it('gives one clear line and exit 7 for a missing storage directory, an unwritable cache, a port in use', async () => {
@@ -167,9 +198,15 @@ describe('bootcache agent (process)', () => {
     const b = startAgent(['--storage', join(dir, 'storage'), '--cache', q.cache, '--socket', q.socket, '--control', q.control,
       '--socket-group', 'no-such-group-here']);
     expect(await b.exited).toBe(2);
-    expect(b.stderr()).toMatch(/socket group: no group named "no-such-group-here"/);
+    // One line naming the flag (or the config key), not a bare lookup failure.
+    expect(b.stderr()).toBe('bootcache agent: error: --socket-group: no group named "no-such-group-here" [BC_USAGE]\n');
     // A configuration error is found before anything is created.
     await expect(stat(q.cache)).rejects.toThrow(/ENOENT/);
+    const cfg = join(dir, 'nogroup.json');
+    await writeFile(cfg, JSON.stringify({ socketGroup: 'no-such-group-here' }));
+    const c = startAgent(['--config', cfg, '--storage', join(dir, 'storage'), '--cache', q.cache, '--socket', q.socket, '--control', q.control]);
+    expect(await c.exited).toBe(2);
+    expect(c.stderr()).toBe('bootcache agent: error: config: socketGroup: no group named "no-such-group-here" [BC_USAGE]\n');
   });
 
   it('status without an agent is a clear error', async () => {

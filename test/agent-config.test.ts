@@ -1,4 +1,4 @@
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -101,6 +101,22 @@ describe('agent configuration: flags', () => {
     flagFails({ 'boot-idle': '0x10' }, /^--boot-idle must be a number of seconds from 0\.1 to 3600, got "0x10"$/);
     flagFails({ 'storage-error-rate': 'Infinity' }, /^--storage-error-rate must be a number from 0 to 1, got "Infinity"$/);
     flagFails({ 'merge-min-seen': 5 }, /^--merge-min-seen \(5\) cannot exceed the merge window \(4 boots; /);
+  });
+
+  it('sees one socket path through a symlinked directory, ".." or a directory not created yet', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'bc-same-socket-'));
+    await mkdir(join(dir, 'real'));
+    await symlink(join(dir, 'real'), join(dir, 'link'));
+    const same = /^--socket and --control name the same path /;
+    flagFails({ socket: join(dir, 'real', 'a.sock'), control: join(dir, 'link', 'a.sock') }, same);
+    // "sub-link/.." is real/ for the kernel (the target's parent), not dir/ as path.resolve would say.
+    await mkdir(join(dir, 'real', 'sub'));
+    await symlink(join(dir, 'real', 'sub'), join(dir, 'sub-link'));
+    flagFails({ socket: join(dir, 'real', 'a.sock'), control: `${dir}/sub-link/../a.sock` }, same);
+    flagFails({ socket: join(dir, 'real', 'new', 'a.sock'), control: join(dir, 'link', 'new', 'a.sock') }, same);
+    expect(resolveConfig({}, base, { socket: join(dir, 'real', 'a.sock'), control: join(dir, 'link', 'b.sock') }).control).toBe(join(dir, 'link', 'b.sock'));
+    expect(resolveConfig({}, base, { socket: join(dir, 'real', 'a.sock'), control: join(dir, 'a.sock') }).control).toBe(join(dir, 'a.sock'));
+    await rm(dir, { recursive: true, force: true });
   });
 
   it('names the key when the bad value came from the file', () => {

@@ -11,10 +11,11 @@ import { mkdir, mkdtemp, readFile, rm, stat, symlink, utimes, writeFile } from '
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pino } from 'pino';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { Agent } from '../src/agent/agent.js';
 import { resolveConfig, type AgentConfig } from '../src/agent/config.js';
-import { controlRequest } from '../src/agent/control.js';
+import { ControlServer, controlRequest } from '../src/agent/control.js';
+import { NbdServer } from '../src/agent/nbd/server.js';
 import { verifySegment } from '../src/core/verify.js';
 import { loadMap } from '../src/format/map.js';
 import { SegmentReader } from '../src/format/segment.js';
@@ -57,6 +58,17 @@ afterEach(async () => {
 afterAll(async () => {
   await rm(root, { recursive: true, force: true });
 });
+
+/** A config with the default (large) prefetch buffers: the prefault takes a while, as in production. */
+async function overtakenConfig(name: string): Promise<AgentConfig> {
+  freshStorage(name);
+  const dir = join(root, name);
+  await mkdir(dir, { recursive: true });
+  return resolveConfig(
+    {},
+    { storage: storageDir, cache: join(dir, 'cache'), socket: join(dir, 'nbd.sock'), control: join(dir, 'control.sock'), maintenance: 'off', logLevel: 'silent' },
+  );
+}
 
 async function startAgent(name: string, overrides: Record<string, unknown> = {}): Promise<{ agent: Agent; config: AgentConfig }> {
   const dir = join(root, name);
@@ -210,19 +222,45 @@ describe('bootcache agent', () => {
   });
 
   it('gives up a start that stop() overtakes: nothing listens, the cache is released', async () => {
-    freshStorage('overtaken');
-    const dir = join(root, 'overtaken');
-    await mkdir(dir, { recursive: true });
-    const config = resolveConfig(
-      {},
-      { storage: storageDir, cache: join(dir, 'cache'), socket: join(dir, 'nbd.sock'), control: join(dir, 'control.sock'), maintenance: 'off', logLevel: 'silent' },
-    );
+    const config = await overtakenConfig('overtaken');
     const agent = new Agent(config, pino({ level: 'silent' }));
     const starting = agent.start();
     await agent.stop();
     await expect(starting).rejects.toThrow(/^the agent was stopped while it was starting$/);
     await expect(stat(config.socket)).rejects.toThrow(/ENOENT/);
     // The cache lock went with it: another agent opens the same cache.
+    const again = new Agent(config, pino({ level: 'silent' }));
+    await again.start();
+    agents.push(again);
+  });
+
+  it.each(['NBD', 'control'] as const)('gives up a start that stop() overtakes while it listens on the %s socket', async (which) => {
+    const config = await overtakenConfig(`overtaken-${which}`);
+    const agent = new Agent(config, pino({ level: 'silent' }));
+    // stop() comes while start() awaits the listen: past the prefault and its check.
+    let stopping: Promise<void> | undefined;
+    const listenUnix = NbdServer.prototype.listenUnix;
+    const startControl = ControlServer.start;
+    const spy = which === 'NBD'
+      ? vi.spyOn(NbdServer.prototype, 'listenUnix').mockImplementation(function (this: NbdServer, path: string) {
+        const listening = listenUnix.call(this, path);
+        stopping = agent.stop();
+        return listening;
+      })
+      : vi.spyOn(ControlServer, 'start').mockImplementation((...args) => {
+        const listening = startControl.apply(ControlServer, args);
+        stopping = agent.stop();
+        return listening;
+      });
+    try {
+      await expect(agent.start()).rejects.toThrow(/^the agent was stopped while it was starting$/);
+    } finally {
+      spy.mockRestore();
+    }
+    await stopping;
+    await expect(stat(config.socket)).rejects.toThrow(/ENOENT/);
+    await expect(stat(config.control)).rejects.toThrow(/ENOENT/);
+    // Sockets and cache lock are free again: another agent starts on them.
     const again = new Agent(config, pino({ level: 'silent' }));
     await again.start();
     agents.push(again);

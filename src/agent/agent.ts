@@ -98,6 +98,8 @@ export class Agent implements ExportProvider {
   private started = false;
   /** Set by stop(): a start() still in progress gives up instead of listening. */
   private stopRequested = false;
+  /** The start() in progress or done, settled either way: stop() waits for one that gives up. */
+  private starting: Promise<void> | undefined;
   private readonly startedAt = Date.now();
   private storage!: CountingStorage;
   private sidecars!: SidecarStore;
@@ -110,11 +112,21 @@ export class Agent implements ExportProvider {
     private readonly log: Logger,
   ) {}
 
-  /** Opens storage and cache and starts listening; clear errors when anything is wrong. */
+  /**
+   * Opens storage and cache and starts listening; clear errors when anything
+   * is wrong. A stop() meanwhile makes it give up at its next step (an
+   * AgentError), with what it opened closed again.
+   */
   async start(): Promise<void> {
+    const starting = this.openAndListen();
+    this.starting = starting.catch(() => undefined);
+    await starting;
+  }
+
+  private async openAndListen(): Promise<void> {
     const c = this.config;
     // Before anything is opened or created: an unknown group is a configuration error.
-    const gid = c.socketGroup === undefined ? undefined : await resolveGroup(c.socketGroup);
+    const gid = c.socketGroup === undefined ? undefined : await resolveGroup(c.socketGroup, undefined, c.socketGroupLabel);
     let storage: Storage = await LocalDirStorage.open(c.storage).catch((err: unknown) => {
       throw new AgentError(`storage: ${(err as Error).message}`, { cause: err });
     });
@@ -125,11 +137,13 @@ export class Agent implements ExportProvider {
     this.counters.storage = this.storage.counters;
     this.sidecars = new SidecarStore(this.storage, c.blockSize, c.merge, this.log);
     try {
+      this.throwIfStopped();
       this.cache = await CacheDevice.open(c.cache, { capacityBytes: c.cacheSize, blockSize: c.blockSize, logger: this.log }).catch(
         (err: unknown) => {
           throw err instanceof AgentError ? err : new AgentError(`cache: ${(err as Error).message}`, { cause: err });
         },
       );
+      this.throwIfStopped();
       this.missWriter = new MissWriter(this.cache);
       // Faulted in before the agent listens, not under the first boot's reads:
       // a boot that starts with the agent (the benchmark does) would wait
@@ -139,24 +153,29 @@ export class Agent implements ExportProvider {
       const prefaultStart = performance.now();
       await this.chunkBuffers.prefault();
       this.log.debug({ ...this.chunkBuffers.stats(), ms: Math.round(performance.now() - prefaultStart) }, 'prefetch buffers faulted in');
-      // A stop() meanwhile (it ends the prefault early) must not leave an agent listening on a closed cache.
-      if (this.stopRequested) throw new AgentError('the agent was stopped while it was starting');
+      this.throwIfStopped(); // stop() ends the prefault early
       this.nbd = new NbdServer(this, {
         maxConnections: c.maxConnections,
         logger: (level, msg, fields) => this.log[level === 'warn' ? 'warn' : level === 'error' ? 'error' : 'debug'](fields ?? {}, msg),
       });
       await mkdir(join(c.socket, '..'), { recursive: true });
+      this.throwIfStopped();
       await this.nbd.listenUnix(c.socket);
+      this.throwIfStopped();
       await applySocketAccess(c.socket, c.socketMode, gid);
+      this.throwIfStopped();
       if (c.listen) await this.nbd.listenTcp(c.listen.host, c.listen.port);
+      this.throwIfStopped();
       await mkdir(join(c.control, '..'), { recursive: true });
+      this.throwIfStopped();
       this.control = await ControlServer.start(c.control, {
         status: async () => this.status(),
         markBooted: async (name) => this.markBooted(name),
       }, gid);
+      this.throwIfStopped();
     } catch (err) {
       // A cache this start created is removed again, under its lock (CacheDevice.closeAndRemoveIfCreated).
-      await this.stop({ removeNewCache: true });
+      await this.release({ removeNewCache: true });
       throw err;
     }
     if (c.maintenance !== 'off') {
@@ -169,9 +188,27 @@ export class Agent implements ExportProvider {
     this.started = true;
   }
 
-  /** Stops accepting, drains in-flight requests, finishes rebuilds, flushes the cache. */
-  async stop(options: { removeNewCache?: boolean } = {}): Promise<void> {
+  /** After each of start()'s awaits: a stop() meanwhile must not leave an agent listening on a closed cache. */
+  private throwIfStopped(): void {
+    if (this.stopRequested) throw new AgentError('the agent was stopped while it was starting');
+  }
+
+  /**
+   * Stops accepting, drains in-flight requests, finishes rebuilds, flushes
+   * the cache. During a start(), waits for it to give up and close what it
+   * opened: closing under its feet would miss what it opens next.
+   */
+  async stop(): Promise<void> {
     this.stopRequested = true;
+    if (this.starting !== undefined && !this.started) {
+      this.chunkBuffers?.close(); // ends the prefault early
+      await this.starting;
+      return;
+    }
+    await this.release();
+  }
+
+  private async release(options: { removeNewCache?: boolean } = {}): Promise<void> {
     this.maintenance?.stop();
     await this.nbd?.close().catch((err: unknown) => this.log.warn({ err }, 'closing NBD server'));
     await this.control?.close().catch(() => undefined);
@@ -391,7 +428,13 @@ export class Agent implements ExportProvider {
     await Promise.all([...this.services.values()].map((e) => e.rebuild));
   }
 
+  /** Counters and uptime, started or not: what `bootcache agent` reports when it stops. */
+  summary(): Pick<AgentStatus, 'counters' | 'uptimeSeconds'> {
+    return { counters: this.counters, uptimeSeconds: Math.round((Date.now() - this.startedAt) / 1000) };
+  }
+
   status(): AgentStatus {
+    const { counters, uptimeSeconds } = this.summary();
     const exports: ExportStatus[] = [];
     for (const [name, entry] of this.services) {
       const s: ExportStatus = {
@@ -412,14 +455,14 @@ export class Agent implements ExportProvider {
     }
     const status: AgentStatus = {
       pid: process.pid,
-      uptimeSeconds: Math.round((Date.now() - this.startedAt) / 1000),
+      uptimeSeconds,
       storage: this.storage.description,
       socket: this.config.socket,
       exports,
       cache: this.cache.stats(),
       prefetchBuffers: this.chunkBuffers.stats(),
       nbd: this.nbd!.stats,
-      counters: this.counters,
+      counters,
     };
     if (this.config.listen) status.listen = `${this.config.listen.host}:${this.config.listen.port}`;
     return status;

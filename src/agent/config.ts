@@ -3,8 +3,9 @@
  * Every value is validated here with a one-line error naming the flag or
  * the key it came from.
  */
+import { realpathSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
-import { resolve as resolvePath } from 'node:path';
+import { basename, dirname, join, resolve as resolvePath } from 'node:path';
 import cron from 'node-cron';
 import { UsageError, fromSystemError } from '../errors.js';
 import { DEFAULT_MERGE_POLICY, type MergePolicy } from '../format/map.js';
@@ -46,6 +47,8 @@ export interface AgentConfig {
   socketMode: number;
   /** Group (name or numeric gid) given both sockets, e.g. the group QEMU runs in. */
   socketGroup?: string;
+  /** Where socketGroup came from ("--socket-group", "config: socketGroup"): the group is looked up at start, and its error names this. */
+  socketGroupLabel?: string;
   logLevel: 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
 }
 
@@ -287,7 +290,7 @@ export function resolveConfig(fromFile: Raw, overrides: Raw = {}, fromFlags: Raw
     socketMode: parseMode(setting('socketMode')),
     logLevel: logLevel.value as AgentConfig['logLevel'],
   };
-  if (resolvePath(config.socket) === resolvePath(config.control)) {
+  if (realLocation(config.socket) === realLocation(config.control)) {
     // One path cannot be both sockets; at start it would read as "in use by another process".
     throw new UsageError(`${setting('socket').label} and ${setting('control').label} name the same path ${config.socket}`);
   }
@@ -297,6 +300,7 @@ export function resolveConfig(fromFile: Raw, overrides: Raw = {}, fromFlags: Raw
       throw new UsageError(`${group.label} must be a group name or a numeric gid, got ${JSON.stringify(group.value)}`);
     }
     config.socketGroup = group.value;
+    config.socketGroupLabel = group.label;
   }
   const listen = setting('listen');
   if (listen.value !== undefined) {
@@ -304,6 +308,25 @@ export function resolveConfig(fromFile: Raw, overrides: Raw = {}, fromFlags: Raw
     config.listen = parseListen(listen.value, listen.label);
   }
   return config;
+}
+
+/**
+ * Where `path` really is: its parent's real path (so a symlinked directory,
+ * "." or ".." reach the same answer as the kernel does) plus its basename.
+ * Sockets do not exist yet, so the file itself is not resolved.
+ */
+function realLocation(path: string): string {
+  return join(realDirectory(dirname(path)), basename(path));
+}
+
+/** A directory's real path; one not created yet (mkdir -p at start) through its nearest existing ancestor. */
+function realDirectory(dir: string): string {
+  try {
+    return realpathSync.native(dir);
+  } catch {
+    const up = dirname(dir);
+    return up === dir ? resolvePath(dir) : join(realDirectory(up), basename(dir));
+  }
 }
 
 const DECIMAL = /^\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?\s*$/i;

@@ -12,7 +12,7 @@ export default class AgentRun extends BaseCommand<typeof AgentRun> {
   static override summary = 'Run the bootcache agent: serve images over NBD with caching, prefetch and boot recording.';
   static override description = `Serves every image under the storage root as a read-only NBD export named by its path relative to the root (a qcow2 image is served as its guest-visible disk, format raw for the client). On the first open of an export it streams the image's boot segment (IMAGE.bcseg) into the local cache; it records the blocks each boot reads and, when the boot ends (idle gap, window, mark-booted or last close), merges them into IMAGE.bcmap and publishes a new IMAGE.bcseg next to the image.
 
-Runs in the foreground until SIGTERM or SIGINT: it then stops accepting, finishes in-flight requests, and flushes maps and the cache index. Logs are JSON lines (pino) on stdout. TCP is used only with --listen (default port ${DEFAULT_NBD_PORT}).
+Runs in the foreground until SIGTERM or SIGINT: it then stops accepting, finishes in-flight requests, and flushes maps and the cache index (a signal during the start makes it give up cleanly, exit status 0). Logs are JSON lines (pino) on stdout. TCP is used only with --listen (default port ${DEFAULT_NBD_PORT}).
 
 Settings come from flags or a JSON config file (--config); flags win. Config keys: storage, cache, socket, listen, control, cacheSize, cacheMisses, storageDelayMs, storageErrorRate, boot {idleMs, windowMs, minReads}, merge {minSeen, window}, prefetchChunk, prefetchDepth, readahead, blockSize, maintenance, maxConnections, socketMode, socketGroup, logLevel.
 
@@ -57,14 +57,28 @@ ${EXIT_CODES_HELP}`;
     const config = resolveConfig(fromFile, {}, f);
     const log = pino({ level: config.logLevel, base: { pid: process.pid } });
     const agent = new Agent(config, log);
-    await agent.start();
-    const signal = await new Promise<NodeJS.Signals>((resolve) => {
-      process.once('SIGTERM', () => resolve('SIGTERM'));
-      process.once('SIGINT', () => resolve('SIGINT'));
+    // Before start(), which takes a while (the prefault): a signal then would
+    // kill the process by default and leave its sockets and cache lock behind.
+    // Now the agent stops, and start() gives up with what it opened closed.
+    let signalled = false;
+    const stopped = new Promise<NodeJS.Signals>((resolve) => {
+      const stopOn = (signal: NodeJS.Signals): void => {
+        signalled = true;
+        resolve(signal);
+      };
+      process.once('SIGTERM', () => stopOn('SIGTERM'));
+      process.once('SIGINT', () => stopOn('SIGINT'));
+    }).then(async (signal) => {
+      log.info({ signal }, 'stopping');
+      await agent.stop();
     });
-    log.info({ signal }, 'stopping');
-    const { counters, uptimeSeconds } = agent.status();
-    await agent.stop();
-    return { counters, uptimeSeconds };
+    log.debug('starting');
+    try {
+      await agent.start();
+    } catch (err) {
+      if (!signalled) throw err;
+    }
+    await stopped;
+    return agent.summary();
   }
 }
