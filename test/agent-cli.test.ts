@@ -182,6 +182,19 @@ describe('bootcache agent (process)', () => {
     expect(b.stderr()).toMatch(/agent\.json: config file is not valid JSON/);
   });
 
+  it('rejects a --boot-max-share outside 0..1 and a bad boot.maxShareFloor with exit 2, naming them', async () => {
+    const p = paths('share');
+    const common = ['--storage', join(dir, 'storage'), '--cache', p.cache, '--socket', p.socket, '--control', p.control];
+    const a = startAgent([...common, '--boot-max-share', '2']);
+    expect(await a.exited).toBe(2);
+    expect(a.stderr().trim()).toMatch(/--boot-max-share must be a number from 0 to 1, got "2" \[BC_USAGE\]$/);
+    const cfg = join(dir, 'share.json');
+    await writeFile(cfg, JSON.stringify({ boot: { maxShareFloor: 'half' } }));
+    const b = startAgent([...common, '--config', cfg]);
+    expect(await b.exited).toBe(2);
+    expect(b.stderr().trim()).toMatch(/config: boot\.maxShareFloor must be a size such as 4096, 64K, 512M or 8G, got "half" \[BC_USAGE\]$/);
+  });
+
   it('gives both sockets the --socket-group and the NBD socket the --socket-mode; an unknown group is a usage error', async () => {
     const p = paths('group');
     const a = startAgent(['--storage', join(dir, 'storage'), '--cache', p.cache, '--socket', p.socket, '--control', p.control,

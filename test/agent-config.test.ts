@@ -25,6 +25,28 @@ describe('agent configuration: readahead', () => {
   });
 });
 
+describe('agent configuration: boot.maxShare (whole-disk reads are not boots)', () => {
+  it('defaults to half the image\'s data above 256 MiB; flags and keys set it, 0 turns it off', () => {
+    expect(resolveConfig({}, base).boot).toMatchObject({ maxShare: 0.5, maxShareFloor: 256 * 1024 * 1024 });
+    expect(resolveConfig({ boot: { maxShare: 0.25, maxShareFloor: '1G' } }, base).boot).toMatchObject({ maxShare: 0.25, maxShareFloor: 1024 ** 3 });
+    const c = resolveConfig({ boot: { maxShare: 0.25 } }, base, { 'boot-max-share': '0', 'boot-max-share-floor': '64M' });
+    expect(c.boot).toMatchObject({ maxShare: 0, maxShareFloor: 64 * 1024 * 1024, idleMs: 20_000 });
+  });
+
+  it('refuses shares outside 0..1 and floors that are not sizes, naming the flag or the key', () => {
+    const fails = (file: Record<string, unknown>, flags: Record<string, unknown>, pattern: RegExp): void => {
+      expect(() => resolveConfig(file, base, flags)).toThrow(UsageError);
+      expect(() => resolveConfig(file, base, flags)).toThrow(pattern);
+    };
+    fails({}, { 'boot-max-share': '1.5' }, /^--boot-max-share must be a number from 0 to 1, got "1\.5"$/);
+    fails({}, { 'boot-max-share': '50%' }, /^--boot-max-share must be a number from 0 to 1, got "50%"$/);
+    fails({ boot: { maxShare: -0.1 } }, {}, /^config: boot\.maxShare must be a number from 0 to 1, got -0\.1$/);
+    fails({}, { 'boot-max-share-floor': 'big' }, /^--boot-max-share-floor must be a size such as 4096, 64K, 512M or 8G, got "big"$/);
+    fails({ boot: { maxShareFloor: -1 } }, {}, /^config: boot\.maxShareFloor must be a whole number of bytes, got -1$/);
+    fails({ boot: { maxshare: 0.5 } }, {}, /unknown key "boot\.maxshare"/);
+  });
+});
+
 describe('agent configuration: validation', () => {
   const fails = (file: Record<string, unknown>, pattern: RegExp): void => {
     expect(() => resolveConfig(file, base)).toThrow(UsageError);

@@ -10,14 +10,15 @@ import { randomBytes } from 'node:crypto';
 import { mkdir, mkdtemp, readFile, rm, stat, symlink, utimes, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { pino } from 'pino';
+import { Writable } from 'node:stream';
+import { pino, type Logger } from 'pino';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
-import { Agent } from '../src/agent/agent.js';
+import { Agent, type AgentStatus } from '../src/agent/agent.js';
 import { resolveConfig, type AgentConfig } from '../src/agent/config.js';
 import { ControlServer, controlRequest } from '../src/agent/control.js';
 import { NbdServer } from '../src/agent/nbd/server.js';
 import { verifySegment } from '../src/core/verify.js';
-import { loadMap } from '../src/format/map.js';
+import { loadMap, type BootMap } from '../src/format/map.js';
 import { SegmentReader } from '../src/format/segment.js';
 import { openImage } from '../src/image/open.js';
 import { NbdClient } from '../src/nbd-client/index.js';
@@ -70,7 +71,11 @@ async function overtakenConfig(name: string): Promise<AgentConfig> {
   );
 }
 
-async function startAgent(name: string, overrides: Record<string, unknown> = {}): Promise<{ agent: Agent; config: AgentConfig }> {
+async function startAgent(
+  name: string,
+  overrides: Record<string, unknown> = {},
+  log: Logger = pino({ level: 'silent' }),
+): Promise<{ agent: Agent; config: AgentConfig }> {
   const dir = join(root, name);
   await mkdir(dir, { recursive: true });
   const config = resolveConfig(
@@ -89,7 +94,7 @@ async function startAgent(name: string, overrides: Record<string, unknown> = {})
       ...overrides,
     },
   );
-  const agent = new Agent(config, pino({ level: 'silent' }));
+  const agent = new Agent(config, log);
   await agent.start();
   agents.push(agent);
   return { agent, config };
@@ -139,6 +144,17 @@ async function publishFirstBoot(name: string, seed: number): Promise<void> {
   agents.splice(agents.indexOf(first.agent), 1);
 }
 
+/** The published IMAGE.bcseg next to `imagePath` verifies against the image and `map`. */
+async function expectSegmentVerifies(imagePath: string, map: BootMap): Promise<void> {
+  const image = await openImage(imagePath);
+  try {
+    const report = await verifySegment(image, map, `${imagePath}.bcseg`);
+    expect(report.ok, report.problems.join('; ')).toBe(true);
+  } finally {
+    await image.close();
+  }
+}
+
 describe('bootcache agent', () => {
   it('serves raw and qcow2 exports byte-exact (qemu-img compare)', async () => {
     freshStorage('compare');
@@ -162,15 +178,9 @@ describe('bootcache agent', () => {
     expect(status1.counters.boots.recorded).toBe(1);
     expect(status1.exports.find((e) => e.name === 'pool/disk.qcow2')?.lastBoot).toMatchObject({ state: 'complete', endReason: 'closed' });
     const imagePath = join(storageDir, 'pool', 'disk.qcow2');
-    const image = await openImage(imagePath);
-    try {
-      const map = await loadMap(`${imagePath}.bcmap`);
-      expect(map.blocksSet).toBeGreaterThan(200);
-      const report = await verifySegment(image, map, `${imagePath}.bcseg`);
-      expect(report.ok, report.problems.join('; ')).toBe(true);
-    } finally {
-      await image.close();
-    }
+    const map = await loadMap(`${imagePath}.bcmap`);
+    expect(map.blocksSet).toBeGreaterThan(200);
+    await expectSegmentVerifies(imagePath, map);
     const firstRequests = status1.counters.storage.readRequests;
 
     // A cold host: empty cache, segment on storage. The same boot is served from the prefetched segment.
@@ -201,13 +211,7 @@ describe('bootcache agent', () => {
     expect([segmentAfter.ino, segmentAfter.mtimeMs]).toEqual([segmentBefore.ino, segmentBefore.mtimeMs]);
     const map2 = await loadMap(`${imagePath}.bcmap`);
     expect(map2.boots).toBeGreaterThan(1);
-    const image2 = await openImage(imagePath);
-    try {
-      const report = await verifySegment(image2, map2, `${imagePath}.bcseg`);
-      expect(report.ok, report.problems.join('; ')).toBe(true);
-    } finally {
-      await image2.close();
-    }
+    await expectSegmentVerifies(imagePath, map2);
 
     // A restart with the warm cache: the prefetch reads nothing from storage.
     await cold.agent.stop();
@@ -340,6 +344,66 @@ describe('bootcache agent', () => {
     await waitFor(() => agent.status().counters.boots.recorded === 2, 'the marked boot');
     await agent.settled();
     expect(agent.status().counters.boots).toMatchObject({ recorded: 2, skipped: 1 });
+  });
+
+  it('discards a whole-disk read (a copy through the export): map and segment unchanged, status says why; a boot after it publishes', async () => {
+    await publishFirstBoot('copy', 7);
+    const path = join(storageDir, 'disk.raw');
+    const [mapBefore, segmentBefore] = await Promise.all([readFile(`${path}.bcmap`), readFile(`${path}.bcseg`)]);
+    const lines: Array<{ level: number; msg: string; export?: string }> = [];
+    const log = pino({ level: 'info' }, new Writable({
+      write(chunk: Buffer, _encoding, done) {
+        lines.push(JSON.parse(chunk.toString()) as (typeof lines)[number]);
+        done();
+      },
+    }));
+    // The 64 MiB image is all data: a recording ends as a copy past 32 MiB (the floor is 8 MiB here, 256 MiB by default).
+    const { agent, config } = await startAgent('copy-2', { boot: { idleMs: 60_000, windowMs: 600_000, minReads: 1, maxShare: 0.5, maxShareFloor: '8M' } }, log);
+    const exportOf = (name: string) => agent.status().exports.find((x) => x.name === name);
+    // A copy tool: the whole export front to back, 1 MiB reads, 4 in flight, every byte checked.
+    const client = await NbdClient.connect(uri(config, 'disk.raw'));
+    for (let offset = 0; offset < rawBytes.length; offset += 4 * MiB) {
+      await Promise.all([0, 1, 2, 3].map(async (k) => {
+        const at = offset + k * MiB;
+        expect((await client.read(at, MiB)).equals(rawBytes.subarray(at, at + MiB))).toBe(true);
+      }));
+    }
+    // Ended half way, while the copy still had the export open.
+    expect(exportOf('disk.raw')?.lastBoot).toMatchObject({ state: 'discarded', endReason: 'max-share' });
+    await client.close();
+    await waitFor(() => exportOf('disk.raw')?.connections === 0, 'the close');
+    await agent.settled();
+    const status = await controlRequest<AgentStatus>(config.control, 'GET', '/status');
+    const lastBoot = status.exports.find((x) => x.name === 'disk.raw')?.lastBoot;
+    expect(lastBoot).toMatchObject({ state: 'discarded', endReason: 'max-share' });
+    expect(lastBoot?.discardReason).toMatch(/^read 33\.0 MiB of distinct blocks, more than 0\.5 of the image's 64\.0 MiB of data .*not a boot$/);
+    expect(lastBoot!.blocks * 4096).toBeLessThanOrEqual(33 * MiB);
+    expect(status.counters.boots).toMatchObject({ recorded: 0, skipped: 0, discarded: 1 });
+    const warnings = lines.filter((l) => l.level === 40);
+    expect(warnings).toHaveLength(1);
+    expect(warnings[0]).toMatchObject({ export: 'disk.raw' });
+    expect(warnings[0]!.msg).toMatch(/^export disk\.raw: recording discarded, no new map or segment: read 33\.0 MiB .* not a boot$/);
+    expect((await readFile(`${path}.bcmap`)).equals(mapBefore)).toBe(true);
+    expect((await readFile(`${path}.bcseg`)).equals(segmentBefore)).toBe(true);
+
+    // qemu-img convert from a qcow2 export (its data size comes from its L2 tables): discarded too, nothing published.
+    await run('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', uri(config, 'pool/disk.qcow2'), join(root, 'copy-out.raw')]);
+    expect((await readFile(join(root, 'copy-out.raw'))).equals(rawBytes)).toBe(true);
+    await rm(join(root, 'copy-out.raw'));
+    await waitFor(() => agent.status().counters.boots.discarded === 2, 'the discarded qemu-img convert');
+    expect(exportOf('pool/disk.qcow2')?.lastBoot).toMatchObject({ state: 'discarded' });
+    await expect(stat(join(storageDir, 'pool', 'disk.qcow2.bcmap'))).rejects.toThrow(/ENOENT/);
+
+    // A normal boot afterwards is recorded, merged and published.
+    await boot(config, 'disk.raw', 11);
+    await waitFor(() => agent.status().counters.boots.recorded === 1, 'the boot after the copy');
+    await agent.settled();
+    expect(exportOf('disk.raw')?.lastBoot).toMatchObject({ state: 'complete', endReason: 'closed' });
+    const map = await loadMap(`${path}.bcmap`);
+    expect(map.boots).toBe(2);
+    expect(map.blocksSet * 4096).toBeLessThan(16 * MiB);
+    await expectSegmentVerifies(path, map);
+    expect(agent.status().counters.boots).toMatchObject({ recorded: 1, discarded: 2 });
   });
 
   it('skips a stale segment after the image is rewritten, and still serves correct data', async () => {

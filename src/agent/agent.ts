@@ -39,7 +39,8 @@ export interface AgentCounters {
   storage: { readRequests: number; readBytes: number };
   cache: ReadCounters;
   prefetch: { bytes: number; unusedBytes: number };
-  boots: { recorded: number; skipped: number; failed: number };
+  /** recorded: merged and published; skipped: empty or a probe; discarded: a whole-disk read (boot.maxShare). */
+  boots: { recorded: number; skipped: number; failed: number; discarded: number };
 }
 
 export interface ExportStatus {
@@ -84,7 +85,7 @@ export class Agent implements ExportProvider {
     storage: { readRequests: 0, readBytes: 0 },
     cache: { hits: 0, misses: 0 },
     prefetch: { bytes: 0, unusedBytes: 0 },
-    boots: { recorded: 0, skipped: 0, failed: 0 },
+    boots: { recorded: 0, skipped: 0, failed: 0, discarded: 0 },
   };
   private readonly services = new Map<string, ServiceEntry>();
   /** Blocks being read from storage by any export (see ImageServiceOptions.inFlight). */
@@ -374,6 +375,16 @@ export class Agent implements ExportProvider {
     const entry = this.services.get(service.name);
     if (!entry) return;
     const summary = boot.summary(performance.now());
+    if (boot.discardReason !== undefined) {
+      // A copy or a backup read through the export: merged, it would put every data block in the segment.
+      this.counters.boots.discarded++;
+      const { reads, blocks, durationMs } = summary;
+      this.log.warn(
+        { export: service.name, reads, blocks, durationMs, limitBytes: boot.limitBytes() },
+        `export ${service.name}: recording discarded, no new map or segment: ${boot.discardReason}`,
+      );
+      return;
+    }
     this.log.info({ export: service.name, ...summary }, 'boot ended');
     // Prefetched blocks this boot never read.
     const prefetcher = service.prefetch;

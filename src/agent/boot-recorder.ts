@@ -6,35 +6,59 @@
  * - idle: no new block read for `idleMs`, once at least `minReads` reads were seen;
  * - window: `windowMs` after the boot started;
  * - mark-booted: the explicit signal (agent mark-booted EXPORT);
- * - closed: the last connection went away.
+ * - closed: the last connection went away;
+ * - max-share: the recording's distinct blocks passed `maxShare` of the
+ *   image's data (and `maxShareFloor` bytes). That is a whole-disk read (a
+ *   copy, a backup, `qemu-img convert` or `nbdcopy` from the export), not a
+ *   boot: the recording ends there and is discarded (state 'discarded').
  *
  * Defaults come from the real Debian 12 boot trace (test/data/): its longest
  * pause between reads of new blocks is 9.1 s (GRUB has loaded the kernel and
  * initramfs; the kernel starts under TCG), the next longest 0.9 s. An idle
  * gap of 20 s (about 2x the longest) does not cut such a boot short, and the
  * 5 minute window bounds a boot that never goes idle.
+ *
+ * The same boot reads 94 MiB of distinct 4 KiB blocks: 12.6% of the 784 MB
+ * the guest's 2 GiB disk holds (as qcow2), 4.6% of the raw disk the agent
+ * sees (a raw export is all data). A copy reads 100% of it. A share of 0.5
+ * is 4x the boot's and ends a copy half way; the 256 MiB floor (2.7x the
+ * boot) keeps every boot of a small image whose boot reads most of its data
+ * (a minimal guest, the demo image with data only where its boot reads),
+ * and bounds what a copy of such an image can add to the map.
  */
 
 import { Bitmap } from '../format/bitmap.js';
 
-export type BootEndReason = 'idle' | 'window' | 'mark-booted' | 'closed';
+export type BootEndReason = 'idle' | 'window' | 'mark-booted' | 'closed' | 'max-share';
 
 export interface BootPolicy {
   idleMs: number;
   windowMs: number;
   minReads: number;
+  /** Largest share (0..1] of the image's data a boot may read; 0: no limit. */
+  maxShare: number;
+  /** Bytes of distinct blocks below which maxShare never applies. */
+  maxShareFloor: number;
 }
 
-export const DEFAULT_BOOT_POLICY: BootPolicy = { idleMs: 20_000, windowMs: 300_000, minReads: 64 };
+export const DEFAULT_BOOT_POLICY: BootPolicy = {
+  idleMs: 20_000,
+  windowMs: 300_000,
+  minReads: 64,
+  maxShare: 0.5,
+  maxShareFloor: 256 * 1024 * 1024,
+};
 
 export interface BootSummary {
-  state: 'recording' | 'complete';
+  state: 'recording' | 'complete' | 'discarded';
   reads: number;
   bytes: number;
   blocks: number;
   startedAt: number;
   durationMs: number;
   endReason?: BootEndReason;
+  /** Why the recording was not merged into the map (state 'discarded'). */
+  discardReason?: string;
 }
 
 export class BootRecorder {
@@ -46,6 +70,13 @@ export class BootRecorder {
   private lastNewBlockAt: number;
   private endedAt: number | undefined;
   endReason: BootEndReason | undefined;
+  /** Set when the recording read too much of the image to be a boot. */
+  discardReason: string | undefined;
+  /**
+   * Bytes of data in the image (its allocated extents), once known; until
+   * then maxShare is taken of the virtual size (a looser limit).
+   */
+  private dataBytes: number | undefined;
 
   constructor(
     readonly virtualSize: number,
@@ -79,7 +110,42 @@ export class BootRecorder {
     if (added > 0) {
       this.blocks += added;
       this.lastNewBlockAt = now;
+      this.checkShare(now);
     }
+  }
+
+  /** maxShare applies: on, and the recording is past the floor. */
+  private get pastFloor(): boolean {
+    return this.policy.maxShare > 0 && this.blocks * this.blockSize > this.policy.maxShareFloor;
+  }
+
+  /** The recording is half way to the floor and the image's data size is not known yet: time to learn it. */
+  get wantsDataBytes(): boolean {
+    return this.recording && this.dataBytes === undefined && this.policy.maxShare > 0 &&
+      this.blocks * this.blockSize * 2 > this.policy.maxShareFloor;
+  }
+
+  /** The image's data bytes are known: ends (and discards) the recording if it is already over the limit. */
+  setDataBytes(dataBytes: number, now: number): void {
+    this.dataBytes = dataBytes;
+    this.checkShare(now);
+  }
+
+  /** Distinct bytes a boot may read before it counts as a whole-disk read. */
+  limitBytes(): number {
+    const data = this.dataBytes ?? this.virtualSize;
+    return Math.max(this.policy.maxShareFloor, Math.floor(this.policy.maxShare * data));
+  }
+
+  private checkShare(now: number): void {
+    if (!this.recording || !this.pastFloor) return;
+    const read = this.blocks * this.blockSize;
+    const limit = this.limitBytes();
+    if (read <= limit) return;
+    const data = this.dataBytes ?? this.virtualSize;
+    this.discardReason = `read ${mib(read)} of distinct blocks, more than ${this.policy.maxShare} of the image's ` +
+      `${mib(data)} of data (boot.maxShare, limit ${mib(limit)}): a whole-disk read (a copy or a backup), not a boot`;
+    this.end('max-share', now);
   }
 
   /** Ends the boot if the idle gap or the window has passed; returns the reason. */
@@ -110,7 +176,7 @@ export class BootRecorder {
 
   summary(now: number): BootSummary {
     const s: BootSummary = {
-      state: this.recording ? 'recording' : 'complete',
+      state: this.recording ? 'recording' : this.discardReason === undefined ? 'complete' : 'discarded',
       reads: this.reads,
       bytes: this.bytes,
       blocks: this.blocks,
@@ -118,6 +184,11 @@ export class BootRecorder {
       durationMs: (this.endedAt ?? now) - this.startedAt,
     };
     if (this.endReason) s.endReason = this.endReason;
+    if (this.discardReason !== undefined) s.discardReason = this.discardReason;
     return s;
   }
+}
+
+function mib(bytes: number): string {
+  return `${(bytes / (1024 * 1024)).toFixed(1)} MiB`;
 }

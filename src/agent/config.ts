@@ -105,7 +105,7 @@ const KNOWN_KEYS = new Set([
   'storageErrorRate', 'boot', 'merge', 'prefetchChunk', 'prefetchDepth', 'readahead', 'blockSize', 'maintenance',
   'maxConnections', 'socketMode', 'socketGroup', 'logLevel',
 ]);
-const KNOWN_BOOT_KEYS = new Set(['idleMs', 'windowMs', 'minReads']);
+const KNOWN_BOOT_KEYS = new Set(['idleMs', 'windowMs', 'minReads', 'maxShare', 'maxShareFloor']);
 const KNOWN_MERGE_KEYS = new Set(['minSeen', 'window']);
 
 export async function loadConfigFile(path: string): Promise<Raw> {
@@ -147,6 +147,8 @@ export const FLAG_FOR_KEY: Readonly<Record<string, { flag: string; scale?: numbe
   'boot.idleMs': { flag: 'boot-idle', scale: 1000, unit: 'seconds' },
   'boot.windowMs': { flag: 'boot-window', scale: 1000, unit: 'seconds' },
   'boot.minReads': { flag: 'boot-min-reads' },
+  'boot.maxShare': { flag: 'boot-max-share' },
+  'boot.maxShareFloor': { flag: 'boot-max-share-floor' },
   'merge.minSeen': { flag: 'merge-min-seen' },
   'merge.window': { flag: 'merge-window' },
   prefetchChunk: { flag: 'prefetch-chunk' },
@@ -190,6 +192,7 @@ export function resolveConfig(fromFile: Raw, overrides: Raw = {}, fromFlags: Raw
 
   const d = CONFIG_DEFAULTS;
   const defaults: Raw = { ...d, 'boot.idleMs': d.boot.idleMs, 'boot.windowMs': d.boot.windowMs, 'boot.minReads': d.boot.minReads,
+    'boot.maxShare': d.boot.maxShare, 'boot.maxShareFloor': d.boot.maxShareFloor,
     'merge.minSeen': d.merge.minSeen, 'merge.window': d.merge.window };
   const setting = (key: string): Setting => {
     const spec = FLAG_FOR_KEY[key];
@@ -247,6 +250,8 @@ export function resolveConfig(fromFile: Raw, overrides: Raw = {}, fromFlags: Raw
     idleMs: num('boot.idleMs', 100, 3_600_000),
     windowMs: num('boot.windowMs', 1_000, 86_400_000),
     minReads: int('boot.minReads', 0, 1e9),
+    maxShare: num('boot.maxShare', 0, 1),
+    maxShareFloor: size('boot.maxShareFloor', 0, Number.MAX_SAFE_INTEGER, 'a size such as 256M'),
   };
   const merge: MergePolicy = {
     window: int('merge.window', 1, 8),

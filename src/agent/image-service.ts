@@ -72,6 +72,9 @@ export class ImageService {
   private boot: BootRecorder | undefined;
   private lastBoot: BootRecorder | undefined;
   private bootTimer: NodeJS.Timeout | undefined;
+  /** Bytes of data in the image (allocated extents), learnt once a recording may need them (BootPolicy.maxShare). */
+  private dataBytes: number | undefined;
+  private dataBytesPending: Promise<number> | undefined;
   connections = 0;
   private readonly now: () => number;
 
@@ -111,6 +114,7 @@ export class ImageService {
     this.connections++;
     if (!this.boot) {
       this.boot = new BootRecorder(this.image.virtualSize, this.options.mapBlockSize, this.options.bootPolicy, this.now());
+      if (this.dataBytes !== undefined) this.boot.setDataBytes(this.dataBytes, this.now());
       this.armBootTimer();
     }
   }
@@ -158,10 +162,31 @@ export class ImageService {
     this.bootTimer = undefined;
     this.boot = undefined;
     this.lastBoot = boot;
-    // Only spaces in use: marking creates a space in the cache index.
-    this.cache.markBooted(this.space);
-    for (const space of this.usedSpaces) if (space !== this.space) this.cache.markBooted(space);
+    // Only spaces in use: marking creates a space in the cache index. A discarded recording was no boot.
+    if (boot.discardReason === undefined) {
+      this.cache.markBooted(this.space);
+      for (const space of this.usedSpaces) if (space !== this.space) this.cache.markBooted(space);
+    }
     this.options.onBootEnd(this, boot);
+  }
+
+  /**
+   * Learns the image's data bytes for the maxShare limit, and ends the boot
+   * recording if it is already over it. Asked only once a recording is half
+   * way to the floor, so a boot's reads never compete with a qcow2 image's
+   * L2 table reads for it. (A recording that ends before the answer keeps
+   * the looser limit taken of the virtual size.)
+   */
+  private learnDataBytes(): void {
+    if (this.dataBytesPending) return;
+    this.dataBytesPending = imageDataBytes(this.image).catch(() => this.image.virtualSize);
+    void this.dataBytesPending.then((bytes) => {
+      this.dataBytes = bytes;
+      const current = this.boot;
+      if (!current) return;
+      current.setDataBytes(bytes, this.now());
+      if (!current.recording) this.finishBoot(current);
+    });
   }
 
   /** Stops timers; the recording in progress, if any, is dropped. */
@@ -180,6 +205,7 @@ export class ImageService {
     if (boot) {
       boot.recordRead(offset, length, this.now());
       if (!boot.recording) this.finishBoot(boot);
+      else if (boot.wantsDataBytes) this.learnDataBytes();
     }
     return this.readUnrecorded(offset, length, boot ? 'boot' : 'other', true);
   }
@@ -416,6 +442,16 @@ export class ImageService {
     }
     return true;
   }
+}
+
+/** Bytes of data in the guest-visible disk: its 'data' extents (what a copy tool reads), 1 GiB of extents at a time. */
+export async function imageDataBytes(image: DiskImage): Promise<number> {
+  const step = 1024 ** 3;
+  let bytes = 0;
+  for (let offset = 0; offset < image.virtualSize; offset += step) {
+    for (const e of await image.extents(offset, Math.min(step, image.virtualSize - offset))) if (e.kind === 'data') bytes += e.length;
+  }
+  return bytes;
 }
 
 function flightKey(space: string, block: number): string {

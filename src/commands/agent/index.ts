@@ -10,11 +10,11 @@ export type AgentRunResult = Pick<AgentStatus, 'counters' | 'uptimeSeconds'>;
 
 export default class AgentRun extends BaseCommand<typeof AgentRun> {
   static override summary = 'Run the bootcache agent: serve images over NBD with caching, prefetch and boot recording.';
-  static override description = `Serves every image under the storage root as a read-only NBD export named by its path relative to the root (a qcow2 image is served as its guest-visible disk, format raw for the client). On the first open of an export it streams the image's boot segment (IMAGE.bcseg) into the local cache; it records the blocks each boot reads and, when the boot ends (idle gap, window, mark-booted or last close), merges them into IMAGE.bcmap and publishes a new IMAGE.bcseg next to the image.
+  static override description = `Serves every image under the storage root as a read-only NBD export named by its path relative to the root (a qcow2 image is served as its guest-visible disk, format raw for the client). On the first open of an export it streams the image's boot segment (IMAGE.bcseg) into the local cache; it records the blocks each boot reads and, when the boot ends (idle gap, window, mark-booted or last close), merges them into IMAGE.bcmap and publishes a new IMAGE.bcseg next to the image. A recording that reads more than --boot-max-share of the image's data (and more than --boot-max-share-floor) is a whole-disk read (a copy, a backup), not a boot: it ends there and is discarded, with a warning.
 
 Runs in the foreground until SIGTERM or SIGINT: it then stops accepting, finishes in-flight requests, and flushes maps and the cache index (a signal during the start makes it give up cleanly, exit status 0). Logs are JSON lines (pino) on stdout. TCP is used only with --listen (default port ${DEFAULT_NBD_PORT}).
 
-Settings come from flags or a JSON config file (--config); flags win. Config keys: storage, cache, socket, listen, control, cacheSize, cacheMisses, storageDelayMs, storageErrorRate, boot {idleMs, windowMs, minReads}, merge {minSeen, window}, prefetchChunk, prefetchDepth, readahead, blockSize, maintenance, maxConnections, socketMode, socketGroup, logLevel.
+Settings come from flags or a JSON config file (--config); flags win. Config keys: storage, cache, socket, listen, control, cacheSize, cacheMisses, storageDelayMs, storageErrorRate, boot {idleMs, windowMs, minReads, maxShare, maxShareFloor}, merge {minSeen, window}, prefetchChunk, prefetchDepth, readahead, blockSize, maintenance, maxConnections, socketMode, socketGroup, logLevel.
 
 ${EXIT_CODES_HELP}`;
 
@@ -41,6 +41,8 @@ ${EXIT_CODES_HELP}`;
     'boot-idle': Flags.string({ description: 'End of boot: seconds with no new block read (default 20).', helpValue: 'SECONDS' }),
     'boot-window': Flags.string({ description: 'End of boot: maximum seconds of recording (default 300).', helpValue: 'SECONDS' }),
     'boot-min-reads': Flags.integer({ description: 'Reads before an idle gap may end the boot, and below which a recording is a probe, not a boot (default 64).', helpValue: 'N' }),
+    'boot-max-share': Flags.string({ description: 'A recording that reads more than this share of the image\'s data is a copy or a backup, not a boot: it ends and is discarded; 0 turns this off (default 0.5).', helpValue: 'FRACTION' }),
+    'boot-max-share-floor': Flags.string({ description: 'Bytes of distinct blocks a recording may always read, whatever --boot-max-share says (default 256M).', helpValue: 'BYTES' }),
     'merge-min-seen': Flags.integer({ description: 'Keep blocks read in at least M of the last K boots (default 2).', helpValue: 'M' }),
     'merge-window': Flags.integer({ description: 'K, the boots remembered for merging (default 4).', helpValue: 'K' }),
     'prefetch-chunk': Flags.string({ description: 'Segment bytes per sequential prefetch read (default 8M).', helpValue: 'BYTES' }),

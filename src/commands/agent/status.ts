@@ -7,7 +7,7 @@ import { formatBytes } from '../../cli/progress.js';
 
 export default class AgentStatusCommand extends BaseCommand<typeof AgentStatusCommand> {
   static override summary = "Show a running agent's exports, cache, prefetch progress and counters.";
-  static override description = `Asks the agent on its control socket. The --json result has "exports" (name, size, connections, prefetch progress, last boot: state recording/complete, reads, duration), "cache" (capacity and use), "prefetchBuffers" (the chunk buffers the agent keeps: bufferBytes, maxIdle, idle, allocated), "nbd" (activeConnections, totalConnections, rejectedConnections refused when full, droppedConnections still negotiating and dropped to make room, handshakes, requests, requestsInFlight, bytesRead, readErrors, protocolErrors) and "counters": {"storage": {"readRequests", "readBytes"}, "cache": {"hits", "misses"}, "prefetch": {"bytes", "unusedBytes"}, "boots": {"recorded", ...}}.
+  static override description = `Asks the agent on its control socket. The --json result has "exports" (name, size, connections, prefetch progress, last boot: state recording/complete/discarded, reads, duration, endReason, discardReason), "cache" (capacity and use), "prefetchBuffers" (the chunk buffers the agent keeps: bufferBytes, maxIdle, idle, allocated), "nbd" (activeConnections, totalConnections, rejectedConnections refused when full, droppedConnections still negotiating and dropped to make room, handshakes, requests, requestsInFlight, bytesRead, readErrors, protocolErrors) and "counters": {"storage": {"readRequests", "readBytes"}, "cache": {"hits", "misses"}, "prefetch": {"bytes", "unusedBytes"}, "boots": {"recorded", "skipped", "failed", "discarded"}}.
 
 ${EXIT_CODES_HELP}`;
 
@@ -29,10 +29,10 @@ ${EXIT_CODES_HELP}`;
       `nbd: ${n.activeConnections} connections open, ${n.totalConnections} accepted, ${n.rejectedConnections} refused and ${n.droppedConnections} dropped when full; ${n.requests} requests, ${n.readErrors} read errors, ${n.protocolErrors} protocol errors`,
     );
     this.log(
-      `counters: storage ${c.storage.readRequests} reads / ${formatBytes(c.storage.readBytes)}; cache ${c.cache.hits} hits / ${c.cache.misses} misses; prefetch ${formatBytes(c.prefetch.bytes)} (${formatBytes(c.prefetch.unusedBytes)} unused); boots recorded ${c.boots.recorded}`,
+      `counters: storage ${c.storage.readRequests} reads / ${formatBytes(c.storage.readBytes)}; cache ${c.cache.hits} hits / ${c.cache.misses} misses; prefetch ${formatBytes(c.prefetch.bytes)} (${formatBytes(c.prefetch.unusedBytes)} unused); boots recorded ${c.boots.recorded}, discarded ${c.boots.discarded}`,
     );
     for (const e of status.exports) {
-      const boot = e.lastBoot ? `last boot ${e.lastBoot.state}, ${e.lastBoot.reads} reads, ${(e.lastBoot.durationMs / 1000).toFixed(1)} s` : 'no boot yet';
+      const boot = e.lastBoot ? `last boot ${e.lastBoot.state}, ${e.lastBoot.reads} reads, ${(e.lastBoot.durationMs / 1000).toFixed(1)} s${e.lastBoot.discardReason === undefined ? '' : ` (${e.lastBoot.discardReason})`}` : 'no boot yet';
       const prefetch = e.prefetch ? `, prefetch ${e.prefetch.state} ${formatBytes(e.prefetch.bytesRead)}/${formatBytes(e.prefetch.bytesTotal)}` : '';
       this.log(`  ${e.name}: ${formatBytes(e.size)}, ${e.connections} connections, ${boot}${prefetch}`);
     }
