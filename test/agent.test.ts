@@ -17,8 +17,10 @@ import { Agent, type AgentStatus } from '../src/agent/agent.js';
 import { resolveConfig, type AgentConfig } from '../src/agent/config.js';
 import { ControlServer, controlRequest } from '../src/agent/control.js';
 import { NbdServer } from '../src/agent/nbd/server.js';
+import { buildMapFromTrace } from '../src/core/build-map.js';
+import { buildSegment } from '../src/core/build-segment.js';
 import { verifySegment } from '../src/core/verify.js';
-import { loadMap, type BootMap } from '../src/format/map.js';
+import { loadMap, saveMap, type BootMap } from '../src/format/map.js';
 import { SegmentReader } from '../src/format/segment.js';
 import { openImage } from '../src/image/open.js';
 import { NbdClient } from '../src/nbd-client/index.js';
@@ -448,6 +450,42 @@ describe('bootcache agent', () => {
     expect(prefetch()).toMatchObject({ badBlocks: 1, blocksLoaded: blocks - 1 });
     // The same boot again: every read equals the image (boot() compares each one).
     await boot(config, 'disk.raw', 5);
+  });
+
+  it('does not prefetch a segment of another block size than its own, and serves the image bytes', async () => {
+    freshStorage('blocksize');
+    // A map and segment of 64 KiB blocks (build-map --block-size 65536) for map blocks 1..200; the agent uses 4 KiB.
+    const path = join(storageDir, 'disk.raw');
+    const image = await openImage(path);
+    try {
+      const events = Array.from({ length: 200 }, (_, i) => ({ line: i + 2, tUs: i, op: 'read', offset: (i + 1) * 65536, length: 4096 }));
+      const { map } = await buildMapFromTrace(image, events, { blockSize: 65536 });
+      await saveMap(`${path}.bcmap`, map);
+      await buildSegment(image, map, `${path}.bcseg`);
+    } finally {
+      await image.close();
+    }
+    const warnings: Array<{ msg: string; segmentBlockSize?: number }> = [];
+    const log = pino({ level: 'warn' }, new Writable({
+      write(chunk: Buffer, _encoding, done) {
+        warnings.push(JSON.parse(chunk.toString()) as (typeof warnings)[number]);
+        done();
+      },
+    }));
+    const { agent, config } = await startAgent('blocksize-1', {}, log);
+    const client = await NbdClient.connect(uri(config, 'disk.raw'));
+    try {
+      const prefetch = () => agent.status().exports.find((x) => x.name === 'disk.raw')?.prefetch;
+      await waitFor(() => warnings.length > 0 || prefetch()?.state === 'done', 'the prefetch or its refusal');
+      // What the segment holds, read through the agent: the image's bytes (with the segment placed by 4 KiB blocks, other bytes).
+      const data = await client.read(65536, 2 * MiB);
+      expect(data.equals(rawBytes.subarray(65536, 65536 + 2 * MiB))).toBe(true);
+      expect(prefetch()).toBeUndefined();
+      expect(warnings).toMatchObject([{ segmentBlockSize: 65536 }]);
+      expect(warnings[0]!.msg).toMatch(/has 65536-byte blocks, the agent uses 4096-byte blocks \(--block-size\); not prefetching$/);
+    } finally {
+      await client.close();
+    }
   });
 
   it('refuses export names outside the storage root and the sidecars', async () => {

@@ -553,6 +553,13 @@ describe('CacheDevice putMany', () => {
     for (const b of range(0, 4)) expect((await cache.get('aa', b))?.equals(block('aa', b))).toBe(true);
     expect(await cache.get('aa', 4)).toBeUndefined();
     expect(cache.stats()).toMatchObject({ blocks: 4, checksumFailures: 1 });
+    // A CRC that is no u32 is refused before anything is locked, written or journaled.
+    for (const crc of [-1, 2 ** 32 + 5, 1.5, Number.NaN]) {
+      await expect(cache.putMany('aa', [{ block: 8, data: block('aa', 8) }, { block: 9, data: block('aa', 9), crc }], 'boot')).rejects.toThrow(
+        /cache put: CRC-32 .* of block 9 is not a 32-bit unsigned integer/,
+      );
+    }
+    expect(present(cache, 'aa', range(0, 10))).toEqual(range(0, 4));
     await cache.close();
     // The given CRCs went to the journal as the slots' checksums: a reopened cache serves the good blocks.
     const again = await openCache(dir, 64);

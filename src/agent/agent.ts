@@ -343,8 +343,13 @@ export class Agent implements ExportProvider {
     try {
       const loaded = await this.sidecars.loadForPrefetch(service.name, service.image);
       if (!loaded) return;
-      if (loaded.map.blockSize < this.cache.blockSize) {
-        this.log.warn({ export: service.name }, 'segment block size is smaller than the cache block size; not prefetching');
+      if (loaded.map.blockSize !== this.cache.blockSize) {
+        // The image service places map blocks by the agent's block size: another size would load the wrong bytes.
+        // The next boot's end publishes a map and segment of the agent's block size (a stored map of another size is not merged).
+        this.log.warn(
+          { export: service.name, segmentBlockSize: loaded.map.blockSize, blockSize: this.cache.blockSize },
+          `segment of ${service.name} has ${loaded.map.blockSize}-byte blocks, the agent uses ${this.cache.blockSize}-byte blocks (--block-size); not prefetching`,
+        );
         return;
       }
       const prefetcher = new Prefetcher(

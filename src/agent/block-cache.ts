@@ -11,8 +11,9 @@ export interface CacheEntry {
   /**
    * CRC-32 (zlib's) of `data`, when the caller computed it already (the
    * prefetch checks segment blocks with it): the cache keeps it instead of
-   * computing it again. It must be the CRC of these bytes; a wrong one is
-   * caught as damage on read.
+   * computing it again. Trusted: it must be the CRC of these very bytes (a
+   * wrong one is mostly caught as damage on read, but a put of other bytes
+   * under the CRC of the bytes already cached would be skipped as a repeat).
    */
   crc?: number;
 }

@@ -420,8 +420,8 @@ export class ImageService {
           let list = puts.get(space);
           if (!list) puts.set(space, (list = []));
           const part = data.subarray(k * this.blockSize, (k + 1) * this.blockSize);
-          // A map block's CRC is its cache block's only when they are the same size.
-          list.push(per === 1 && crc !== undefined ? { block, data: part, crc } : { block, data: part });
+          // A map block's CRC is its cache block's only when they are the same bytes.
+          list.push(crc !== undefined && part.length === data.length ? { block, data: part, crc } : { block, data: part });
         }
       }
     }

@@ -63,8 +63,8 @@ export interface PrefetchOptions {
 /**
  * Blocks verified and handed to the cache per slice. Chunks are processed one
  * at a time through a single lane, one slice per event-loop turn: a guest
- * read arriving meanwhile waits behind at most one slice (about 0.5 ms of
- * SHA-256 and cache bookkeeping), not behind every chunk in flight. Measured
+ * read arriving meanwhile waits behind at most one slice (a fraction of a
+ * millisecond of block checks and cache bookkeeping), not behind every chunk in flight. Measured
  * before the lane: 8 chunks yielding in turn held the first reads of a cold
  * boot 20-80 ms each. A slice's cache writes finish before the next slice is
  * handed over, so the stream keeps one slice's writes in the thread pool (a

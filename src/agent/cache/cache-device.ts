@@ -445,6 +445,9 @@ export class CacheDevice implements BlockCache {
       if (data.length !== this.blockSize) {
         throw new AgentError(`cache put: ${data.length} bytes of data, expected the block size ${this.blockSize}`);
       }
+      if (entry.crc !== undefined && !(Number.isInteger(entry.crc) && entry.crc >= 0 && entry.crc <= 0xffffffff)) {
+        throw new AgentError(`cache put: CRC-32 ${entry.crc} of block ${block} is not a 32-bit unsigned integer`);
+      }
       byBlock.set(block, entry);
     }
     if (byBlock.size === 0) return;
