@@ -1332,6 +1332,18 @@ describe('NBD server: listening', () => {
     await third.close();
   });
 
+  it('does not keep a listener whose listen finished after close()', async () => {
+    const server = new NbdServer(makeProvider().provider);
+    const path = join(dir, 'closed-while-listening.sock');
+    const listening = server.listenUnix(path);
+    await server.close();
+    await expect(listening).rejects.toThrow(/NBD server is closed/);
+    await new Promise((r) => setTimeout(r, 50));
+    expect(existsSync(path)).toBe(false);
+    const tcp = server.listenTcp('127.0.0.1', 0).catch((e: unknown) => e);
+    expect(await tcp).toBeInstanceOf(AgentError);
+  });
+
   it('serves over TCP and refuses a port in use', async () => {
     const { provider } = makeProvider();
     const server = new NbdServer(provider);

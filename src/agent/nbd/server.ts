@@ -199,6 +199,12 @@ export class NbdServer {
       server.once('error', onError);
       server.listen(options, () => {
         server.off('error', onError);
+        if (this.closing !== null) {
+          // close() came while this listen was on its way: it did not see this listener, so nothing else would close it.
+          server.close();
+          reject(new AgentError('NBD server is closed'));
+          return;
+        }
         server.on('error', (err) => this.log('error', 'listener error', { where, error: err.message }));
         this.listeners.push(server);
         this.log('info', 'NBD server listening', { where });
