@@ -17,6 +17,7 @@
  * the chain identity when layers mix within the block. Single-layer images
  * use their identity without a lookup.
  */
+import { imageDataBytes } from '../image/data-bytes.js';
 import { chainSpaces } from '../image/identity.js';
 import type { DiskImage, Extent } from '../image/types.js';
 import type { BlockCache, CacheBlockKind, CacheEntry } from './block-cache.js';
@@ -442,16 +443,6 @@ export class ImageService {
     }
     return true;
   }
-}
-
-/** Bytes of data in the guest-visible disk: its 'data' extents (what a copy tool reads), 1 GiB of extents at a time. */
-export async function imageDataBytes(image: DiskImage): Promise<number> {
-  const step = 1024 ** 3;
-  let bytes = 0;
-  for (let offset = 0; offset < image.virtualSize; offset += step) {
-    for (const e of await image.extents(offset, Math.min(step, image.virtualSize - offset))) if (e.kind === 'data') bytes += e.length;
-  }
-  return bytes;
 }
 
 function flightKey(space: string, block: number): string {

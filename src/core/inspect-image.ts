@@ -1,3 +1,4 @@
+import { imageDataBytes } from '../image/data-bytes.js';
 import type { DiskImage, LayerInfo } from '../image/types.js';
 
 export interface ImageInspection {
@@ -21,10 +22,7 @@ export interface ImageInspection {
 export async function inspectImage(image: DiskImage): Promise<ImageInspection> {
   const layers = image.layers();
   const top = layers[0]!;
-  let dataBytes = 0;
-  for (const extent of await image.extents(0, image.virtualSize)) {
-    if (extent.kind === 'data') dataBytes += extent.length;
-  }
+  const dataBytes = await imageDataBytes(image);
   const result: ImageInspection = {
     kind: 'image',
     path: image.name,
