@@ -133,9 +133,8 @@ function alignUp(n: number, alignment: number): number {
 
 /** The table entry of one full block under `algorithm`. */
 export function blockChecksum(block: Uint8Array, algorithm: BlockChecksumAlgorithm = BLOCK_CHECKSUM_ALGORITHM): Buffer {
-  if (algorithm === BLOCK_CHECKSUM_SHA256_128) return hash('sha256', block, 'buffer').subarray(0, 16);
-  const entry = Buffer.allocUnsafe(4);
-  entry.writeUInt32LE(crc32(block), 0);
+  const entry = Buffer.alloc(blockChecksumLength(algorithm));
+  writeBlockChecksums(block, block.length, entry, 0, algorithm);
   return entry;
 }
 
