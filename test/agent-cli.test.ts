@@ -39,8 +39,10 @@ interface Started {
   exited: Promise<number>;
 }
 
-function startAgent(args: string[]): Started {
-  const child = spawn(process.execPath, [bin, 'agent', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+/** Starts `bootcache agent`; without the start-up warm-up (a second or two) unless `--warmup` is among the args. */
+function startAgent(args: string[], env: NodeJS.ProcessEnv = process.env): Started {
+  const full = args.includes('--warmup') ? args : [...args, '--no-warmup'];
+  const child = spawn(process.execPath, [bin, 'agent', ...full], { stdio: ['ignore', 'pipe', 'pipe'], env });
   children.push(child);
   let out = '';
   let err = '';
@@ -77,12 +79,19 @@ const paths = (name: string) => ({
 describe('bootcache agent (process)', () => {
   it('serves QEMU, answers status, logs JSON, and stops cleanly on SIGTERM', async () => {
     const p = paths('ok');
-    const a = startAgent(['--storage', join(dir, 'storage'), '--cache', p.cache, '--socket', p.socket, '--control', p.control, '--cache-size', '64M']);
+    // As operators run it: with the start-up warm-up, whose scratch files go to TMPDIR and are removed.
+    const tmp = join(dir, 'tmp-ok');
+    await mkdir(tmp);
+    const a = startAgent(['--storage', join(dir, 'storage'), '--cache', p.cache, '--socket', p.socket, '--control', p.control, '--cache-size', '64M', '--warmup'],
+      { ...process.env, TMPDIR: tmp });
     await waitForLog(a, /agent started/);
+    expect(a.stdout()).toMatch(/"warmupMs":\d+,"msg":"agent started"/);
+    expect(await readdir(tmp)).toEqual([]);
     await run('qemu-io', ['-f', 'raw', '-r', `nbd+unix:///disk.raw?socket=${p.socket}`, '-c', 'read 0 64k', '-c', 'read 1M 4k']);
     const status = await cli('agent', 'status', '--control', p.control, '--json');
     expect(status.status, status.stderr).toBe(0);
     expect(status.json).toMatchObject({
+      warmup: { boots: 3, reads: expect.any(Number), ms: expect.any(Number) },
       exports: [{ name: 'disk.raw', size: 8 * 1024 * 1024 }],
       counters: { storage: { readRequests: expect.any(Number) }, cache: { misses: expect.any(Number) } },
       nbd: { handshakes: 1, rejectedConnections: 0, droppedConnections: 0, protocolErrors: 0 },
@@ -122,6 +131,32 @@ describe('bootcache agent (process)', () => {
     await waitForLog(b, /agent started/);
     b.child.kill('SIGTERM');
     expect(await b.exited).toBe(0);
+  });
+
+  it('stops cleanly on a SIGTERM during its warm-up: exit 0, the scratch files removed, nothing listening', async () => {
+    const p = paths('warming');
+    const tmp = join(dir, 'tmp-warming');
+    await mkdir(tmp);
+    const a = startAgent(['--storage', join(dir, 'storage'), '--cache', p.cache, '--socket', p.socket, '--control', p.control,
+      '--cache-size', '64M', '--warmup', '--log-level', 'debug'], { ...process.env, TMPDIR: tmp });
+    signalOnLog(a, /"msg":"warm-up started"/, 'SIGTERM');
+    expect(await a.exited, a.stdout() + a.stderr()).toBe(0);
+    expect(a.stdout()).not.toMatch(/agent started|warm-up done/);
+    expect(a.stderr()).toBe('');
+    expect(await readdir(tmp)).toEqual([]);
+    await expect(stat(p.socket)).rejects.toThrow(/ENOENT/);
+    await expect(stat(p.control)).rejects.toThrow(/ENOENT/);
+  });
+
+  it('starts without the warm-up when its scratch directory cannot be made: one warning, then serves', async () => {
+    const p = paths('nowarm');
+    const a = startAgent(['--storage', join(dir, 'storage'), '--cache', p.cache, '--socket', p.socket, '--control', p.control,
+      '--cache-size', '64M', '--warmup'], { ...process.env, TMPDIR: join(dir, 'no-such-tmp') });
+    await waitForLog(a, /agent started/);
+    expect(a.stdout()).toMatch(/"level":40,.*warm-up skipped: .*no-such-tmp/);
+    await run('qemu-io', ['-f', 'raw', '-r', `nbd+unix:///disk.raw?socket=${p.socket}`, '-c', 'read 0 64k']);
+    a.child.kill('SIGTERM');
+    expect(await a.exited).toBe(0);
   });
 
   it('gives one clear line and exit 7 for a missing storage directory, an unwritable cache, a port in use', async () => {

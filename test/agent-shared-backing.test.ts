@@ -62,6 +62,7 @@ async function startAgent(name: string): Promise<{ agent: Agent; config: AgentCo
       boot: { idleMs: 60_000, windowMs: 600_000, minReads: 1e9 },
       maintenance: 'off',
       logLevel: 'silent',
+      warmup: false,
     },
   );
   const agent = new Agent(config, pino({ level: 'silent' }));

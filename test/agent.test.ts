@@ -7,7 +7,7 @@
 import { execFile, execFileSync } from 'node:child_process';
 import { promisify } from 'node:util';
 import { randomBytes } from 'node:crypto';
-import { mkdir, mkdtemp, readFile, rm, stat, symlink, utimes, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, readFile, rm, stat, symlink, utimes, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
@@ -69,7 +69,7 @@ async function overtakenConfig(name: string): Promise<AgentConfig> {
   await mkdir(dir, { recursive: true });
   return resolveConfig(
     {},
-    { storage: storageDir, cache: join(dir, 'cache'), socket: join(dir, 'nbd.sock'), control: join(dir, 'control.sock'), maintenance: 'off', logLevel: 'silent' },
+    { storage: storageDir, cache: join(dir, 'cache'), socket: join(dir, 'nbd.sock'), control: join(dir, 'control.sock'), maintenance: 'off', logLevel: 'silent', warmup: false },
   );
 }
 
@@ -93,6 +93,7 @@ async function startAgent(
       prefetchChunk: '1M',
       maintenance: 'off',
       logLevel: 'silent',
+      warmup: false,
       ...overrides,
     },
   );
@@ -270,6 +271,30 @@ describe('bootcache agent', () => {
     const again = new Agent(config, pino({ level: 'silent' }));
     await again.start();
     agents.push(again);
+  });
+
+  it('warms up through a private agent before it listens: nothing of it stays in its cache, storage, counters or TMPDIR', async () => {
+    const tmp = join(root, 'warmup-tmp');
+    await mkdir(tmp, { recursive: true });
+    const saved = process.env.TMPDIR;
+    process.env.TMPDIR = tmp;
+    try {
+      freshStorage('warmup');
+      const before = (await readdir(storageDir)).sort();
+      const { agent, config } = await startAgent('warmup', { warmup: true });
+      const status = agent.status();
+      expect(status.warmup).toMatchObject({ boots: 3, reads: 7500, ms: expect.any(Number) });
+      expect(status.exports).toEqual([]);
+      expect(status.cache.blocks).toBe(0);
+      expect(status.counters.storage.readRequests).toBe(0);
+      expect(status.nbd.totalConnections).toBe(0);
+      expect(await readdir(tmp)).toEqual([]);
+      expect((await readdir(storageDir)).sort()).toEqual(before);
+      await boot(config, 'disk.raw', 11);
+    } finally {
+      if (saved === undefined) delete process.env.TMPDIR;
+      else process.env.TMPDIR = saved;
+    }
   });
 
   it('keeps 2 x prefetch-depth chunk buffers, within 128 MiB or one chunk', async () => {

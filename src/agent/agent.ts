@@ -27,6 +27,7 @@ import { ExportNotFoundError, type ExportDescription, type ExportProvider, type 
 import { NbdServer, type NbdServerStats } from './nbd/server.js';
 import { Prefetcher } from './prefetcher.js';
 import { SidecarStore, SIDECAR_SUFFIXES } from './sidecars.js';
+import { warmUp, type WarmupReport } from './warmup.js';
 
 /**
  * Chunk buffers kept between streams, at most: 2 x --prefetch-depth (a
@@ -68,6 +69,8 @@ export interface AgentStatus {
   /** The NBD server: connections (open, refused or dropped when full), requests, errors. */
   nbd: NbdServerStats;
   counters: AgentCounters;
+  /** The start-up warm-up (warmup.ts), when it ran to the end. */
+  warmup?: WarmupReport;
 }
 
 interface ServiceEntry {
@@ -107,6 +110,8 @@ export class Agent implements ExportProvider {
   private cache!: CacheDevice;
   /** Prefetch chunk buffers of every stream: the streams' windows plus their demanded chunks. */
   private chunkBuffers!: BufferPool;
+  /** What the start-up warm-up did (undefined: off, stopped or failed). */
+  private warmup: WarmupReport | undefined;
 
   constructor(
     readonly config: AgentConfig,
@@ -155,6 +160,10 @@ export class Agent implements ExportProvider {
       await this.chunkBuffers.prefault();
       this.log.debug({ ...this.chunkBuffers.stats(), ms: Math.round(performance.now() - prefaultStart) }, 'prefetch buffers faulted in');
       this.throwIfStopped(); // stop() ends the prefault early
+      if (c.warmup) {
+        this.warmup = await warmUp({ config: c, log: this.log, createAgent: (config, log) => new Agent(config, log), stopped: () => this.stopRequested });
+        this.throwIfStopped();
+      }
       this.nbd = new NbdServer(this, {
         maxConnections: c.maxConnections,
         logger: (level, msg, fields) => this.log[level === 'warn' ? 'warn' : level === 'error' ? 'error' : 'debug'](fields ?? {}, msg),
@@ -183,7 +192,7 @@ export class Agent implements ExportProvider {
       this.maintenance = cron.schedule(c.maintenance, () => void this.runMaintenance());
     }
     this.log.info(
-      { storage: this.storage.description, socket: c.socket, listen: c.listen, control: c.control, cacheSize: c.cacheSize },
+      { storage: this.storage.description, socket: c.socket, listen: c.listen, control: c.control, cacheSize: c.cacheSize, warmupMs: this.warmup?.ms },
       'agent started',
     );
     this.started = true;
@@ -481,6 +490,7 @@ export class Agent implements ExportProvider {
       counters,
     };
     if (this.config.listen) status.listen = `${this.config.listen.host}:${this.config.listen.port}`;
+    if (this.warmup) status.warmup = this.warmup;
     return status;
   }
 

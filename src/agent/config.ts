@@ -50,6 +50,8 @@ export interface AgentConfig {
   /** Where socketGroup came from ("--socket-group", "config: socketGroup"): the group is looked up at start, and its error names this. */
   socketGroupLabel?: string;
   logLevel: 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
+  /** Boot a scratch image through a private agent before listening, so the first boot runs on optimised code (warmup.ts). */
+  warmup: boolean;
 }
 
 export const CONFIG_DEFAULTS: Omit<AgentConfig, 'storage' | 'cache'> = {
@@ -71,6 +73,7 @@ export const CONFIG_DEFAULTS: Omit<AgentConfig, 'storage' | 'cache'> = {
   maxConnections: 128,
   socketMode: 0o660,
   logLevel: 'info',
+  warmup: true,
 };
 
 /** Parses sizes like 4096, 64K, 512M, 8G, 1.5GiB; `label` names the setting in errors. */
@@ -103,7 +106,7 @@ type Raw = Record<string, unknown>;
 const KNOWN_KEYS = new Set([
   'storage', 'cache', 'socket', 'listen', 'control', 'cacheSize', 'cacheMisses', 'storageDelayMs',
   'storageErrorRate', 'boot', 'merge', 'prefetchChunk', 'prefetchDepth', 'readahead', 'blockSize', 'maintenance',
-  'maxConnections', 'socketMode', 'socketGroup', 'logLevel',
+  'maxConnections', 'socketMode', 'socketGroup', 'logLevel', 'warmup',
 ]);
 const KNOWN_BOOT_KEYS = new Set(['idleMs', 'windowMs', 'minReads', 'maxShare', 'maxShareFloor']);
 const KNOWN_MERGE_KEYS = new Set(['minSeen', 'window']);
@@ -156,6 +159,7 @@ export const FLAG_FOR_KEY: Readonly<Record<string, { flag: string; scale?: numbe
   readahead: { flag: 'readahead' },
   logLevel: { flag: 'log-level' },
   maintenance: { flag: 'maintenance' },
+  warmup: { flag: 'warmup' },
 };
 
 /** A setting's value and how to name it in an error. */
@@ -294,6 +298,7 @@ export function resolveConfig(fromFile: Raw, overrides: Raw = {}, fromFlags: Raw
     maxConnections: int('maxConnections', 1, 65_536),
     socketMode: parseMode(setting('socketMode')),
     logLevel: logLevel.value as AgentConfig['logLevel'],
+    warmup: bool('warmup'),
   };
   if (realLocation(config.socket) === realLocation(config.control)) {
     // One path cannot be both sockets; at start it would read as "in use by another process".

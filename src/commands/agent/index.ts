@@ -14,7 +14,7 @@ export default class AgentRun extends BaseCommand<typeof AgentRun> {
 
 Runs in the foreground until SIGTERM or SIGINT: it then stops accepting, finishes in-flight requests, and flushes maps and the cache index (a signal during the start makes it give up cleanly, exit status 0). Logs are JSON lines (pino) on stdout. TCP is used only with --listen (default port ${DEFAULT_NBD_PORT}).
 
-Settings come from flags or a JSON config file (--config); flags win. Config keys: storage, cache, socket, listen, control, cacheSize, cacheMisses, storageDelayMs, storageErrorRate, boot {idleMs, windowMs, minReads, maxShare, maxShareFloor}, merge {minSeen, window}, prefetchChunk, prefetchDepth, readahead, blockSize, maintenance, maxConnections, socketMode, socketGroup, logLevel.
+Settings come from flags or a JSON config file (--config); flags win. Config keys: storage, cache, socket, listen, control, cacheSize, cacheMisses, storageDelayMs, storageErrorRate, boot {idleMs, windowMs, minReads, maxShare, maxShareFloor}, merge {minSeen, window}, prefetchChunk, prefetchDepth, readahead, blockSize, maintenance, maxConnections, socketMode, socketGroup, logLevel, warmup.
 
 ${EXIT_CODES_HELP}`;
 
@@ -50,6 +50,7 @@ ${EXIT_CODES_HELP}`;
     readahead: Flags.string({ description: 'Largest sequential readahead on cache misses, e.g. 2M; 0 turns it off (default 2M).', helpValue: 'BYTES' }),
     'log-level': Flags.string({ description: 'pino log level.', options: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] }),
     maintenance: Flags.string({ description: 'Cron schedule for maintenance (cache index compaction), or "off".', helpValue: 'CRON' }),
+    warmup: Flags.boolean({ description: 'Before listening, boot a scratch image through a private agent (about 1 s) so the first real boot runs on optimised code (default on).', allowNo: true }),
   };
 
   async run(): Promise<AgentRunResult> {
