@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CONFIG_DEFAULTS, type AgentConfig } from '../src/agent/config.js';
-import { warmUp, warmupReads } from '../src/agent/warmup.js';
+import { removeStaleWarmupDirs, warmUp, warmupReads } from '../src/agent/warmup.js';
 
 let root: string;
 let savedTmp: string | undefined;
@@ -50,7 +50,11 @@ describe('warm-up', () => {
     const seen: AgentConfig[] = [];
     const lines: Array<Record<string, unknown>> = [];
     const report = await warmUp({
-      config: { ...config, listen: { host: '127.0.0.1', port: 10809 }, socketGroup: 'disk', storageDelayMs: 10, storageErrorRate: 0.5 },
+      config: {
+        ...config, listen: { host: '127.0.0.1', port: 10809 }, socketGroup: 'disk', storageDelayMs: 10, storageErrorRate: 0.5,
+        // Operator settings that would keep the warm-up from recording, publishing or caching.
+        cacheMisses: false, boot: { ...config.boot, maxShareFloor: 0, minReads: 100_000 },
+      },
       log: capture(lines),
       createAgent: (c) => {
         seen.push(c);
@@ -62,7 +66,9 @@ describe('warm-up', () => {
     expect(seen).toHaveLength(1);
     const c = seen[0]!;
     for (const path of [c.storage, c.cache, c.socket, c.control]) expect(path.startsWith(join(tmp, 'bootcache-warmup-'))).toBe(true);
-    expect(c).toMatchObject({ warmup: false, storageDelayMs: 0, storageErrorRate: 0, maintenance: 'off' });
+    expect(c).toMatchObject({ warmup: false, storageDelayMs: 0, storageErrorRate: 0, maintenance: 'off', cacheMisses: true });
+    expect(c.boot).toMatchObject({ minReads: 1, maxShare: 0 });
+    for (const path of [c.socket, c.control]) expect(path.startsWith(join(tmp, `bootcache-warmup-${process.pid}-`))).toBe(true);
     expect(c.listen).toBeUndefined();
     expect(c.socketGroup).toBeUndefined();
     // A failed warm-up is one warning naming why, and leaves nothing behind.
@@ -80,12 +86,24 @@ describe('warm-up', () => {
       log: pino({ level: 'silent' }),
       createAgent: () => {
         created++;
-        return { start: async () => undefined, stop: async () => undefined };
+        return { start: async () => undefined, stop: async () => undefined, status: () => ({ exports: [] }) };
       },
       stopped: () => true,
     });
     expect(report).toBeUndefined();
     expect(created).toBe(0);
     expect(await readdir(tmp)).toEqual([]);
+  });
+
+  it('removes the scratch directories of warm-ups whose process died, and only those', async () => {
+    const parent = join(root, 'tmp-stale');
+    // Above the kernel's largest pid_max (2^22): no process has it.
+    const dead = 4_194_304 + 4242;
+    const names = [`bootcache-warmup-${dead}-a1b2c3`, `bootcache-warmup-${process.pid}-d4e5f6`, `bootcache-warmup-1-g7h8i9`, 'bootcache-warmup-x', 'other'];
+    for (const name of names) await mkdir(join(parent, name, 'storage'), { recursive: true });
+    await removeStaleWarmupDirs(parent);
+    // Its own, a live process's (pid 1), and names that are not a warm-up's stay.
+    expect((await readdir(parent)).sort()).toEqual(names.slice(1).sort());
+    await removeStaleWarmupDirs(join(root, 'no-such-dir'));
   });
 });

@@ -19,11 +19,12 @@
  * directory removed afterwards. A failure is a warning, never fatal.
  */
 import { randomFillSync } from 'node:crypto';
-import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { NbdPool } from '../nbd-client/pool.js';
+import { DEFAULT_BOOT_POLICY } from './boot-recorder.js';
 import type { AgentConfig } from './config.js';
 
 /** Scratch image size: small enough to write in a few ms, larger than a few prefetch chunks' worth of reads. */
@@ -34,17 +35,22 @@ const READS_PER_BOOT = 2500;
 const CONCURRENCY = 2;
 const READ_SIZES = [512, 2048, 4096, 8192, 16384, 32768];
 const IMAGE_NAME = 'warmup.raw';
+/** Scratch directories are named PREFIX<pid>- so a later start can remove those of a process killed mid-way. */
+const DIR_PREFIX = 'bootcache-warmup-';
 
 export interface WarmupReport {
   ms: number;
   boots: number;
   reads: number;
+  /** Blocks the cold-host boot's prefetch loaded from the first boot's segment (0: that path was not warmed). */
+  prefetchedBlocks: number;
 }
 
 /** The part of Agent the warm-up drives (Agent itself; an interface to avoid an import cycle). */
 export interface WarmupAgent {
   start(): Promise<void>;
   stop(): Promise<void>;
+  status(): { exports: Array<{ prefetch?: { blocksLoaded: number } }> };
 }
 
 export interface WarmupOptions {
@@ -84,12 +90,12 @@ export function warmupReads(count: number, imageBytes: number, seed = 0x5eed): A
   return reads;
 }
 
-async function bootOnce(socket: string, reads: Array<{ offset: number; length: number }>): Promise<void> {
+async function bootOnce(socket: string, reads: Array<{ offset: number; length: number }>, stopped: () => boolean): Promise<void> {
   const pool = await NbdPool.connect(`nbd+unix:///${IMAGE_NAME}?socket=${encodeURIComponent(socket)}`);
   try {
     let nextRead = 0;
     const lane = async (): Promise<void> => {
-      while (nextRead < reads.length) {
+      while (nextRead < reads.length && !stopped()) {
         const { offset, length } = reads[nextRead++]!;
         await pool.read(offset, length);
       }
@@ -97,6 +103,26 @@ async function bootOnce(socket: string, reads: Array<{ offset: number; length: n
     await Promise.all(Array.from({ length: CONCURRENCY }, lane));
   } finally {
     await pool.close();
+  }
+}
+
+/** True while a process with this pid exists (EPERM: it exists, owned by someone else). */
+function processExists(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/** Removes scratch directories left by warm-ups whose process died (SIGKILL, a second signal, OOM). */
+export async function removeStaleWarmupDirs(parent: string): Promise<void> {
+  const names = await readdir(parent).catch(() => [] as string[]);
+  for (const name of names) {
+    const pid = /^bootcache-warmup-(\d+)-/.exec(name)?.[1];
+    if (pid === undefined || Number(pid) === process.pid || processExists(Number(pid))) continue;
+    await rm(join(parent, name), { recursive: true, force: true }).catch(() => undefined);
   }
 }
 
@@ -112,7 +138,8 @@ export async function warmUp(options: WarmupOptions): Promise<WarmupReport | und
   let boots = 0;
   log.debug('warm-up started');
   try {
-    dir = await mkdtemp(join(tmpdir(), 'bootcache-warmup-'));
+    await removeStaleWarmupDirs(tmpdir());
+    dir = await mkdtemp(join(tmpdir(), `${DIR_PREFIX}${process.pid}-`));
     const storage = join(dir, 'storage');
     await mkdir(storage);
     // Random bytes, not a sparse file: holes would take the raw reader's zero path, not the data path.
@@ -127,8 +154,11 @@ export async function warmUp(options: WarmupOptions): Promise<WarmupReport | und
       cacheSize: 2 * IMAGE_BYTES,
       storageDelayMs: 0,
       storageErrorRate: 0,
-      // Every boot is recorded and published as it is: the second boot prefetches the first one's segment.
-      boot: { ...config.boot, minReads: 1 },
+      // Every boot is recorded and published as it is (the defaults, not the operator's limits: a
+      // small --boot-max-share-floor would discard the first boot as a copy), and the second boot
+      // prefetches the first one's segment.
+      boot: { ...DEFAULT_BOOT_POLICY, minReads: 1, maxShare: 0 },
+      cacheMisses: true,
       merge: { minSeen: 1, window: 1 },
       // Small buffers: the real agent has faulted in its own; the code paths are the same.
       prefetchChunk: Math.min(config.prefetchChunk, 4 * 1024 * 1024),
@@ -142,21 +172,25 @@ export async function warmUp(options: WarmupOptions): Promise<WarmupReport | und
     const quiet = log.child({ warmup: true }, { level: 'silent' });
     // Boot 1: first boot (misses, recording, segment build). Boot 2: cold host (a fresh
     // cache, the segment streamed in). Boot 3: warm host (hits).
+    let prefetchedBlocks = 0;
     for (const [cache, bootsHere] of [['cache-1', 1], ['cache-2', 2]] as const) {
       if (options.stopped()) return undefined;
       agent = options.createAgent(privateConfig(cache), quiet);
       await agent.start();
       for (let i = 0; i < bootsHere; i++) {
         if (options.stopped()) return undefined;
-        await bootOnce(join(dir, 'nbd.sock'), reads);
+        await bootOnce(join(dir, 'nbd.sock'), reads, options.stopped);
+        if (options.stopped()) return undefined;
         boots++;
+        // After the cold-host boot: the warm one's open finds every block cached and loads none.
+        if (cache === 'cache-2' && i === 0) prefetchedBlocks = agent.status().exports[0]?.prefetch?.blocksLoaded ?? 0;
       }
       // Stopping ends the recording and waits for the segment to be published.
       const stopping = agent;
       agent = undefined;
       await stopping.stop();
     }
-    const report = { ms: Math.round(performance.now() - started), boots, reads: boots * reads.length };
+    const report = { ms: Math.round(performance.now() - started), boots, reads: boots * reads.length, prefetchedBlocks };
     log.debug(report, 'warm-up done');
     return report;
   } catch (err) {

@@ -50,7 +50,7 @@ ${EXIT_CODES_HELP}`;
     readahead: Flags.string({ description: 'Largest sequential readahead on cache misses, e.g. 2M; 0 turns it off (default 2M).', helpValue: 'BYTES' }),
     'log-level': Flags.string({ description: 'pino log level.', options: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] }),
     maintenance: Flags.string({ description: 'Cron schedule for maintenance (cache index compaction), or "off".', helpValue: 'CRON' }),
-    warmup: Flags.boolean({ description: 'Before listening, boot a scratch image through a private agent (about 1 s) so the first real boot runs on optimised code (default on).', allowNo: true }),
+    warmup: Flags.boolean({ description: 'Before listening, boot a scratch image through a private agent (about 2 s) so the first real boot runs on optimised code (default on).', allowNo: true }),
   };
 
   async run(): Promise<AgentRunResult> {
