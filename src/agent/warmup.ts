@@ -25,6 +25,7 @@ import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { NbdPool } from '../nbd-client/pool.js';
 import { DEFAULT_BOOT_POLICY } from './boot-recorder.js';
+import { isRunning } from './cache/file-io.js';
 import type { AgentConfig } from './config.js';
 
 /** Scratch image size: small enough to write in a few ms, larger than a few prefetch chunks' worth of reads. */
@@ -106,22 +107,12 @@ async function bootOnce(socket: string, reads: Array<{ offset: number; length: n
   }
 }
 
-/** True while a process with this pid exists (EPERM: it exists, owned by someone else). */
-function processExists(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
 /** Removes scratch directories left by warm-ups whose process died (SIGKILL, a second signal, OOM). */
 export async function removeStaleWarmupDirs(parent: string): Promise<void> {
   const names = await readdir(parent).catch(() => [] as string[]);
   for (const name of names) {
     const pid = /^bootcache-warmup-(\d+)-/.exec(name)?.[1];
-    if (pid === undefined || Number(pid) === process.pid || processExists(Number(pid))) continue;
+    if (pid === undefined || Number(pid) === process.pid || isRunning(Number(pid))) continue;
     await rm(join(parent, name), { recursive: true, force: true }).catch(() => undefined);
   }
 }

@@ -241,7 +241,8 @@ async function lockKey(path: string): Promise<string> {
   return join(dir, basename(path));
 }
 
-function isRunning(pid: number): boolean {
+/** True while a process with this pid exists (EPERM: it exists, owned by someone else). */
+export function isRunning(pid: number): boolean {
   try {
     process.kill(pid, 0);
     return true;
