@@ -92,7 +92,8 @@ async function withAgent(name, fn) {
   const args = ['agent', '--storage', work, '--cache', join(work, `cache-${name}`), '--socket', socket, '--control', control,
     '--cache-size', '512M', '--storage-delay', String(DELAY_MS), '--log-level', 'warn', '--maintenance', 'off'];
   const child = spawn(process.execPath, [bin, ...args], { stdio: ['ignore', 'ignore', 'inherit'] });
-  for (let i = 0; i < 200; i++) {
+  // The agent's start includes its warm-up (about 2 s here).
+  for (let i = 0; i < 600; i++) {
     if (await stat(control).then(() => true, () => false)) break;
     await new Promise((r) => setTimeout(r, 50));
   }
