@@ -38,6 +38,7 @@ const READ_SIZES = [512, 2048, 4096, 8192, 16384, 32768];
 const IMAGE_NAME = 'warmup.raw';
 /** Scratch directories are named PREFIX<pid>- so a later start can remove those of a process killed mid-way. */
 const DIR_PREFIX = 'bootcache-warmup-';
+const DIR_NAME = new RegExp(`^${DIR_PREFIX}(\\d+)-`);
 
 export interface WarmupReport {
   ms: number;
@@ -111,7 +112,7 @@ async function bootOnce(socket: string, reads: Array<{ offset: number; length: n
 export async function removeStaleWarmupDirs(parent: string): Promise<void> {
   const names = await readdir(parent).catch(() => [] as string[]);
   for (const name of names) {
-    const pid = /^bootcache-warmup-(\d+)-/.exec(name)?.[1];
+    const pid = DIR_NAME.exec(name)?.[1];
     if (pid === undefined || Number(pid) === process.pid || isRunning(Number(pid))) continue;
     await rm(join(parent, name), { recursive: true, force: true }).catch(() => undefined);
   }
