@@ -168,6 +168,7 @@ function summarizeReplay(r) {
     schedulingLagMs: { mean: s.schedulingLagMs.mean, p99: s.schedulingLagMs.p99 },
     phases: r.result.phases.map((p) => ({ phase: p.phase, reads: p.reads, recordedS: p.recordedS, replayS: p.replayS, ratio: p.ratio, meanLatMs: p.latencyMs?.mean ?? null })),
     wallS: r.wallS,
+    warmupMs: r.result.warmup?.ms ?? null,
   };
 }
 
@@ -466,7 +467,7 @@ function markdown(report, hitRounds) {
   L.push(`${machine.nproc} CPUs (${machine.cpu}), ${machine.memGiB} GiB RAM, Linux ${machine.kernel}, Node ${machine.node}.`);
   L.push(`Load average at start ${report.loadStart.map((x) => x.toFixed(2)).join(' / ')}, at end ${report.loadEnd.map((x) => x.toFixed(2)).join(' / ')} (1/5/15 min). The machine is shared with other jobs.`, '');
   L.push('## Setup', '');
-  L.push(`Trace \`${traceRel}\` (4,060 reads, ~97 MiB, recorded ${fmt(s.recordedS)} s), 2 GiB **raw** image with data wherever the trace reads (every configuration serves the same raw file; ${report.tools.nbdkit} has no qcow2 decoder filter). ${config.rounds} rounds, configurations interleaved within each round; medians reported, every run in the JSON. Storage delay D per request: nbdkit's delay filter (\`rdelay\`) for direct, the agent's \`--storage-delay\` (every storage read request, including the prefetch's 8 MiB segment reads) for the agent.`, '');
+  L.push(`Trace \`${traceRel}\` (4,060 reads, ~97 MiB, recorded ${fmt(s.recordedS)} s), 2 GiB **raw** image with data wherever the trace reads (every configuration serves the same raw file; ${report.tools.nbdkit} has no qcow2 decoder filter). ${config.rounds} rounds, configurations interleaved within each round; medians reported, every run in the JSON. Storage delay D per request: nbdkit's delay filter (\`rdelay\`) for direct, the agent's \`--storage-delay\` (every storage read request, including the prefetch's 8 MiB segment reads) for the agent. Every replay runs \`bootcache replay\` with its default untimed warm-up against a zero export inside the replay process, before it connects (docs/replay.md, "Warm-up").`, '');
   L.push('## Boot replay', '');
   L.push(`Local reference (qemu-nbd, no delay): median **${fmt(s.localS)} s** (runs ${fmtList(results.local.map((r) => r.completionS))}; lag-free ${fmt(median(results.local.map((r) => r.lagFreeS)))} s; read latency mean / p99 ${fmt(median(results.local.map((r) => r.latencyMs.mean)))} / ${fmt(median(results.local.map((r) => r.latencyMs.p99)))} ms); recorded duration ${fmt(s.recordedS)} s.`, '');
   L.push('| D | config | completion (s, median) | runs (s) | lag-free (s) | latency mean / p99 / max (ms) | target | ratio | met | storage requests | storage MiB |');

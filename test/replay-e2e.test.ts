@@ -155,6 +155,11 @@ describe('bootcache replay command', () => {
     const result = JSON.parse(stdout) as ReplayResult;
     expect(result.replay.reads).toBe(reads);
     expect(result.phases).toHaveLength(3);
+    // The command warms up by default (the library does not); --no-warmup times a fresh process.
+    expect(result.warmup).toEqual({ reads, ms: expect.any(Number) });
+    const cold = JSON.parse((await runCommand([file, '--uri', bootUri, '--json', '--no-warmup'])).stdout) as ReplayResult;
+    expect(cold.warmup).toBeNull();
+    expect(cold.replay.reads).toBe(reads);
   });
 
   it('writes one CSV row per read with --reads-csv, consistent with the trace and the JSON', async () => {

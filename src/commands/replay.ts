@@ -48,6 +48,11 @@ ${EXIT_CODES_HELP}`;
       default: true,
       allowNo: true,
     }),
+    warmup: Flags.boolean({
+      description: 'Before the timed run, replay the trace once against an in-process zero export, so the timed run starts with optimised code (--no-warmup: time a fresh process)',
+      default: true,
+      allowNo: true,
+    }),
     clamp: Flags.boolean({ description: 'Trim reads past the end of the export instead of refusing the trace' }),
     connections: Flags.integer({
       description: 'NBD connections to spread reads over (used only if the server allows multi-conn)',
@@ -97,6 +102,7 @@ ${EXIT_CODES_HELP}`;
             phases: flags.phases,
             ignoreCompletionTimes: flags['ignore-done'],
             assumedServiceUs: flags['service-time'],
+            warmup: flags.warmup,
           });
         },
       },

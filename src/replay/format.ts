@@ -31,6 +31,11 @@ export function formatReplayReport(result: ReplayResult): string {
     `against ${target.uri} (${formatBytes(target.exportSize)}, ${target.connections} connection${target.connections === 1 ? '' : 's'})`,
     `model: ${modelText}; think time ${model.thinkTime ? 'kept' : 'off (--no-think-time)'}`,
   ];
+  if (result.warmup?.error !== undefined) {
+    lines.push(`warm-up skipped: ${result.warmup.error}`);
+  } else if (result.warmup !== null) {
+    lines.push(`warm-up: ${result.warmup.reads} reads against an in-process zero export in ${(result.warmup.ms / 1000).toFixed(2)} s, before the timed run (--no-warmup skips it)`);
+  }
   if (clamp.trimmedReads + clamp.skippedReads > 0) {
     lines.push(`clamped: ${clamp.trimmedReads} read(s) trimmed and ${clamp.skippedReads} skipped at the end of the export`);
   }

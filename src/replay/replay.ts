@@ -1,10 +1,12 @@
 import { BootcacheError, ExitCode, InvalidTraceError, UsageError } from '../errors.js';
 import type { NbdClientOptions } from '../nbd-client/client.js';
 import { NbdPool } from '../nbd-client/pool.js';
+import { parseNbdUri } from '../nbd-client/uri.js';
 import { buildPlan, type PlanOptions, type ReplayModelKind, type ReplayPlan } from './plan.js';
 import { buildStats, type PhaseReport, type ReplayStats } from './report.js';
-import { runSchedule, type Clock, type ReplayedRead } from './scheduler.js';
+import type { Clock, ReplayedRead } from './scheduler.js';
 import { readTraceFile, type BootTrace } from './trace.js';
+import { replayPlan, warmUpReplay, type ReplayWarmupReport } from './warmup.js';
 
 /** The trace reads past the end of the export (and --clamp was not given). */
 export class TraceBeyondExportError extends BootcacheError {
@@ -23,6 +25,12 @@ export interface ReplayOptions extends PlanOptions {
   phases?: number;
   client?: NbdClientOptions;
   clock?: Clock;
+  /**
+   * open() replays the plan once against an in-process zero export before it
+   * connects, so the timed run starts with optimised code
+   * (src/replay/warmup.ts). Default false here; the CLI turns it on.
+   */
+  warmup?: boolean;
 }
 
 export interface ReplayResult {
@@ -52,6 +60,8 @@ export interface ReplayResult {
     assumedServiceUs: number | null;
   };
   clamp: { enabled: boolean; trimmedReads: number; skippedReads: number };
+  /** The untimed warm-up before the run, or null when it was off. */
+  warmup: ReplayWarmupReport | null;
   replay: Omit<ReplayStats, 'phases'>;
   phases: PhaseReport[];
 }
@@ -70,6 +80,7 @@ export class ReplaySession {
     private readonly options: ReplayOptions,
     private readonly clampCounts: { trimmedReads: number; skippedReads: number },
     private readonly maxEndOffset: number,
+    private readonly warmup: ReplayWarmupReport | null,
   ) {}
 
   /** Connects and checks the trace fits the export; the caller must close() the session. */
@@ -93,7 +104,13 @@ export class ReplaySession {
       }
     }
 
-    const pool = await NbdPool.connect(options.uri, { ...options.client, connections: options.connections ?? 1 });
+    const target = parseNbdUri(options.uri);
+    // Before connecting: opening an export can start work on the server (the
+    // agent's prefetch, its boot recording) that the warm-up must not get ahead of.
+    const warmup = options.warmup === true
+      ? await warmUpReplay(buildPlan(trace, options), maxEnd, target.transport, options.connections ?? 1)
+      : null;
+    const pool = await NbdPool.connect(target, { ...options.client, connections: options.connections ?? 1 });
     try {
       const size = pool.size;
       const counts = { trimmedReads: 0, skippedReads: 0 };
@@ -118,7 +135,7 @@ export class ReplaySession {
         };
       }
       const plan = buildPlan(fitted, options);
-      return new ReplaySession(fitted, plan, pool, { ...options, phases }, counts, maxEnd);
+      return new ReplaySession(fitted, plan, pool, { ...options, phases }, counts, maxEnd, warmup);
     } catch (err) {
       await pool.close();
       throw err;
@@ -128,14 +145,9 @@ export class ReplaySession {
   /** Replays the trace; onProgress gets (completed, total) after each read. */
   async run(onProgress?: (completed: number, total: number) => void): Promise<ReplayResult> {
     const pool = this.pool;
-    // The data is not kept: every read lands in one scratch buffer, faulted in
-    // beforehand, as a guest's reads land in memory it already has.
-    let largest = 0;
-    for (const read of this.plan.reads) largest = Math.max(largest, read.length);
-    const scratch = Buffer.allocUnsafeSlow(largest).fill(0);
-    const schedule = await runSchedule(
+    const schedule = await replayPlan(
+      pool,
       this.plan,
-      (read) => (read.length === 0 ? Promise.resolve() : pool.read(read.offset, read.length, scratch)),
       { ...(this.options.clock !== undefined ? { clock: this.options.clock } : {}), ...(onProgress !== undefined ? { onProgress } : {}) },
     );
     this.lastReads = schedule.reads;
@@ -161,6 +173,7 @@ export class ReplaySession {
       },
       model: { kind: this.plan.model, thinkTime: this.plan.thinkTime, assumedServiceUs: this.plan.assumedServiceUs },
       clamp: { enabled: this.options.clamp === true, ...this.clampCounts },
+      warmup: this.warmup,
       replay,
       phases,
     };

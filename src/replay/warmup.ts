@@ -1,0 +1,129 @@
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { NbdServer } from '../agent/nbd/server.js';
+import type { ExportProvider, NbdExport } from '../agent/nbd/export.js';
+import type { NbdTarget } from '../nbd-client/uri.js';
+import { NbdPool } from '../nbd-client/pool.js';
+import type { ReplayPlan } from './plan.js';
+import { runSchedule } from './scheduler.js';
+
+/**
+ * The replay measures a boot with its own code: the NBD client, the
+ * scheduler and the clock's naps. In a fresh process that code starts
+ * interpreted and is optimised while the first few hundred reads go by, which
+ * made the first replay of a process 0.2-0.3 s slower than the next ones
+ * against the same server (docs/replay.md, "Timing"). The warm-up runs the
+ * same plan once, before it even connects to the server it measures, against
+ * an NBD server inside this process that answers every read with zeros: the
+ * timed run then starts with optimised code, and the measured server sees
+ * nothing of the warm-up, nor gets a head start from it (an agent starts its
+ * prefetch when an export is opened).
+ */
+
+/** Think times are capped at this in the warm-up (µs), so the naps run but the warm-up stays short. */
+const WARMUP_MAX_THINK_US = 200;
+const EXPORT_NAME = 'warmup';
+const SECTOR = 512;
+
+export interface ReplayWarmupReport {
+  /** Wall time of the warm-up, ms (server start to close). */
+  ms: number;
+  /** Reads replayed against the in-process server (0 when it failed). */
+  reads: number;
+  /** Why the warm-up was skipped; the timed run goes ahead without it. */
+  error?: string;
+}
+
+/** One zero-filled export of `size` bytes; reads return views of one shared zero buffer. */
+function zeroExportProvider(size: number, largestRead: number): ExportProvider {
+  const zeros = Buffer.alloc(Math.max(1, largestRead));
+  const opened: NbdExport = {
+    name: EXPORT_NAME,
+    size,
+    read: async (_offset, length) => {
+      // Reads larger than the plan's largest (a client's own split) still get zeros.
+      return length <= zeros.length ? zeros.subarray(0, length) : Buffer.alloc(length);
+    },
+    extents: async (offset, length) => [{ offset, length, kind: 'zero' }],
+    close: async () => undefined,
+  };
+  return {
+    list: async () => [EXPORT_NAME],
+    open: async () => opened,
+    describe: async () => ({ name: EXPORT_NAME, size }),
+  };
+}
+
+/**
+ * Replays `plan` (think times capped) against an in-process zero export of
+ * at least `minSize` bytes over the same transport as `like` (a unix socket in a
+ * private directory under $TMPDIR, or TCP on 127.0.0.1), then removes it all.
+ * A failure is reported, not thrown: the timed run does not depend on it.
+ */
+export async function warmUpReplay(
+  plan: ReplayPlan,
+  minSize: number,
+  like: NbdTarget['transport'],
+  connections: number,
+): Promise<ReplayWarmupReport> {
+  const started = performance.now();
+  try {
+    await replayAgainstZeros(plan, Math.max(SECTOR, Math.ceil(minSize / SECTOR) * SECTOR), like, connections);
+  } catch (err) {
+    return { ms: Math.round(performance.now() - started), reads: 0, error: err instanceof Error ? err.message : String(err) };
+  }
+  return { ms: Math.round(performance.now() - started), reads: plan.reads.length };
+}
+
+async function replayAgainstZeros(plan: ReplayPlan, exportSize: number, like: NbdTarget['transport'], connections: number): Promise<void> {
+  let largest = 0;
+  for (const read of plan.reads) largest = Math.max(largest, read.length);
+  const server = new NbdServer(zeroExportProvider(exportSize, largest), { closeTimeoutMs: 1000 });
+  let dir: string | undefined;
+  try {
+    let target: NbdTarget;
+    if (like === 'unix') {
+      dir = await mkdtemp(join(tmpdir(), 'bootcache-replay-warmup-'));
+      const socket = join(dir, 'nbd.sock');
+      await server.listenUnix(socket);
+      target = { transport: 'unix', socket, exportName: EXPORT_NAME };
+    } else {
+      const { host, port } = await server.listenTcp('127.0.0.1', 0);
+      target = { transport: 'tcp', host, port, exportName: EXPORT_NAME };
+    }
+    const pool = await NbdPool.connect(target, { connections });
+    try {
+      const warmPlan: ReplayPlan = {
+        ...plan,
+        reads: plan.reads.map((read) => ({ ...read, thinkUs: Math.min(read.thinkUs, WARMUP_MAX_THINK_US) })),
+      };
+      await replayPlan(pool, warmPlan);
+    } finally {
+      await pool.close();
+    }
+  } finally {
+    await server.close();
+    if (dir !== undefined) await rm(dir, { recursive: true, force: true });
+  }
+}
+
+/**
+ * Runs a plan's reads through `pool`. The data is not kept: every read lands
+ * in one scratch buffer, faulted in beforehand, as a guest's reads land in
+ * memory it already has. The timed replay and its warm-up both go through here.
+ */
+export function replayPlan(
+  pool: NbdPool,
+  plan: ReplayPlan,
+  options: Parameters<typeof runSchedule>[2] = {},
+): ReturnType<typeof runSchedule> {
+  let largest = 0;
+  for (const read of plan.reads) largest = Math.max(largest, read.length);
+  const scratch = Buffer.allocUnsafeSlow(Math.max(1, largest)).fill(0);
+  return runSchedule(
+    plan,
+    (read) => (read.length === 0 ? Promise.resolve() : pool.read(read.offset, read.length, scratch)),
+    options,
+  );
+}

@@ -1,0 +1,133 @@
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import type { ExportProvider, NbdExport } from '../src/agent/nbd/export.js';
+import { NbdServer } from '../src/agent/nbd/server.js';
+import { formatReplayReport } from '../src/replay/format.js';
+import { replayTraceFile } from '../src/replay/replay.js';
+
+const TIMED = 'test/data/debian12-minbase-boot-timed.csv';
+const dir = mkdtempSync(path.join(tmpdir(), 'bc-replay-warmup-'));
+const privateTmp = path.join(dir, 'tmp');
+const savedTmp = process.env.TMPDIR;
+
+/** A 2 GiB export of zeros that counts what reaches it. */
+function countingProvider(): { provider: ExportProvider; seen: { reads: number; bytes: number; opens: number; tmpAtOpen: string[] } } {
+  const seen = { reads: 0, bytes: 0, opens: 0, tmpAtOpen: [] as string[] };
+  const opened: NbdExport = {
+    name: 'boot',
+    size: 2 ** 31,
+    read: async (_offset, length) => {
+      seen.reads++;
+      seen.bytes += length;
+      return Buffer.alloc(length);
+    },
+    extents: async (offset, length) => [{ offset, length, kind: 'data' }],
+    close: async () => undefined,
+  };
+  return {
+    seen,
+    provider: {
+      list: async () => ['boot'],
+      open: async () => {
+        seen.opens++;
+        seen.tmpAtOpen = readdirSync(privateTmp);
+        return opened;
+      },
+    },
+  };
+}
+
+/** The first `seconds` of the reference trace. */
+function firstSeconds(seconds: number): { file: string; reads: number } {
+  const [header, ...rows] = readFileSync(TIMED, 'utf8').trim().split('\n');
+  const kept = rows.filter((row) => Number(row.split(',')[0]) < seconds * 1e6);
+  const file = path.join(dir, `first-${seconds}s.csv`);
+  writeFileSync(file, [header, ...kept].join('\n'));
+  return { file, reads: kept.length };
+}
+
+let server: NbdServer | undefined;
+
+/** The measured server: a counting export on a unix socket. */
+async function measuredServer(name: string): Promise<{ uri: string; seen: ReturnType<typeof countingProvider>['seen'] }> {
+  const { provider, seen } = countingProvider();
+  server = new NbdServer(provider);
+  const socket = path.join(dir, `${name}.sock`);
+  await server.listenUnix(socket);
+  return { uri: `nbd+unix:///boot?socket=${socket}`, seen };
+}
+
+beforeAll(() => {
+  mkdirSync(privateTmp);
+  // os.tmpdir() reads TMPDIR on every call: the warm-up's socket directory goes here.
+  process.env.TMPDIR = privateTmp;
+});
+
+afterEach(async () => {
+  await server?.close();
+  server = undefined;
+});
+
+afterAll(() => {
+  if (savedTmp === undefined) delete process.env.TMPDIR;
+  else process.env.TMPDIR = savedTmp;
+  rmSync(dir, { recursive: true, force: true });
+});
+
+describe('replay warm-up', () => {
+  it('replays the plan against its own zero export before it connects: the measured server sees only the timed run', async () => {
+    const { uri, seen } = await measuredServer('measured');
+    const { file, reads } = firstSeconds(1);
+    const result = await replayTraceFile(file, { uri, thinkTime: false, warmup: true });
+    expect(result.warmup).toEqual({ reads, ms: expect.any(Number) });
+    expect(result.warmup!.ms).toBeGreaterThan(0);
+    expect(result.replay.reads).toBe(reads);
+    // Every read the measured server served belongs to the timed run.
+    expect(seen.reads).toBe(reads);
+    expect(seen.bytes).toBe(result.replay.bytes);
+    expect(seen.opens).toBe(1);
+    expect(server.stats.totalConnections).toBe(1);
+    // The warm-up (its unix socket directory) was over before the measured export was opened.
+    expect(seen.tmpAtOpen).toEqual([]);
+    expect(readdirSync(privateTmp)).toEqual([]);
+    expect(formatReplayReport(result)).toMatch(new RegExp(`warm-up: ${reads} reads against an in-process zero export in \\d+\\.\\d\\d s`));
+  });
+
+  it('warms up over TCP for a TCP target', async () => {
+    const { provider, seen } = countingProvider();
+    server = new NbdServer(provider);
+    const { port } = await server.listenTcp('127.0.0.1', 0);
+    const { file, reads } = firstSeconds(0.5);
+    const result = await replayTraceFile(file, { uri: `nbd://127.0.0.1:${port}/boot`, warmup: true });
+    expect(result.warmup?.reads).toBe(reads);
+    expect(result.warmup?.error).toBeUndefined();
+    expect(seen.reads).toBe(reads);
+    expect(server.stats.totalConnections).toBe(1);
+  });
+
+  it('is skipped, with the reason in the result, when its socket directory cannot be made', async () => {
+    const { uri, seen } = await measuredServer('notmp');
+    const { file, reads } = firstSeconds(0.5);
+    process.env.TMPDIR = path.join(dir, 'no-such-tmp');
+    try {
+      const result = await replayTraceFile(file, { uri, thinkTime: false, warmup: true });
+      expect(result.warmup).toEqual({ reads: 0, ms: expect.any(Number), error: expect.stringMatching(/no-such-tmp/) });
+      expect(result.replay.reads).toBe(reads);
+      expect(seen.reads).toBe(reads);
+      expect(formatReplayReport(result)).toMatch(/warm-up skipped: .*no-such-tmp/);
+    } finally {
+      process.env.TMPDIR = privateTmp;
+    }
+  });
+
+  it('is off unless asked for in the library', async () => {
+    const { uri, seen } = await measuredServer('off');
+    const { file, reads } = firstSeconds(0.5);
+    const result = await replayTraceFile(file, { uri, thinkTime: false });
+    expect(result.warmup).toBeNull();
+    expect(seen.reads).toBe(reads);
+    expect(formatReplayReport(result)).not.toMatch(/warm-up/);
+  });
+});
