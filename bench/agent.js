@@ -169,6 +169,7 @@ function summarizeReplay(r) {
     phases: r.result.phases.map((p) => ({ phase: p.phase, reads: p.reads, recordedS: p.recordedS, replayS: p.replayS, ratio: p.ratio, meanLatMs: p.latencyMs?.mean ?? null })),
     wallS: r.wallS,
     warmupMs: r.result.warmup?.ms ?? null,
+    warmupError: r.result.warmup?.error ?? null,
   };
 }
 

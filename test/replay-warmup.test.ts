@@ -5,7 +5,10 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { ExportProvider, NbdExport } from '../src/agent/nbd/export.js';
 import { NbdServer } from '../src/agent/nbd/server.js';
 import { formatReplayReport } from '../src/replay/format.js';
+import { buildPlan } from '../src/replay/plan.js';
 import { replayTraceFile } from '../src/replay/replay.js';
+import { readTraceFile } from '../src/replay/trace.js';
+import { warmupPlan } from '../src/replay/warmup.js';
 
 const TIMED = 'test/data/debian12-minbase-boot-timed.csv';
 const dir = mkdtempSync(path.join(tmpdir(), 'bc-replay-warmup-'));
@@ -51,12 +54,13 @@ function firstSeconds(seconds: number): { file: string; reads: number } {
 let server: NbdServer | undefined;
 
 /** The measured server: a counting export on a unix socket. */
-async function measuredServer(name: string): Promise<{ uri: string; seen: ReturnType<typeof countingProvider>['seen'] }> {
+async function measuredServer(name: string): Promise<{ uri: string; seen: ReturnType<typeof countingProvider>['seen']; measured: NbdServer }> {
   const { provider, seen } = countingProvider();
-  server = new NbdServer(provider);
+  const measured = new NbdServer(provider);
+  server = measured;
   const socket = path.join(dir, `${name}.sock`);
-  await server.listenUnix(socket);
-  return { uri: `nbd+unix:///boot?socket=${socket}`, seen };
+  await measured.listenUnix(socket);
+  return { uri: `nbd+unix:///boot?socket=${socket}`, seen, measured };
 }
 
 beforeAll(() => {
@@ -78,7 +82,10 @@ afterAll(() => {
 
 describe('replay warm-up', () => {
   it('replays the plan against its own zero export before it connects: the measured server sees only the timed run', async () => {
-    const { uri, seen } = await measuredServer('measured');
+    // A scratch directory of a killed replay (its pid above the kernel's largest pid_max, 2^22) is swept.
+    const stale = `bootcache-replay-warmup-${4_194_304 + 4242}-x1y2z3`;
+    mkdirSync(path.join(privateTmp, stale));
+    const { uri, seen, measured } = await measuredServer('measured');
     const { file, reads } = firstSeconds(1);
     const result = await replayTraceFile(file, { uri, thinkTime: false, warmup: true });
     expect(result.warmup).toEqual({ reads, ms: expect.any(Number) });
@@ -88,7 +95,7 @@ describe('replay warm-up', () => {
     expect(seen.reads).toBe(reads);
     expect(seen.bytes).toBe(result.replay.bytes);
     expect(seen.opens).toBe(1);
-    expect(server.stats.totalConnections).toBe(1);
+    expect(measured.stats.totalConnections).toBe(1);
     // The warm-up (its unix socket directory) was over before the measured export was opened.
     expect(seen.tmpAtOpen).toEqual([]);
     expect(readdirSync(privateTmp)).toEqual([]);
@@ -97,14 +104,47 @@ describe('replay warm-up', () => {
 
   it('warms up over TCP for a TCP target', async () => {
     const { provider, seen } = countingProvider();
-    server = new NbdServer(provider);
-    const { port } = await server.listenTcp('127.0.0.1', 0);
+    const measured = new NbdServer(provider);
+    server = measured;
+    const { port } = await measured.listenTcp('127.0.0.1', 0);
     const { file, reads } = firstSeconds(0.5);
     const result = await replayTraceFile(file, { uri: `nbd://127.0.0.1:${port}/boot`, warmup: true });
     expect(result.warmup?.reads).toBe(reads);
     expect(result.warmup?.error).toBeUndefined();
     expect(seen.reads).toBe(reads);
-    expect(server.stats.totalConnections).toBe(1);
+    expect(measured.stats.totalConnections).toBe(1);
+  });
+
+  it('falls back to TCP when its unix socket path would be too long for sun_path', async () => {
+    const { uri, seen } = await measuredServer('longtmp');
+    const longTmp = path.join(privateTmp, 'l'.repeat(100));
+    mkdirSync(longTmp);
+    const { file, reads } = firstSeconds(0.5);
+    process.env.TMPDIR = longTmp;
+    try {
+      const result = await replayTraceFile(file, { uri, thinkTime: false, warmup: true });
+      expect(result.warmup).toEqual({ reads, ms: expect.any(Number) });
+      expect(seen.reads).toBe(reads);
+      expect(readdirSync(longTmp)).toEqual([]);
+    } finally {
+      process.env.TMPDIR = privateTmp;
+      rmSync(longTmp, { recursive: true });
+    }
+  });
+
+  it('replays at most the first 4,096 reads, with the same dependencies', async () => {
+    const plan = buildPlan(await readTraceFile(TIMED));
+    const short = warmupPlan(plan, 1000);
+    expect(short.reads).toHaveLength(1000);
+    expect(short.completionOrder).toHaveLength(1000);
+    for (const read of short.reads) {
+      // Each read waits for the same reads as in the full plan, and thinks at most 0.2 ms.
+      expect(short.completionOrder.slice(0, read.depCount)).toEqual(plan.completionOrder.slice(0, read.depCount));
+      expect(read.thinkUs).toBe(Math.min(plan.reads[read.index]!.thinkUs, 200));
+    }
+    expect(warmupPlan(plan).reads).toHaveLength(4060);
+    const capped = warmupPlan({ ...plan, reads: [...plan.reads, ...plan.reads.map((r) => ({ ...r, index: r.index + 4060 }))] });
+    expect(capped.reads).toHaveLength(4096);
   });
 
   it('is skipped, with the reason in the result, when its socket directory cannot be made', async () => {

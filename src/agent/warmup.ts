@@ -38,7 +38,6 @@ const READ_SIZES = [512, 2048, 4096, 8192, 16384, 32768];
 const IMAGE_NAME = 'warmup.raw';
 /** Scratch directories are named PREFIX<pid>- so a later start can remove those of a process killed mid-way. */
 const DIR_PREFIX = 'bootcache-warmup-';
-const DIR_NAME = new RegExp(`^${DIR_PREFIX}(\\d+)-`);
 
 export interface WarmupReport {
   ms: number;
@@ -108,11 +107,16 @@ async function bootOnce(socket: string, reads: Array<{ offset: number; length: n
   }
 }
 
-/** Removes scratch directories left by warm-ups whose process died (SIGKILL, a second signal, OOM). */
-export async function removeStaleWarmupDirs(parent: string): Promise<void> {
+/**
+ * Removes scratch directories left by warm-ups whose process died (SIGKILL, a
+ * second signal, OOM): those named `<prefix><pid>-…` whose pid is gone.
+ */
+export async function removeStaleWarmupDirs(parent: string, prefix: string = DIR_PREFIX): Promise<void> {
+  // Prefixes are fixed names of letters and dashes: nothing to escape.
+  const pattern = new RegExp(`^${prefix}(\\d+)-`);
   const names = await readdir(parent).catch(() => [] as string[]);
   for (const name of names) {
-    const pid = DIR_NAME.exec(name)?.[1];
+    const pid = pattern.exec(name)?.[1];
     if (pid === undefined || Number(pid) === process.pid || isRunning(Number(pid))) continue;
     await rm(join(parent, name), { recursive: true, force: true }).catch(() => undefined);
   }

@@ -92,7 +92,7 @@ ${EXIT_CODES_HELP}`;
         task: async (c) => { c.trace = await readTraceFile(tracePath); },
       },
       {
-        title: `Connect to ${flags.uri}`,
+        title: flags.warmup ? `Warm up (untimed), then connect to ${flags.uri}` : `Connect to ${flags.uri}`,
         task: async (c) => {
           c.session = await ReplaySession.open(c.trace!, {
             uri: flags.uri,
