@@ -248,6 +248,16 @@ describe('NbdClient against qemu-nbd', () => {
     }
   });
 
+  it('asks about an export with NBD_OPT_INFO without entering transmission', async () => {
+    const info = await NbdClient.probe(`nbd+unix:///disk?socket=${socket}`);
+    expect(info).toMatchObject({ exportName: 'disk', size: DATA_SIZE, readOnly: true });
+    await expect(NbdClient.probe(`nbd+unix:///nope?socket=${socket}`)).rejects.toBeInstanceOf(NbdUnknownExportError);
+    // qemu-nbd (one client at a time) took the NBD_OPT_ABORT and serves the next client.
+    const client = await NbdClient.connect(`nbd+unix:///disk?socket=${socket}`);
+    expect((await client.read(0, 16)).equals(data.subarray(0, 16))).toBe(true);
+    await client.close();
+  });
+
   it('reports an unknown export by name', async () => {
     const err = await NbdClient.connect(`nbd+unix:///nope?socket=${socket}`).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(NbdUnknownExportError);
@@ -413,6 +423,8 @@ describe('NbdClient against nbdkit', () => {
     const socket = await nbdkit(['--mask-handshake=0', 'file', dataFile]);
     const client = await NbdClient.connect(`nbd+unix:///?socket=${socket}`);
     expect(client.info.negotiation).toBe('NBD_OPT_EXPORT_NAME');
+    // No NBD_OPT_INFO without fixed newstyle: a probe learns nothing and says so.
+    expect(await NbdClient.probe(`nbd+unix:///?socket=${socket}`)).toBeUndefined();
     expect((await client.read(1000, 3000)).equals(data.subarray(1000, 4000))).toBe(true);
     await client.close();
   });

@@ -2,11 +2,12 @@ import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSyn
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import type { ExportProvider, NbdExport } from '../src/agent/nbd/export.js';
+import { ExportNotFoundError, type ExportProvider, type NbdExport } from '../src/agent/nbd/export.js';
+import { NbdUnknownExportError } from '../src/nbd-client/errors.js';
 import { NbdServer } from '../src/agent/nbd/server.js';
 import { formatReplayReport } from '../src/replay/format.js';
 import { buildPlan } from '../src/replay/plan.js';
-import { replayTraceFile } from '../src/replay/replay.js';
+import { replayTraceFile, TraceBeyondExportError } from '../src/replay/replay.js';
 import { readTraceFile } from '../src/replay/trace.js';
 import { warmupPlan } from '../src/replay/warmup.js';
 
@@ -15,12 +16,12 @@ const dir = mkdtempSync(path.join(tmpdir(), 'bc-replay-warmup-'));
 const privateTmp = path.join(dir, 'tmp');
 const savedTmp = process.env.TMPDIR;
 
-/** A 2 GiB export of zeros that counts what reaches it. */
-function countingProvider(): { provider: ExportProvider; seen: { reads: number; bytes: number; opens: number; tmpAtOpen: string[] } } {
-  const seen = { reads: 0, bytes: 0, opens: 0, tmpAtOpen: [] as string[] };
+/** An export of zeros (2 GiB unless told) that counts what reaches it; unknown names are refused. */
+function countingProvider(size = 2 ** 31) {
+  const seen = { reads: 0, bytes: 0, opens: 0, describes: 0, tmpAtOpen: [] as string[], describedAt: 0, openedAt: 0 };
   const opened: NbdExport = {
     name: 'boot',
-    size: 2 ** 31,
+    size,
     read: async (_offset, length) => {
       seen.reads++;
       seen.bytes += length;
@@ -29,17 +30,27 @@ function countingProvider(): { provider: ExportProvider; seen: { reads: number; 
     extents: async (offset, length) => [{ offset, length, kind: 'data' }],
     close: async () => undefined,
   };
-  return {
-    seen,
-    provider: {
-      list: async () => ['boot'],
-      open: async () => {
-        seen.opens++;
-        seen.tmpAtOpen = readdirSync(privateTmp);
-        return opened;
-      },
+  const known = (name: string): void => {
+    if (name !== 'boot') throw new ExportNotFoundError(`no export named ${JSON.stringify(name)}`);
+  };
+  const provider: ExportProvider = {
+    list: async () => ['boot'],
+    open: async (name) => {
+      known(name);
+      seen.opens++;
+      seen.openedAt = performance.now();
+      seen.tmpAtOpen = readdirSync(privateTmp);
+      return opened;
+    },
+    // NBD_OPT_INFO: what the replay asks before its warm-up.
+    describe: async (name) => {
+      known(name);
+      seen.describes++;
+      seen.describedAt = performance.now();
+      return { name, size };
     },
   };
+  return { seen, provider };
 }
 
 /** The first `seconds` of the reference trace. */
@@ -54,8 +65,8 @@ function firstSeconds(seconds: number): { file: string; reads: number } {
 let server: NbdServer | undefined;
 
 /** The measured server: a counting export on a unix socket. */
-async function measuredServer(name: string): Promise<{ uri: string; seen: ReturnType<typeof countingProvider>['seen']; measured: NbdServer }> {
-  const { provider, seen } = countingProvider();
+async function measuredServer(name: string, size?: number): Promise<{ uri: string; seen: ReturnType<typeof countingProvider>['seen']; measured: NbdServer }> {
+  const { provider, seen } = countingProvider(size);
   const measured = new NbdServer(provider);
   server = measured;
   const socket = path.join(dir, `${name}.sock`);
@@ -95,7 +106,12 @@ describe('replay warm-up', () => {
     expect(seen.reads).toBe(reads);
     expect(seen.bytes).toBe(result.replay.bytes);
     expect(seen.opens).toBe(1);
-    expect(measured.stats.totalConnections).toBe(1);
+    // One NBD_OPT_INFO probe before the warm-up, which ran between it and the open.
+    expect(seen.describes).toBe(1);
+    expect(seen.openedAt - seen.describedAt).toBeGreaterThanOrEqual(result.warmup!.ms - 1);
+    expect(measured.stats.totalConnections).toBe(2);
+    expect(measured.stats.handshakes).toBe(1);
+    expect(measured.stats.protocolErrors).toBe(0);
     // The warm-up (its unix socket directory) was over before the measured export was opened.
     expect(seen.tmpAtOpen).toEqual([]);
     expect(readdirSync(privateTmp)).toEqual([]);
@@ -112,7 +128,20 @@ describe('replay warm-up', () => {
     expect(result.warmup?.reads).toBe(reads);
     expect(result.warmup?.error).toBeUndefined();
     expect(seen.reads).toBe(reads);
-    expect(measured.stats.totalConnections).toBe(1);
+    expect(seen.opens).toBe(1);
+  });
+
+  it('reports an unknown export or a too small one before its warm-up, without opening the export', async () => {
+    const { uri, seen } = await measuredServer('small', 2 ** 20);
+    const { file } = firstSeconds(0.5);
+    const missing = await replayTraceFile(file, { uri: uri.replace('/boot?', '/nope?'), warmup: true }).catch((e: unknown) => e);
+    expect(missing).toBeInstanceOf(NbdUnknownExportError);
+    const small = await replayTraceFile(file, { uri, warmup: true }).catch((e: unknown) => e);
+    expect(small).toBeInstanceOf(TraceBeyondExportError);
+    expect((small as Error).message).toMatch(/export "boot" .* is only 1048576 bytes/);
+    expect(seen.describes).toBe(1);
+    expect(seen.opens).toBe(0);
+    expect(readdirSync(privateTmp)).toEqual([]);
   });
 
   it('falls back to TCP when its unix socket path would be too long for sun_path', async () => {

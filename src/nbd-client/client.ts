@@ -26,6 +26,7 @@ import {
   NBD_OPT_ABORT,
   NBD_OPT_EXPORT_NAME,
   NBD_OPT_GO,
+  NBD_OPT_INFO,
   NBD_REP_ACK,
   NBD_REP_ERR_TLS_REQD,
   NBD_REP_ERR_UNKNOWN,
@@ -140,23 +141,9 @@ export class NbdClient {
 
   /** Connects, negotiates the export and enters the transmission phase. */
   static async connect(target: NbdTarget | string, options: NbdClientOptions = {}): Promise<NbdClient> {
-    const parsed = typeof target === 'string' ? parseNbdUri(target) : target;
-    if (Buffer.byteLength(parsed.exportName) > MAX_EXPORT_NAME) {
-      throw new UsageError(`export name is longer than ${MAX_EXPORT_NAME} bytes`);
-    }
-    const label = formatNbdTarget(parsed);
-    const timeoutMs = options.connectTimeoutMs ?? 10_000;
-    const receiver = new Receiver();
-    const socket = await openSocket(parsed, label, timeoutMs, receiver);
-    const client = new NbdClient(socket, receiver, label, options.requestTimeoutMs ?? 60_000);
-    socket.setTimeout(timeoutMs, () => {
-      client.fail(new NbdHandshakeError(
-        `${label}: no NBD handshake from the server within ${timeoutMs / 1000} s ` +
-          '(a busy qemu-nbd serves one client at a time unless started with --shared)',
-      ));
-    });
+    const { client, socket, exportName } = await NbdClient.openHandshake(target, options, options.requestTimeoutMs ?? 60_000);
     try {
-      client.exportInfo = await client.handshake(parsed.exportName);
+      client.exportInfo = await client.handshake(exportName);
     } catch (err) {
       socket.destroy();
       throw err;
@@ -165,6 +152,56 @@ export class NbdClient {
     client.transmission = true;
     client.pump();
     return client;
+  }
+
+  /** The socket and a client on it, with the handshake deadline armed. */
+  private static async openHandshake(
+    target: NbdTarget | string,
+    options: NbdClientOptions,
+    requestTimeoutMs: number,
+  ): Promise<{ client: NbdClient; socket: net.Socket; exportName: string }> {
+    const parsed = typeof target === 'string' ? parseNbdUri(target) : target;
+    if (Buffer.byteLength(parsed.exportName) > MAX_EXPORT_NAME) {
+      throw new UsageError(`export name is longer than ${MAX_EXPORT_NAME} bytes`);
+    }
+    const label = formatNbdTarget(parsed);
+    const timeoutMs = options.connectTimeoutMs ?? 10_000;
+    const receiver = new Receiver();
+    const socket = await openSocket(parsed, label, timeoutMs, receiver);
+    const client = new NbdClient(socket, receiver, label, requestTimeoutMs);
+    socket.setTimeout(timeoutMs, () => {
+      client.fail(new NbdHandshakeError(
+        `${label}: no NBD handshake from the server within ${timeoutMs / 1000} s ` +
+          '(a busy qemu-nbd serves one client at a time unless started with --shared)',
+      ));
+    });
+    return { client, socket, exportName: parsed.exportName };
+  }
+
+  /**
+   * Asks the server about an export without opening it: NBD_OPT_INFO, then
+   * NBD_OPT_ABORT ("NBD_OPT_INFO and NBD_OPT_GO": INFO never enters
+   * transmission, so a server such as the bootcache agent starts no prefetch
+   * and no boot recording). Throws as connect() does for an unknown export or
+   * an unreachable server; undefined when the server does not know
+   * NBD_OPT_INFO (not fixed newstyle, or NBD_REP_ERR_UNSUP).
+   */
+  static async probe(target: NbdTarget | string, options: NbdClientOptions = {}): Promise<NbdExportInfo | undefined> {
+    const { client, socket, exportName } = await NbdClient.openHandshake(target, options, 0);
+    try {
+      const { fixed } = await client.greet();
+      const info = fixed ? await client.optionInfoOrGo(exportName, NBD_OPT_INFO) : undefined;
+      // NBD_OPT_ABORT: the server acknowledges and closes; wait a moment for that rather than reset it.
+      client.abortNegotiation();
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([client.closed, new Promise<void>((resolve) => (timer = setTimeout(resolve, 1000)))]);
+      clearTimeout(timer);
+      return info;
+    } finally {
+      socket.setTimeout(0);
+      socket.destroy();
+      await client.closed;
+    }
   }
 
   get info(): NbdExportInfo {
@@ -257,6 +294,16 @@ export class NbdClient {
   // ---- handshake ("Handshake" section of the spec) ----
 
   private async handshake(exportName: string): Promise<NbdExportInfo> {
+    const { fixed, noZeroes } = await this.greet();
+    if (fixed) {
+      const info = await this.optionInfoOrGo(exportName, NBD_OPT_GO);
+      if (info !== undefined) return info;
+    }
+    return this.optionExportName(exportName, noZeroes);
+  }
+
+  /** Reads the server's greeting and sends the client flags. */
+  private async greet(): Promise<{ fixed: boolean; noZeroes: boolean }> {
     // S: NBDMAGIC, IHAVEOPT, 16-bit handshake flags ("Newstyle negotiation").
     const hello = await this.handshakeRead(18, 'the greeting');
     const magic = hello.readBigUInt64BE(0);
@@ -276,15 +323,15 @@ export class NbdClient {
     const clientFlags = Buffer.alloc(4);
     clientFlags.writeUInt32BE((fixed ? NBD_FLAG_C_FIXED_NEWSTYLE : 0) | (noZeroes ? NBD_FLAG_C_NO_ZEROES : 0));
     this.socket.write(clientFlags);
-    if (fixed) {
-      const info = await this.optionGo(exportName);
-      if (info !== undefined) return info;
-    }
-    return this.optionExportName(exportName, noZeroes);
+    return { fixed, noZeroes };
   }
 
-  /** NBD_OPT_GO with an NBD_INFO_BLOCK_SIZE request; undefined if the server does not know NBD_OPT_GO. */
-  private async optionGo(exportName: string): Promise<NbdExportInfo | undefined> {
+  /**
+   * NBD_OPT_GO or NBD_OPT_INFO (same request and replies) with an
+   * NBD_INFO_BLOCK_SIZE request; undefined if the server does not know the option.
+   */
+  private async optionInfoOrGo(exportName: string, opt: typeof NBD_OPT_GO | typeof NBD_OPT_INFO): Promise<NbdExportInfo | undefined> {
+    const optName = opt === NBD_OPT_GO ? 'NBD_OPT_GO' : 'NBD_OPT_INFO';
     const name = Buffer.from(exportName, 'utf8');
     // Data: 32-bit name length, name, 16-bit number of info requests, 16-bit each.
     const data = Buffer.alloc(4 + name.length + 2 + 2);
@@ -292,23 +339,23 @@ export class NbdClient {
     name.copy(data, 4);
     data.writeUInt16BE(1, 4 + name.length);
     data.writeUInt16BE(NBD_INFO_BLOCK_SIZE, 6 + name.length);
-    this.socket.write(encodeOption(NBD_OPT_GO, data));
+    this.socket.write(encodeOption(opt, data));
 
     let size: number | undefined;
     let transmissionFlags = 0;
     let blockSize: NbdBlockSize | undefined;
     for (;;) {
       // S: 64-bit reply magic, 32-bit option, 32-bit reply type, 32-bit length, data.
-      const header = await this.handshakeRead(OPTION_REPLY_HEADER_BYTES, 'the reply to NBD_OPT_GO');
+      const header = await this.handshakeRead(OPTION_REPLY_HEADER_BYTES, `the reply to ${optName}`);
       if (header.readBigUInt64BE(0) !== NBD_REP_MAGIC) {
         throw new NbdHandshakeError(`${this.label}: bad option reply magic from the server`);
       }
       const option = header.readUInt32BE(8);
       const type = header.readUInt32BE(12);
       const length = header.readUInt32BE(16);
-      if (option !== NBD_OPT_GO) throw new NbdHandshakeError(`${this.label}: server replied to option ${option}, expected NBD_OPT_GO`);
+      if (option !== opt) throw new NbdHandshakeError(`${this.label}: server replied to option ${option}, expected ${optName}`);
       if (length > MAX_OPTION_REPLY) throw new NbdHandshakeError(`${this.label}: option reply of ${length} bytes is too large`);
-      const payload = await this.handshakeRead(length, 'the reply to NBD_OPT_GO');
+      const payload = await this.handshakeRead(length, `the reply to ${optName}`);
 
       if (type === NBD_REP_INFO) {
         if (payload.length < 2) throw new NbdHandshakeError(`${this.label}: NBD_REP_INFO shorter than 2 bytes`);
@@ -327,7 +374,7 @@ export class NbdClient {
         continue;
       }
       if (type === NBD_REP_ACK) {
-        if (size === undefined) throw new NbdHandshakeError(`${this.label}: server accepted NBD_OPT_GO without sending NBD_INFO_EXPORT`);
+        if (size === undefined) throw new NbdHandshakeError(`${this.label}: server accepted ${optName} without sending NBD_INFO_EXPORT`);
         return this.describe(exportName, size, transmissionFlags, blockSize, 'NBD_OPT_GO');
       }
       if (type === NBD_REP_ERR_UNSUP) return undefined;
@@ -342,7 +389,7 @@ export class NbdClient {
         }
         throw new NbdHandshakeError(`${this.label}: the server refused export "${exportName}" (${optionReplyName(type)})${message}`);
       }
-      throw new NbdHandshakeError(`${this.label}: unexpected reply type ${type} to NBD_OPT_GO`);
+      throw new NbdHandshakeError(`${this.label}: unexpected reply type ${type} to ${optName}`);
     }
   }
 

@@ -1,5 +1,5 @@
 import { BootcacheError, ExitCode, InvalidTraceError, UsageError } from '../errors.js';
-import type { NbdClientOptions } from '../nbd-client/client.js';
+import { NbdClient, type NbdClientOptions, type NbdExportInfo } from '../nbd-client/client.js';
 import { NbdPool } from '../nbd-client/pool.js';
 import { parseNbdUri } from '../nbd-client/uri.js';
 import { buildPlan, type PlanOptions, type ReplayModelKind, type ReplayPlan } from './plan.js';
@@ -105,24 +105,32 @@ export class ReplaySession {
     }
 
     const target = parseNbdUri(options.uri);
-    // Before connecting: opening an export can start work on the server (the
-    // agent's prefetch, its boot recording) that the warm-up must not get ahead of.
-    const warmup = options.warmup === true
-      ? await warmUpReplay(buildPlan(trace, options), maxEnd, target.transport, options.connections ?? 1)
-      : null;
+    const checkFits = (info: NbdExportInfo): void => {
+      if (maxEnd > info.size && options.clamp !== true) {
+        throw new TraceBeyondExportError(
+          `line ${furthest.line}: the trace reads up to byte ${maxEnd} but export "${info.exportName}" ` +
+            `at ${info.uri} is only ${info.size} bytes (--clamp trims such reads)`,
+          { file: trace.source },
+        );
+      }
+    };
+    let warmup: ReplayWarmupReport | null = null;
+    if (options.warmup === true) {
+      // What only the server can tell (no such export, too small) comes before the warm-up:
+      // NBD_OPT_INFO does not open the export. Servers without it are checked at connect.
+      const probed = await NbdClient.probe(target, options.client);
+      if (probed !== undefined) checkFits(probed);
+      // Before connecting: opening an export can start work on the server (the
+      // agent's prefetch, its boot recording) that the warm-up must not get ahead of.
+      warmup = await warmUpReplay(buildPlan(trace, options), maxEnd, target.transport, options.connections ?? 1);
+    }
     const pool = await NbdPool.connect(target, { ...options.client, connections: options.connections ?? 1 });
     try {
       const size = pool.size;
       const counts = { trimmedReads: 0, skippedReads: 0 };
       let fitted = trace;
+      checkFits(pool.info);
       if (maxEnd > size) {
-        if (options.clamp !== true) {
-          throw new TraceBeyondExportError(
-            `line ${furthest.line}: the trace reads up to byte ${maxEnd} but export "${pool.info.exportName}" ` +
-              `at ${pool.info.uri} is only ${size} bytes (--clamp trims such reads)`,
-            { file: trace.source },
-          );
-        }
         // Clamped reads keep their place in the plan (length 0 = completes at once) so dependencies are unchanged.
         fitted = {
           ...trace,
