@@ -250,7 +250,7 @@ describe('NbdClient against qemu-nbd', () => {
 
   it('asks about an export with NBD_OPT_INFO without entering transmission', async () => {
     const info = await NbdClient.probe(`nbd+unix:///disk?socket=${socket}`);
-    expect(info).toMatchObject({ exportName: 'disk', size: DATA_SIZE, readOnly: true });
+    expect(info).toMatchObject({ exportName: 'disk', size: DATA_SIZE, readOnly: true, negotiation: 'NBD_OPT_INFO' });
     await expect(NbdClient.probe(`nbd+unix:///nope?socket=${socket}`)).rejects.toBeInstanceOf(NbdUnknownExportError);
     // qemu-nbd (one client at a time) took the NBD_OPT_ABORT and serves the next client.
     const client = await NbdClient.connect(`nbd+unix:///disk?socket=${socket}`);
@@ -344,6 +344,22 @@ describe('NbdClient connection failures', () => {
     const err = await NbdClient.connect(`nbd+unix:///x?socket=${socket}`).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(NbdHandshakeError);
     expect((err as Error).message).toMatch(/too large/);
+  });
+
+  it('probes without an early answer when the server refuses NBD_OPT_INFO by policy', async () => {
+    const socket = await fakeServer((s) => {
+      s.write(greeting());
+      let seen = Buffer.alloc(0);
+      s.on('data', (chunk: Buffer) => {
+        seen = Buffer.concat([seen, chunk]);
+        // Client flags (4), then NBD_OPT_INFO (6): refuse it with NBD_REP_ERR_POLICY (2^31 + 2).
+        if (seen.length >= 4 + 16 && seen.readUInt32BE(4 + 8) === 6 && !s.destroyed) {
+          s.write(optionReply(6, 0x8000_0002));
+          s.removeAllListeners('data');
+        }
+      });
+    });
+    expect(await NbdClient.probe(`nbd+unix:///x?socket=${socket}`)).toBeUndefined();
   });
 
   it('falls back to NBD_OPT_EXPORT_NAME when NBD_OPT_GO is unsupported', async () => {

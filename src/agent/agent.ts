@@ -327,7 +327,8 @@ export class Agent implements ExportProvider {
     });
     const entry: ServiceEntry = { service, stamp, rebuild: Promise.resolve(), rebuildState: 'idle' };
     this.services.set(name, entry);
-    this.log.info({ export: name, identity: image.identity, size: image.virtualSize, format: image.format }, 'export opened');
+    // Also reached by NBD_OPT_INFO (describe), which opens no connection to the export: "loaded", not "opened".
+    this.log.info({ export: name, identity: image.identity, size: image.virtualSize, format: image.format }, 'image loaded');
     return entry;
   }
 

@@ -79,8 +79,8 @@ export interface NbdExportInfo {
   canMultiConn: boolean;
   /** From NBD_INFO_BLOCK_SIZE, or the spec defaults when the server sent none. */
   blockSize: NbdBlockSize;
-  /** How transmission was entered: NBD_OPT_GO, or the NBD_OPT_EXPORT_NAME fallback. */
-  negotiation: 'NBD_OPT_GO' | 'NBD_OPT_EXPORT_NAME';
+  /** How transmission was entered: NBD_OPT_GO, or the NBD_OPT_EXPORT_NAME fallback; NBD_OPT_INFO for probe(), which does not enter it. */
+  negotiation: 'NBD_OPT_GO' | 'NBD_OPT_INFO' | 'NBD_OPT_EXPORT_NAME';
 }
 
 interface PendingRead {
@@ -189,8 +189,18 @@ export class NbdClient {
   static async probe(target: NbdTarget | string, options: NbdClientOptions = {}): Promise<NbdExportInfo | undefined> {
     const { client, socket, exportName } = await NbdClient.openHandshake(target, options, 0);
     try {
+      // Without fixed newstyle only NBD_OPT_EXPORT_NAME is valid: hang up.
       const { fixed } = await client.greet();
-      const info = fixed ? await client.optionInfoOrGo(exportName, NBD_OPT_INFO) : undefined;
+      if (!fixed) return undefined;
+      let info: NbdExportInfo | undefined;
+      try {
+        info = await client.optionInfoOrGo(exportName, NBD_OPT_INFO);
+      } catch (err) {
+        // Only "no such export" is definitive; a server may refuse INFO (policy, say) and still
+        // serve GO, whose own errors then come at connect().
+        if (err instanceof NbdUnknownExportError) throw err;
+        return undefined;
+      }
       // NBD_OPT_ABORT: the server acknowledges and closes; wait a moment for that rather than reset it.
       client.abortNegotiation();
       let timer: NodeJS.Timeout | undefined;
@@ -375,7 +385,7 @@ export class NbdClient {
       }
       if (type === NBD_REP_ACK) {
         if (size === undefined) throw new NbdHandshakeError(`${this.label}: server accepted ${optName} without sending NBD_INFO_EXPORT`);
-        return this.describe(exportName, size, transmissionFlags, blockSize, 'NBD_OPT_GO');
+        return this.describe(exportName, size, transmissionFlags, blockSize, optName);
       }
       if (type === NBD_REP_ERR_UNSUP) return undefined;
       const message = serverMessage(payload);

@@ -51,7 +51,7 @@ export interface ReplayResult {
     exportSize: number;
     connections: number;
     canMultiConn: boolean;
-    negotiation: 'NBD_OPT_GO' | 'NBD_OPT_EXPORT_NAME';
+    negotiation: NbdExportInfo['negotiation'];
   };
   model: {
     kind: ReplayModelKind;

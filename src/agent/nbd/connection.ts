@@ -476,7 +476,7 @@ export class NbdConnection {
       await this.optionReply(option, P.NBD_REP_ERR_UNKNOWN, `export ${JSON.stringify(name)} not found`);
       return;
     }
-    this.log('warn', 'opening export failed', { export: name, error: errorText(err) });
+    this.log('warn', option === P.NBD_OPT_INFO ? 'describing export failed' : 'opening export failed', { export: name, error: errorText(err) });
     // "NBD_REP_ERR_UNKNOWN: The requested export is not available."
     await this.optionReply(option, P.NBD_REP_ERR_UNKNOWN, `export ${JSON.stringify(name)} is not available: ${errorText(err)}`);
   }
