@@ -75,6 +75,24 @@ function greeting(): Buffer {
   return b;
 }
 
+/** Calls `handle` with the option numbers the client has sent in full so far, after each chunk. */
+function onOptions(s: net.Socket, handle: (options: number[]) => void): void {
+  let seen = Buffer.alloc(0);
+  s.on('data', (chunk: Buffer) => {
+    seen = Buffer.concat([seen, chunk]);
+    // Client flags (4), then options of a 16-byte header + data.
+    let at = 4;
+    const options: number[] = [];
+    while (seen.length >= at + 16) {
+      const len = seen.readUInt32BE(at + 12);
+      if (seen.length < at + 16 + len) break;
+      options.push(seen.readUInt32BE(at + 8));
+      at += 16 + len;
+    }
+    handle(options);
+  });
+}
+
 function optionReply(option: number, type: number, payload: Buffer = Buffer.alloc(0)): Buffer {
   const b = Buffer.alloc(20);
   b.writeBigUInt64BE(0x3e889045565a9n, 0);
@@ -349,11 +367,9 @@ describe('NbdClient connection failures', () => {
   it('probes without an early answer when the server refuses NBD_OPT_INFO by policy', async () => {
     const socket = await fakeServer((s) => {
       s.write(greeting());
-      let seen = Buffer.alloc(0);
-      s.on('data', (chunk: Buffer) => {
-        seen = Buffer.concat([seen, chunk]);
-        // Client flags (4), then NBD_OPT_INFO (6): refuse it with NBD_REP_ERR_POLICY (2^31 + 2).
-        if (seen.length >= 4 + 16 && seen.readUInt32BE(4 + 8) === 6 && !s.destroyed) {
+      onOptions(s, (options) => {
+        // NBD_OPT_INFO (6): refuse it with NBD_REP_ERR_POLICY (2^31 + 2).
+        if (options[0] === 6 && !s.destroyed) {
           s.write(optionReply(6, 0x8000_0002));
           s.removeAllListeners('data');
         }
@@ -365,18 +381,7 @@ describe('NbdClient connection failures', () => {
   it('falls back to NBD_OPT_EXPORT_NAME when NBD_OPT_GO is unsupported', async () => {
     const socket = await fakeServer((s) => {
       s.write(greeting());
-      let seen = Buffer.alloc(0);
-      s.on('data', (chunk: Buffer) => {
-        seen = Buffer.concat([seen, chunk]);
-        // client flags (4), then options of 16-byte header + data
-        let at = 4;
-        const options: number[] = [];
-        while (seen.length >= at + 16) {
-          const len = seen.readUInt32BE(at + 12);
-          if (seen.length < at + 16 + len) break;
-          options.push(seen.readUInt32BE(at + 8));
-          at += 16 + len;
-        }
+      onOptions(s, (options) => {
         if (options.length === 1 && options[0] === 7 && !s.destroyed) s.write(optionReply(7, 0x8000_0001));
         if (options.length === 2 && options[1] === 1) {
           const reply = Buffer.alloc(10);

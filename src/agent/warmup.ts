@@ -19,13 +19,13 @@
  * directory removed afterwards. A failure is a warning, never fatal.
  */
 import { randomFillSync } from 'node:crypto';
-import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { NbdPool } from '../nbd-client/pool.js';
 import { DEFAULT_BOOT_POLICY } from './boot-recorder.js';
-import { isRunning } from './cache/file-io.js';
+import { removeDeadProcessDirs } from './cache/file-io.js';
 import type { AgentConfig } from './config.js';
 
 /** Scratch image size: small enough to write in a few ms, larger than a few prefetch chunks' worth of reads. */
@@ -107,19 +107,9 @@ async function bootOnce(socket: string, reads: Array<{ offset: number; length: n
   }
 }
 
-/**
- * Removes scratch directories left by warm-ups whose process died (SIGKILL, a
- * second signal, OOM): those named `<prefix><pid>-…` whose pid is gone.
- */
-export async function removeStaleWarmupDirs(parent: string, prefix: string = DIR_PREFIX): Promise<void> {
-  // Prefixes are fixed names of letters and dashes: nothing to escape.
-  const pattern = new RegExp(`^${prefix}(\\d+)-`);
-  const names = await readdir(parent).catch(() => [] as string[]);
-  for (const name of names) {
-    const pid = pattern.exec(name)?.[1];
-    if (pid === undefined || Number(pid) === process.pid || isRunning(Number(pid))) continue;
-    await rm(join(parent, name), { recursive: true, force: true }).catch(() => undefined);
-  }
+/** Removes scratch directories left by warm-ups whose process died (SIGKILL, a second signal, OOM). */
+export function removeStaleWarmupDirs(parent: string): Promise<void> {
+  return removeDeadProcessDirs(parent, DIR_PREFIX);
 }
 
 /**

@@ -9,6 +9,6 @@ export {
   type ReplayPlan,
   type SimulatedRead,
 } from './plan.js';
-export { runSchedule, realClock, type Clock, type ReplayedRead, type ScheduleOptions, type ScheduleResult } from './scheduler.js';
+export { largestRead, replayPlan, runSchedule, realClock, type Clock, type ReplayedRead, type ScheduleOptions, type ScheduleResult } from './scheduler.js';
 export { buildStats, percentile, summarizeLatencies, type LatencySummary, type PhaseReport, type ReplayStats } from './report.js';
 export { ReplaySession, TraceBeyondExportError, replayTraceFile, type ReplayOptions, type ReplayResult } from './replay.js';

@@ -4,9 +4,9 @@ import { NbdPool } from '../nbd-client/pool.js';
 import { parseNbdUri } from '../nbd-client/uri.js';
 import { buildPlan, type PlanOptions, type ReplayModelKind, type ReplayPlan } from './plan.js';
 import { buildStats, type PhaseReport, type ReplayStats } from './report.js';
-import type { Clock, ReplayedRead } from './scheduler.js';
+import { replayPlan, type Clock, type ReplayedRead } from './scheduler.js';
 import { readTraceFile, type BootTrace } from './trace.js';
-import { replayPlan, warmUpReplay, type ReplayWarmupReport } from './warmup.js';
+import { warmUpReplay, type ReplayWarmupReport } from './warmup.js';
 
 /** The trace reads past the end of the export (and --clamp was not given). */
 export class TraceBeyondExportError extends BootcacheError {

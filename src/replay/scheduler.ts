@@ -1,4 +1,5 @@
 import { setImmediate as yieldToLoop, setTimeout as sleepMs } from 'node:timers/promises';
+import type { BlockReader } from '../nbd-client/pool.js';
 import type { PlannedRead, ReplayPlan } from './plan.js';
 
 /** Microsecond clock with a precise sleep. */
@@ -158,4 +159,25 @@ export async function runSchedule(
   let durationUs = 0;
   for (const r of reads) durationUs = Math.max(durationUs, r.doneUs);
   return { reads, durationUs, maxInFlight };
+}
+
+/** The longest read of a plan, bytes. */
+export function largestRead(plan: ReplayPlan): number {
+  let largest = 0;
+  for (const read of plan.reads) largest = Math.max(largest, read.length);
+  return largest;
+}
+
+/**
+ * Runs a plan's reads through `reader`. The data is not kept: every read lands
+ * in one scratch buffer, faulted in beforehand, as a guest's reads land in
+ * memory it already has. The timed replay and its warm-up both go through here.
+ */
+export function replayPlan(reader: BlockReader, plan: ReplayPlan, options: ScheduleOptions = {}): Promise<ScheduleResult> {
+  const scratch = Buffer.allocUnsafeSlow(Math.max(1, largestRead(plan))).fill(0);
+  return runSchedule(
+    plan,
+    (read) => (read.length === 0 ? Promise.resolve() : reader.read(read.offset, read.length, scratch)),
+    options,
+  );
 }

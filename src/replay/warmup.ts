@@ -4,11 +4,11 @@ import { join } from 'node:path';
 import { NbdServer } from '../agent/nbd/server.js';
 import type { ExportProvider, NbdExport } from '../agent/nbd/export.js';
 import { PORTABLE_MAX_BLOCK } from '../agent/nbd/protocol.js';
-import { removeStaleWarmupDirs } from '../agent/warmup.js';
+import { removeDeadProcessDirs } from '../agent/cache/file-io.js';
 import type { NbdTarget } from '../nbd-client/uri.js';
 import { NbdPool } from '../nbd-client/pool.js';
 import type { ReplayPlan } from './plan.js';
-import { runSchedule } from './scheduler.js';
+import { largestRead, replayPlan } from './scheduler.js';
 
 /**
  * The replay measures a boot with its own code: the NBD client, the
@@ -44,9 +44,9 @@ export interface ReplayWarmupReport {
 }
 
 /** One zero-filled export of `size` bytes; reads return views of one shared zero buffer. */
-function zeroExportProvider(size: number, largestRead: number): ExportProvider {
+function zeroExportProvider(size: number, largest: number): ExportProvider {
   // The server never asks for more than its maximum request size (the client splits larger reads).
-  const zeros = Buffer.alloc(Math.max(1, Math.min(largestRead, PORTABLE_MAX_BLOCK)));
+  const zeros = Buffer.alloc(Math.max(1, Math.min(largest, PORTABLE_MAX_BLOCK)));
   const opened: NbdExport = {
     name: EXPORT_NAME,
     size,
@@ -98,14 +98,12 @@ export function warmupPlan(plan: ReplayPlan, maxReads = WARMUP_MAX_READS): Repla
 
 /** Runs the plan against a zero export served in this process; returns the requests it served. */
 async function replayAgainstZeros(plan: ReplayPlan, size: number, like: NbdTarget['transport'], connections: number): Promise<number> {
-  let largest = 0;
-  for (const read of plan.reads) largest = Math.max(largest, read.length);
-  const server = new NbdServer(zeroExportProvider(size, largest), { closeTimeoutMs: 1000 });
+  const server = new NbdServer(zeroExportProvider(size, largestRead(plan)), { closeTimeoutMs: 1000 });
   let dir: string | undefined;
   try {
     let target: NbdTarget | undefined;
     if (like === 'unix') {
-      await removeStaleWarmupDirs(tmpdir(), DIR_PREFIX);
+      await removeDeadProcessDirs(tmpdir(), DIR_PREFIX);
       dir = await mkdtemp(join(tmpdir(), `${DIR_PREFIX}${process.pid}-`));
       const socket = join(dir, 'nbd.sock');
       if (Buffer.byteLength(socket) <= MAX_SOCKET_PATH) {
@@ -128,24 +126,4 @@ async function replayAgainstZeros(plan: ReplayPlan, size: number, like: NbdTarge
     await server.close();
     if (dir !== undefined) await rm(dir, { recursive: true, force: true });
   }
-}
-
-/**
- * Runs a plan's reads through `pool`. The data is not kept: every read lands
- * in one scratch buffer, faulted in beforehand, as a guest's reads land in
- * memory it already has. The timed replay and its warm-up both go through here.
- */
-export function replayPlan(
-  pool: NbdPool,
-  plan: ReplayPlan,
-  options: Parameters<typeof runSchedule>[2] = {},
-): ReturnType<typeof runSchedule> {
-  let largest = 0;
-  for (const read of plan.reads) largest = Math.max(largest, read.length);
-  const scratch = Buffer.allocUnsafeSlow(Math.max(1, largest)).fill(0);
-  return runSchedule(
-    plan,
-    (read) => (read.length === 0 ? Promise.resolve() : pool.read(read.offset, read.length, scratch)),
-    options,
-  );
 }

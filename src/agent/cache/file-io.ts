@@ -4,7 +4,7 @@
  */
 import { write } from 'node:fs';
 import { randomBytes } from 'node:crypto';
-import { link, open, readdir, readFile, realpath, stat, unlink, writeFile, type FileHandle } from 'node:fs/promises';
+import { link, open, readdir, readFile, realpath, rm, stat, unlink, writeFile, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
 import { AgentError, fromSystemError } from '../../errors.js';
 
@@ -248,5 +248,21 @@ export function isRunning(pid: number): boolean {
     return true;
   } catch (err) {
     return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/**
+ * Removes the scratch directories under `parent` named `<prefix><pid>-…` whose
+ * process is gone (SIGKILL, a second signal, OOM): the agent's and the
+ * replay's warm-ups name theirs so. Never this process's own.
+ */
+export async function removeDeadProcessDirs(parent: string, prefix: string): Promise<void> {
+  // Prefixes are fixed names of letters and dashes: nothing to escape.
+  const pattern = new RegExp(`^${prefix}(\\d+)-`);
+  const names = await readdir(parent).catch(() => [] as string[]);
+  for (const name of names) {
+    const pid = pattern.exec(name)?.[1];
+    if (pid === undefined || Number(pid) === process.pid || isRunning(Number(pid))) continue;
+    await rm(join(parent, name), { recursive: true, force: true }).catch(() => undefined);
   }
 }
