@@ -356,6 +356,13 @@ run umount "$MNT"
 run losetup -d "$LOOP"
 LOOP=""
 
+# The first check may have had no kernel to boot (a fresh host has none in
+# /boot), and firmware alone runs on hosts where a kernel hangs under KVM.
+if [[ $ACCEL == kvm && -z ${BOOTCACHE_ACCEL:-} ]]; then
+  ACCEL=$("$HERE/../detect-accel.sh" --kernel "$STAGE/vmlinuz" 2>>"$LOG")
+  step "accelerator with the guest's kernel: $ACCEL ($(tail -n1 "$LOG"))"
+fi
+
 step "installing GRUB from inside the guest (QEMU direct kernel boot, -accel $ACCEL)"
 serial="$WORK/firstboot.serial"
 : >"$serial"
