@@ -12,19 +12,13 @@
  *   copy, a backup, `qemu-img convert` or `nbdcopy` from the export), not a
  *   boot: the recording ends there and is discarded (state 'discarded').
  *
- * Defaults come from the real Debian 12 boot trace (test/data/): its longest
- * pause between reads of new blocks is 9.1 s (GRUB has loaded the kernel and
- * initramfs; the kernel starts under TCG), the next longest 0.9 s. An idle
- * gap of 20 s (about 2x the longest) does not cut such a boot short, and the
- * 5 minute window bounds a boot that never goes idle.
- *
- * The same boot reads 94 MiB of distinct 4 KiB blocks: 12.6% of the 784 MB
- * the guest's 2 GiB disk holds (as qcow2), 4.6% of the raw disk the agent
- * sees (a raw export is all data). A copy reads 100% of it. A share of 0.5
- * is 4x the boot's and ends a copy half way; the 256 MiB floor (2.7x the
- * boot) keeps every boot of a small image whose boot reads most of its data
- * (a minimal guest, the demo image with data only where its boot reads),
- * and bounds what a copy of such an image can add to the map.
+ * Defaults come from the real Debian 12 boot trace (test/data/): the idle gap
+ * is about twice the boot's longest pause between reads of new blocks (while
+ * the kernel starts), and the window bounds a boot that never goes idle. A
+ * boot reads a small share of its image's data and a copy reads all of it:
+ * a share of 0.5 ends a copy half way, and the floor keeps every boot of a
+ * small image whose boot reads most of its data (a minimal guest, the demo
+ * image). The figures are in docs/agent.md, "Recording boots".
  */
 
 import { Bitmap } from '../format/bitmap.js';

@@ -63,16 +63,12 @@ export interface PrefetchOptions {
 /**
  * Blocks verified and handed to the cache per slice. Chunks are processed one
  * at a time through a single lane, one slice per event-loop turn: a guest
- * read arriving meanwhile waits behind at most one slice (a fraction of a
- * millisecond of block checks and cache bookkeeping), not behind every chunk in flight. Measured
- * before the lane: 8 chunks yielding in turn held the first reads of a cold
- * boot 20-80 ms each. A slice's cache writes finish before the next slice is
- * handed over, so the stream keeps one slice's writes in the thread pool (a
- * write per run of consecutive slots), not those of every slice of every
- * chunk in flight: the pool's threads stay free for the boot's own I/O, and
- * on 2 CPUs the writes no longer crowd out the event loop (four alternating
- * cold replays: 27.16 / 27.16 / 27.10 / 27.03 s against 27.59 / 27.39 /
- * 27.16 / 26.87 s; the stream still took 0.6 s).
+ * read arriving meanwhile waits behind at most one slice of block checks and
+ * cache bookkeeping, not behind every chunk in flight. A slice's cache writes
+ * finish before the next slice is handed over, so the stream keeps one
+ * slice's writes in the thread pool (a write per run of consecutive slots):
+ * the pool's threads stay free for the boot's own I/O
+ * (docs/benchmarks-agent.md has the figures).
  */
 const VERIFY_SLICE = 64;
 
@@ -131,9 +127,8 @@ export class Prefetcher {
   /** The segment, opened once for the whole stream (one version of it, one open). */
   private source: Promise<ByteSource> | undefined;
   /**
-   * Chunk buffers, reused: a fresh buffer per chunk cost page faults and V8
-   * garbage collections (75 ms of GC in the first 300 ms of a cold boot's
-   * stream, measured) while the boot reads. The agent's pool outlives the
+   * Chunk buffers, reused: a fresh buffer per chunk costs page faults and
+   * garbage collections while the boot reads. The agent's pool outlives the
    * stream; without one, the stream has its own.
    */
   private readonly buffers: BufferPool;

@@ -4,13 +4,9 @@
  * host), so that the first real boot runs on optimised code.
  *
  * Why: a freshly started Node process runs the request path in the
- * interpreter and tiers it up while the first boot reads. Measured on the
- * reference host (docs/benchmarks-agent.md, "Seventh session"): a fresh agent
- * on a warm cache served the reference boot's 4,060 reads (no think time) in
- * 1.02-1.33 s, the same agent's next replay in 0.67-0.90 s; a cold-host boot
- * took 0.2-0.4 s longer on a fresh agent than on one that had served another
- * image first. V8 flags that tier up sooner (--always-sparkplug, a smaller
- * --interrupt-budget) did not change it. Optimised code is shared by every
+ * interpreter and tiers it up while the first boot reads, so the first boot
+ * after a start is slower than the next (docs/benchmarks-agent.md has the
+ * figures; V8 flags that tier up sooner did not help). Optimised code is shared by every
  * instance of a class, so the private agent's boots warm the real agent's
  * paths: the NBD connection, image service, cache reads and writes, miss
  * path, boot recording, segment build, prefetch stream and block checks.

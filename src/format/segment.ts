@@ -34,13 +34,11 @@ const SEGMENT_HEAD_READ = 1024 * 1024;
  * Per-block checksum algorithms (docs/formats.md, "Segment header",
  * checksumAlgorithm). Both are unkeyed: they catch damage, and the header's
  * tableSha256 and dataSha256 cover the whole file.
- * - 1: the first 16 bytes of the block's SHA-256. Written before 2026-11-27;
- *   still read.
+ * - 1: the first 16 bytes of the block's SHA-256. Read, no longer written.
  * - 2: the block's CRC-32 (ISO-HDLC, zlib's `crc32`), u32 little-endian.
- *   Written now: it is the checksum the cache keeps per slot, so the
- *   prefetch checks a block and hands the cache its checksum in one pass
- *   (SHA-256 cost 4-5 us per 4 KiB block on the agent's main thread while a
- *   cold boot read; CRC-32 1-2 us, computed once instead of twice).
+ *   Written: it is the checksum the cache keeps per slot, so the prefetch
+ *   checks a block and hands the cache its checksum in one pass, computed
+ *   once instead of twice.
  */
 export const BLOCK_CHECKSUM_SHA256_128 = 1;
 export const BLOCK_CHECKSUM_CRC32 = 2;

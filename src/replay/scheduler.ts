@@ -11,7 +11,7 @@ export interface Clock {
 /**
  * Waits longer than this (µs) sleep on a timer until this long before the
  * target; the rest is napped (below). Node's setTimeout fires up to 1 ms early
- * (fractional delays are truncated) and about 0.8 ms late (p99, measured here).
+ * (fractional delays are truncated) and up to about a millisecond late.
  */
 const TIMER_WINDOW_US = 10_000;
 /** Longest nap, µs: a blocking Atomics.wait, so replies wait at most this long to be read. */
@@ -28,16 +28,10 @@ const napCell = new Int32Array(new SharedArrayBuffer(4));
  * each, so replies are still processed, and yields to the event loop for the
  * last 150 us.
  *
- * Why naps and not a spin: on this 2-vCPU VM a process that spins for half a
- * millisecond or more before sending makes the server's next wake-up cross
- * vCPUs, which costs 110-290 us against 25-35 us on the same vCPU (a C
- * ping-pong over a unix socket, bench/tools/wakeup-pingpong.c: 27-30 us after
- * a 500 us sleep, 129-150 us after a 500 us spin; both ends pinned, 24-34 us
- * on one vCPU and 137-316 us across two). The replay used to spin the last
- * millisecond of every wait, and most of the boot's think times are under a
- * millisecond: reads against a warm agent took 0.30-0.42 ms on average
- * spinning and 0.19-0.25 ms napping, and whole replays 26.6-27.2 s against
- * 26.2-26.6 s (docs/replay.md, "Timing").
+ * Why naps and not a spin: a process that spins before sending makes the
+ * server's next wake-up cross vCPUs, which costs several times a same-vCPU
+ * wake-up (bench/tools/wakeup-pingpong.c measures it; docs/replay.md,
+ * "Timing", has the figures).
  */
 export const realClock: Clock = {
   nowUs: () => performance.now() * 1000,

@@ -14,8 +14,8 @@ import { largestRead, replayPlan } from './scheduler.js';
  * The replay measures a boot with its own code: the NBD client, the
  * scheduler and the clock's naps. In a fresh process that code starts
  * interpreted and is optimised while the first few hundred reads go by, which
- * made the first replay of a process 0.2-0.3 s slower than the next ones
- * against the same server (docs/replay.md, "Warm-up"). The warm-up runs the
+ * makes the first replay of a process slower than the next ones against the
+ * same server (docs/replay.md, "Warm-up"). The warm-up runs the
  * same plan once, before it even connects to the server it measures, against
  * an NBD server inside this process that answers every read with zeros: the
  * timed run then starts with optimised code, and the measured server sees
