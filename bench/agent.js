@@ -8,7 +8,7 @@
 //   - warm:       the cold-host agent again (cache warm);
 //   - local:      qemu-nbd over the image, no delay (the boot's own speed here);
 //   - hit path:   fio 4 KiB random reads, everything cached, agent vs qemu-nbd.
-// Writes bench/results/<date>-agent.json and .md. See docs/benchmarks-agent.md.
+// Writes bench/results/agent.json and .md (each run replaces the last). See docs/benchmarks-agent.md.
 //
 // Environment: BENCH_ROUNDS (default 2), BENCH_DELAYS (default "2,10"),
 // BENCH_HIT_SECONDS (default 5), BENCH_HIT_ROUNDS (default 3),
@@ -631,9 +631,9 @@ async function main() {
   if (summary.hit && !summary.hit.target.met) notes.push(`Hit-path target missed: ${fmt(summary.hit.ratio, 3)} of qemu-nbd.`);
   const outDir = join(root, 'bench/results');
   await mkdir(outDir, { recursive: true });
-  writeFileSync(join(outDir, `${date}-agent.json`), JSON.stringify(report, null, 2) + '\n');
-  writeFileSync(join(outDir, `${date}-agent.md`), markdown(report, report.config.hitRounds));
-  console.log(`bench: wrote bench/results/${date}-agent.json and .md (${((Date.now() - started.getTime()) / 60000).toFixed(1)} min)`);
+  writeFileSync(join(outDir, 'agent.json'), JSON.stringify(report, null, 2) + '\n');
+  writeFileSync(join(outDir, 'agent.md'), markdown(report, report.config.hitRounds));
+  console.log(`bench: wrote bench/results/agent.json and .md (${((Date.now() - started.getTime()) / 60000).toFixed(1)} min)`);
   await rm(dir, { recursive: true, force: true });
 }
 

@@ -1,6 +1,6 @@
 // Image format benchmark (npm run bench:formats): bootcache's qcow2 reader
 // and build-segment against QEMU's tools on the same fixtures, as ratios
-// measured in the same run. Writes bench/results/<date>-formats.{json,md}.
+// measured in the same run. Writes bench/results/formats.{json,md}.
 //
 //   (a) read a whole 2 GiB qcow2 (uncompressed, 64 KiB clusters) as guest data
 //       vs `qemu-img convert` to QEMU's null-co driver (reads, discards writes)
@@ -285,8 +285,8 @@ async function main() {
   };
   const resultsDir = join(repo, 'bench/results');
   await mkdir(resultsDir, { recursive: true });
-  const jsonPath = join(resultsDir, `${date}-formats.json`);
-  const mdPath = join(resultsDir, `${date}-formats.md`);
+  const jsonPath = join(resultsDir, 'formats.json');
+  const mdPath = join(resultsDir, 'formats.md');
   await writeFile(jsonPath, `${JSON.stringify(report, null, 2)}\n`);
   await writeFile(mdPath, markdown(report));
   log(`wrote ${jsonPath} and ${mdPath}`);

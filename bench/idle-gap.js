@@ -100,8 +100,7 @@ async function main() {
       host: { cpus: cpus().length, model: cpus()[0]?.model, loadavg: loadavg().map((l) => l.toFixed(2)) },
       rows,
     };
-    const day = result.date.slice(0, 10);
-    const out = join(root, 'bench/results', `${day}-idle-gap`);
+    const out = join(root, 'bench/results', 'idle-gap');
     writeFileSync(`${out}.json`, JSON.stringify(result, null, 2) + '\n');
     writeFileSync(`${out}.md`, report(result));
     console.log(report(result));

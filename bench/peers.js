@@ -18,8 +18,8 @@
 //             by `bootcache profile` here), to check the replay model against the real boots
 //   storm     N simultaneous replays through one agent / one nbdkit cache
 //
-// Each workload run updates its section of bench/results/<date>-peers.json and
-// regenerates <date>-peers.md and the SVG plots. `node bench/peers.js --report`
+// Each workload run updates its section of bench/results/peers.json and
+// regenerates peers.md and the SVG plots. `node bench/peers.js --report`
 // only regenerates them.
 //
 // Environment: BENCH_DELAYS (default "2,10"), BENCH_RUNS (real boots per
@@ -28,7 +28,8 @@
 // (default 10), BENCH_RATE (bandwidth cap in bytes/s for every contender,
 // default none), BENCH_ACCEL (default: scripts/detect-accel.sh), BENCH_IMAGE
 // (default: the reference guest's debian12.raw), BENCH_WORK (default
-// /var/tmp/bootcache-peers), BENCH_DATE (default today).
+// /var/tmp/bootcache-peers), BENCH_DATE (the date the report
+// carries, default today).
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { stat } from 'node:fs/promises';
 import { cpus, totalmem, release, loadavg } from 'node:os';
@@ -51,7 +52,7 @@ const refDir = process.env.BOOTCACHE_REF_DIR ?? '/var/cache/bootcache/reference-
 const work = process.env.BENCH_WORK ?? '/var/tmp/bootcache-peers';
 const date = process.env.BENCH_DATE ?? new Date().toISOString().slice(0, 10);
 const resultsDir = join(root, 'bench/results');
-const jsonPath = join(resultsDir, `${date}-peers.json`);
+const jsonPath = join(resultsDir, 'peers.json');
 
 const ALL_CONFIGS = ['local', 'direct', 'nbdkit-cache', 'cor', 'bootcache'];
 const ALL_WORKLOADS = ['boot', 'replay', 'validate', 'storm'];
@@ -383,7 +384,8 @@ function loadResults() {
 
 async function main() {
   if (process.argv.includes('--report')) {
-    await writeReport(loadResults(), { resultsDir, date });
+    const saved = loadResults();
+    await writeReport(saved, { resultsDir, date: saved.date ?? date });
     return;
   }
   if (!existsSync(image)) {
@@ -397,6 +399,7 @@ async function main() {
   mkdirSync(dir, { recursive: true });
   const ctx = { dir, accel, commands: new Map() };
   const results = loadResults();
+  results.date = date;
   const common = () => ({
     machine: results.machine,
     delaysMs: DELAYS,

@@ -145,7 +145,7 @@ export async function writeReport(results, { resultsDir, date }) {
     bootGs = groups(s.boot.rows);
     md.push('## Real boots', '');
     md.push(`The reference guest (Debian 12, BIOS, GRUB, systemd to multi-user; docs/reference-guest.md) booted by QEMU from its start to the console marker, ${s.boot.runs} run(s) per configuration, configurations interleaved and rotated per round. Storage requests and MiB: what reached the emulated remote storage during the boot (nbdkit's log filter for the peers, the agent's counters for bootcache). Command: \`${s.boot.command}\`.`, '');
-    md.push(timeTable(bootGs, {}), '', '![Boot time per configuration](' + `${date}-peers-boot.svg)`, '', '![Storage reads during a boot](' + `${date}-peers-storage.svg)`, '');
+    md.push(timeTable(bootGs, {}), '', '![Boot time per configuration](' + `peers-boot.svg)`, '', '![Storage reads during a boot](' + `peers-storage.svg)`, '');
     targets.push(...bootTargets(bootGs));
   }
   if (s.replay) {
@@ -179,7 +179,7 @@ export async function writeReport(results, { resultsDir, date }) {
     md.push(`N simultaneous replays of \`${s.storm.trace}\` (one NBD connection each, started together) at D = ${s.storm.delayMs} ms: through one bootcache agent on a cold host (empty cache, segment of ${fmt(s.storm.segmentBytes / MiB, 1)} MiB on storage) and through one nbdkit with cache (cache-on-read) + readahead, cold. Command: \`${s.storm.command}\`.`, '');
     md.push('| server | N | per boot median (s) | fastest / slowest (s) | slowest vs bootcache N=1 | storage requests | storage MiB |', '|---|---|---|---|---|---|---|');
     for (const x of summary) md.push(`| ${x.server} | ${x.n} | ${fmt(x.median)} | ${fmt(x.min)} / ${fmt(x.max)} | ${fmt(x.vsSingle, 3)} | ${x.requests} | ${fmt(x.bytes / MiB, 1)} |`);
-    md.push('', `![Boot storms](${date}-peers-storm.svg)`, '');
+    md.push('', `![Boot storms](peers-storm.svg)`, '');
     targets.push(...stormTargets(s.storm, summary));
   }
   if (targets.length) {
@@ -193,7 +193,7 @@ export async function writeReport(results, { resultsDir, date }) {
     for (const [k, v] of Object.entries(commands)) md.push(`- ${k}: \`${v}\``);
     md.push('');
   }
-  writeFileSync(join(resultsDir, `${date}-peers.md`), md.join('\n'));
+  writeFileSync(join(resultsDir, `peers.md`), md.join('\n'));
 
   if (bootGs.length) {
     const bars = bootGs.map((g) => ({ delay: g.config === 'local' ? 'local (no delay)' : `D = ${g.delayMs} ms`, label: label(g.config, g.phase), family: FAMILY[g.config], median: g.median, min: g.min, max: g.max }));
@@ -201,16 +201,16 @@ export async function writeReport(results, { resultsDir, date }) {
     const local = bars.find((b) => b.family === FAMILY.local);
     const panels = [...new Set(bars.filter((b) => b !== local).map((b) => b.delay))];
     const withLocal = panels.flatMap((p) => [...(local ? [{ ...local, delay: p }] : []), ...bars.filter((b) => b.delay === p)]);
-    writeFileSync(join(resultsDir, `${date}-peers-boot.svg`), await bootTimePlot(withLocal, { title: 'Reference guest boot, QEMU start to console marker (lower is better)' }));
+    writeFileSync(join(resultsDir, `peers-boot.svg`), await bootTimePlot(withLocal, { title: 'Reference guest boot, QEMU start to console marker (lower is better)' }));
     const dMax = Math.max(...delaysOf(bootGs));
     const points = [];
     for (const r of s.boot.rows) {
       if (r.round !== 1 || !r.series || (r.config !== 'local' && r.delayMs !== dMax)) continue;
       for (const p of r.series) points.push({ label: label(r.config, r.phase), family: FAMILY[r.config], t: p.t, mib: p.bytes / MiB, requests: p.requests });
     }
-    if (points.length) writeFileSync(join(resultsDir, `${date}-peers-storage.svg`), await storageOverTimePlot(points, { title: `Storage reads during one real boot, D = ${dMax} ms (round 1)` }));
+    if (points.length) writeFileSync(join(resultsDir, `peers-storage.svg`), await storageOverTimePlot(points, { title: `Storage reads during one real boot, D = ${dMax} ms (round 1)` }));
   }
   if (stormRows.length) {
-    writeFileSync(join(resultsDir, `${date}-peers-storm.svg`), await stormPlot(stormRows.map((x) => ({ server: x.server === 'bootcache' ? 'bootcache (cold host)' : 'nbdkit cache+readahead (cold)', n: x.n, median: x.median, max: x.max, storageMiB: x.bytes / MiB })), { title: `Boot storms at D = ${s.storm.delayMs} ms` }));
+    writeFileSync(join(resultsDir, `peers-storm.svg`), await stormPlot(stormRows.map((x) => ({ server: x.server === 'bootcache' ? 'bootcache (cold host)' : 'nbdkit cache+readahead (cold)', n: x.n, median: x.median, max: x.max, storageMiB: x.bytes / MiB })), { title: `Boot storms at D = ${s.storm.delayMs} ms` }));
   }
 }
