@@ -21,7 +21,8 @@ import { crc32 } from 'node:zlib';
 import { AgentError, BootcacheError, StorageIOError, fromSystemError } from '../../errors.js';
 import type { BlockCache, CacheBlockKind, CacheEntry } from '../block-cache.js';
 import { isTempName, writeFileAtomic } from '../../format/atomic-write.js';
-import { acquireLock, holdsLock, pwriteAll, readHead, readIfExists, releaseLock, removeStaleLockTemps, writevAll } from './file-io.js';
+import { acquireLock, holdsLock, releaseLock } from './dir-lock.js';
+import { pwriteAll, readHead, readIfExists, writevAll } from './file-io.js';
 import {
   JOURNAL_HEADER_SIZE,
   PUT_FLAG_BOOT,
@@ -228,7 +229,6 @@ export class CacheDevice implements BlockCache {
     let loaded: Loaded;
     try {
       await removeStaleTempFiles(dir);
-      await removeStaleLockTemps(dir, FILES.lock);
       loaded = await loadPersisted(dir, requested, cap, log); // closes what it opened if it fails
     } catch (err) {
       await releaseLock(lockPath);
