@@ -149,7 +149,7 @@ try {
     const answers = await Promise.all(
       racers.map(async (r) => {
         while (!r.stdout().includes('\n')) {
-          const code = await Promise.race([r.exited, new Promise<undefined>((res) => setTimeout(res, 50))]);
+          const code = await Promise.race([r.exited, new Promise<undefined>((res) => setTimeout(() => res(undefined), 50))]);
           if (code !== undefined && !r.stdout().includes('\n')) throw new Error(`racer exited ${code}: ${r.stderr()}`);
         }
         return r.stdout().split('\n')[0]!;

@@ -165,7 +165,7 @@ describe('agent with its cache on a filesystem smaller than --cache-size', () =>
     child.stderr.on('data', (d: Buffer) => (err += d.toString()));
     const exited = new Promise<number>((resolve) => child.on('exit', (code) => resolve(code ?? -1)));
     while (!/agent started/.test(out)) {
-      const code = await Promise.race([exited, new Promise<undefined>((r) => setTimeout(r, 50))]);
+      const code = await Promise.race([exited, new Promise<undefined>((r) => setTimeout(() => r(undefined), 50))]);
       if (code !== undefined) throw new Error(`agent exited ${code}: ${err}`);
     }
     const status = (): Promise<AgentStatus> => controlRequest<AgentStatus>(control, 'GET', '/status');
