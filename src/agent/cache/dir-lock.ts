@@ -31,7 +31,7 @@ const heldLocks = new Map<string, HeldLock>();
 /** flock(1)'s exit status when the file is locked by someone else (its --conflict-exit-code). */
 const FLOCK_CONFLICT = 75;
 
-/** Opens attempts: a holder may release (unlink) the file between our open and our flock. */
+/** Tries to open and lock: a holder may release (remove) the file between our open and our flock. */
 const ATTEMPTS = 5;
 
 /**
