@@ -21,7 +21,9 @@ import { crc32 } from 'node:zlib';
 import { AgentError, BootcacheError, StorageIOError, fromSystemError } from '../../errors.js';
 import type { BlockCache, CacheBlockKind, CacheEntry } from '../block-cache.js';
 import { isTempName, writeFileAtomic } from '../../format/atomic-write.js';
-import { acquireLock, holdsLock, pwriteAll, readHead, readIfExists, releaseLock, removeStaleLockTemps, writevAll } from './file-io.js';
+import { acquireLock, holdsLock, releaseLock } from './dir-lock.js';
+import { isNoSpace, measureRoom, mib, roomWarning, shrunkSlots, type FilesystemRoom } from './disk-space.js';
+import { pwriteAll, readHead, readIfExists, writevAll } from './file-io.js';
 import {
   JOURNAL_HEADER_SIZE,
   PUT_FLAG_BOOT,
@@ -71,9 +73,21 @@ export interface CacheSpaceStats {
   lastBootedAt?: number;
 }
 
+/** The cache directory's filesystem, and what a lack of room there did (docs/cache-device.md, "A full disk"). */
+export interface CacheDiskStats {
+  /** The configured capacity in whole blocks: capacityBytes until the disk fills. */
+  configuredCapacityBytes: number;
+  /** statfs of the directory at open and after each shrink; absent where statfs fails. */
+  filesystem?: FilesystemRoom;
+  /** Set at open when the filesystem cannot hold the configured capacity. */
+  warning?: string;
+  /** Set once writes found the disk full: the capacity the cache shrank to, why, when (ISO 8601), and how many shrinks so far. */
+  shrunk?: { capacityBytes: number; reason: string; at: string; times: number };
+}
+
 export interface CacheStats {
   blockSize: number;
-  /** The data file size: slots × blockSize (at most the configured capacity). */
+  /** The data file size: slots × blockSize (the configured capacity, less after a full disk shrank the cache). */
   capacityBytes: number;
   usedBytes: number;
   blocks: number;
@@ -83,12 +97,15 @@ export interface CacheStats {
   evictions: number;
   /** Blocks dropped because their bytes no longer matched their checksum. */
   checksumFailures: number;
-  /** Puts skipped because every slot was being written at once. */
+  /** Puts skipped because every slot was being written at once, or because the cache shrank past their slot. */
   droppedPuts: number;
+  /** Block writes that failed for lack of disk space; their blocks were dropped and the cache shrank. */
+  noSpaceWrites: number;
   /** Times synchronous hit reads were found slow, like disk reads (each sends hits to the thread pool for a second). */
   slowSyncReads: number;
   journalBytes: number;
   spaces: CacheSpaceStats[];
+  disk: CacheDiskStats;
 }
 
 export const DEFAULT_BLOCK_SIZE = 4096;
@@ -183,19 +200,30 @@ export class CacheDevice implements BlockCache {
   private createdDir = false;
   private active = 0;
   private idleWaiters: (() => void)[] = [];
-  private counters = { hits: 0, misses: 0, evictions: 0, checksumFailures: 0, droppedPuts: 0, slowSyncReads: 0 };
+  private counters = { hits: 0, misses: 0, evictions: 0, checksumFailures: 0, droppedPuts: 0, noSpaceWrites: 0, slowSyncReads: 0 };
   /** Until then (performance.now()), hits are read through the thread pool (see CacheDeviceOptions.syncReads). */
   private asyncReadsUntil = 0;
   /** Moving average of synchronous hit reads' time beyond a page-cache copy, ms. */
   private syncReadExcessMs = 0;
   /** Free slots the device keeps ready ahead of demand (0 for small caches: evict on demand). */
-  private readonly reserve: number;
+  private reserve: number;
+  /** Slots in use: slotCount, fewer once a full disk shrank the cache; the data file is this long. */
+  private usableSlots: number;
+  private readonly disk: CacheDiskStats;
+  /** The shrink in progress after a write found the disk full. */
+  private shrinking: Promise<void> | undefined;
+  /** Shrinks finished: a write that started before the last one needs no other. */
+  private shrinks = 0;
+  private loggedAtMinimum = false;
+  /** Slots past usableSlots still being written (a shrink waits for them before it cuts the data file). */
+  private writingAbove = 0;
+  private drained: (() => void) | undefined;
 
   private constructor(
     readonly dir: string,
     readonly blockSize: number,
     private readonly index: SlotIndex,
-    private readonly slotCount: number,
+    slotCount: number,
     private files: Files,
     private epoch: number,
     private salt: number,
@@ -205,7 +233,9 @@ export class CacheDevice implements BlockCache {
     private readonly log: CacheLogger,
   ) {
     this.pending = new Batch(salt);
-    this.reserve = slotCount >= 1024 ? Math.min(1024, Math.floor(slotCount / 64)) : 0;
+    this.usableSlots = slotCount;
+    this.reserve = reserveFor(slotCount);
+    this.disk = { configuredCapacityBytes: slotCount * blockSize };
   }
 
   /**
@@ -228,7 +258,6 @@ export class CacheDevice implements BlockCache {
     let loaded: Loaded;
     try {
       await removeStaleTempFiles(dir);
-      await removeStaleLockTemps(dir, FILES.lock);
       loaded = await loadPersisted(dir, requested, cap, log); // closes what it opened if it fails
     } catch (err) {
       await releaseLock(lockPath);
@@ -238,6 +267,15 @@ export class CacheDevice implements BlockCache {
     p.index.rebuildFreeList(slotCount);
     const device = new CacheDevice(dir, blockSize, p.index, slotCount, files, p.epoch, p.salt, p.journalSize, options.verifyReads ?? true, options.syncReads ?? true, log);
     device.createdDir = created;
+    const room = await measureRoom(dir, [FILES.data, FILES.journal, FILES.snapshot]);
+    if (room) {
+      device.disk.filesystem = room;
+      const warning = roomWarning(dir, room, slotCount * blockSize);
+      if (warning) {
+        device.disk.warning = warning;
+        log.warn(warning);
+      }
+    }
     return device;
   }
 
@@ -507,13 +545,14 @@ export class CacheDevice implements BlockCache {
     }
     return {
       blockSize: this.blockSize,
-      capacityBytes: this.slotCount * this.blockSize,
+      capacityBytes: this.usableSlots * this.blockSize,
       usedBytes: this.index.mapped * this.blockSize,
       blocks: this.index.mapped,
       bootBlocks: this.index.bootMapped,
       ...this.counters,
       journalBytes: this.journalSize,
       spaces,
+      disk: { ...this.disk },
     };
   }
 
@@ -627,15 +666,18 @@ export class CacheDevice implements BlockCache {
       this.counters.droppedPuts++;
       return;
     }
+    const shrinks = this.shrinks;
     try {
       await pwriteAll(this.files.data.fd, data, slot * this.blockSize);
     } catch (err) {
-      index.pushFree(slot); // no record maps it: still free
+      this.freeWritten(slot); // no record maps it: still free
+      if (isNoSpace(err)) return this.noSpace(err, `writing cache slot ${slot}`, shrinks);
       throw fromSystemError(err, join(this.dir, FILES.data), `writing cache slot ${slot}`);
     }
     this.dataDirty = true;
-    if (this.failed || sp.epoch !== epoch) {
-      index.pushFree(slot);
+    if (this.failed || sp.epoch !== epoch || slot >= this.usableSlots) {
+      if (slot >= this.usableSlots) this.counters.droppedPuts++;
+      this.freeWritten(slot);
       if (this.failed) throw this.failed;
       return;
     }
@@ -683,12 +725,13 @@ export class CacheDevice implements BlockCache {
         else taken.push(w);
       }
     } catch (err) {
-      for (const w of taken) index.pushFree(w.slot);
+      for (const w of taken) this.freeWritten(w.slot);
       throw err;
     }
     if (taken.length === 0) return;
     // One writev per run of consecutive slots (fresh slots come off the free stack in order).
     taken.sort((a, b) => a.slot - b.slot);
+    const shrinks = this.shrinks;
     const runs: Promise<void>[] = [];
     for (let i = 0; i < taken.length; ) {
       let j = i + 1;
@@ -700,17 +743,24 @@ export class CacheDevice implements BlockCache {
     const results = await Promise.allSettled(runs);
     const failure = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
     if (failure) {
-      for (const w of taken) index.pushFree(w.slot); // no record maps them: still free
+      for (const w of taken) this.freeWritten(w.slot); // no record maps them: still free
+      if (isNoSpace(failure.reason)) return this.noSpace(failure.reason, `writing ${taken.length} cache slots`, shrinks);
       throw fromSystemError(failure.reason, join(this.dir, FILES.data), `writing ${taken.length} cache slots`);
     }
     this.dataDirty = true;
     if (this.failed || sp.epoch !== epoch) {
-      for (const w of taken) index.pushFree(w.slot);
+      for (const w of taken) this.freeWritten(w.slot);
       if (this.failed) throw this.failed;
       return;
     }
     // All records in one synchronous step: they join the same group commit, after the data fdatasync.
     for (const w of taken) {
+      if (w.slot >= this.usableSlots) {
+        // The cache shrank past it while it was written.
+        this.freeWritten(w.slot);
+        this.counters.droppedPuts++;
+        continue;
+      }
       let blockBoot = boot;
       const old = sp.blocks.get(w.block);
       if (old !== undefined) {
@@ -794,6 +844,88 @@ export class CacheDevice implements BlockCache {
     return sp;
   }
 
+  // --- a full disk ---
+
+  /** A slot a put took (WRITING) that no record maps goes back: to the free list, or out of use past a shrink. */
+  private freeWritten(slot: number): void {
+    if (slot < this.usableSlots) return this.index.pushFree(slot);
+    this.index.state[slot] = SlotState.FREE;
+    if (--this.writingAbove === 0) this.drained?.();
+  }
+
+  /**
+   * A block write failed for lack of space: its blocks are dropped (the put
+   * resolves; a later miss reads storage again) and the cache shrinks, once
+   * for all the writes that failed before the shrink was done.
+   */
+  private async noSpace(err: unknown, doing: string, shrinksBefore: number): Promise<void> {
+    this.counters.noSpaceWrites++;
+    if (!this.shrinking && this.shrinks === shrinksBefore) {
+      const reason = fromSystemError(err, join(this.dir, FILES.data), doing).message;
+      this.shrinking = this.shrinkForSpace(reason).finally(() => {
+        this.shrinking = undefined;
+        this.shrinks++;
+      });
+    }
+    await this.shrinking;
+  }
+
+  /**
+   * Shrinks the cache to what the disk held minus a margin (shrunkSlots):
+   * blocks in slots past the new end leave the index, and once no write to
+   * those slots is in flight the data file is cut there, which frees their
+   * disk blocks. Safe at any crash point: a durable record that still maps a
+   * slot past the cut is dropped at load (the data file is too short for
+   * it), and nothing writes past the cut any more. A compaction then writes
+   * the new slot count into the index files. Never rejects.
+   */
+  private async shrinkForSpace(reason: string): Promise<void> {
+    if (this.closed || this.failed) return;
+    const from = this.usableSlots;
+    const allocated = await this.files.data.stat().then((st) => st.blocks * 512, () => from * this.blockSize);
+    const target = shrunkSlots(allocated, this.blockSize, from, MIN_SLOTS);
+    if (target >= from) {
+      if (!this.loggedAtMinimum) {
+        this.loggedAtMinimum = true;
+        this.log.warn(`cache ${this.dir}: the disk is full (${reason}) and the cache is at its smallest (${mib(from * this.blockSize)}); blocks that do not fit are not cached`);
+      }
+      return;
+    }
+    this.usableSlots = target;
+    this.reserve = reserveFor(target);
+    this.index.dropFreeFrom(target);
+    let dropped = 0;
+    for (let slot = target; slot < from; slot++) {
+      const state = this.index.state[slot];
+      if (state === SlotState.LIVE) {
+        this.retire(slot);
+        this.pending.records.invalidate(slot);
+        dropped++;
+      } else if (state === SlotState.WRITING) {
+        this.writingAbove++;
+      }
+    }
+    if (this.writingAbove > 0) await new Promise<void>((resolve) => (this.drained = resolve));
+    this.drained = undefined;
+    try {
+      await this.files.data.truncate(target * this.blockSize);
+    } catch (err) {
+      this.fail(err, 'shrinking the cache data file');
+      return;
+    }
+    this.kick(true);
+    const room = await measureRoom(this.dir, [FILES.data, FILES.journal, FILES.snapshot]);
+    if (room) this.disk.filesystem = room;
+    this.disk.shrunk = { capacityBytes: target * this.blockSize, reason, at: new Date().toISOString(), times: (this.disk.shrunk?.times ?? 0) + 1 };
+    this.log.warn(
+      `cache ${this.dir}: the disk is full (${reason}); the cache now holds at most ${mib(target * this.blockSize)} ` +
+        `(was ${mib(from * this.blockSize)}, configured ${mib(this.disk.configuredCapacityBytes)}), ${dropped} cached blocks past that dropped`,
+    );
+    if (!this.closed && !this.failed) {
+      await this.exclusive(() => this.compactLocked()).catch((err: unknown) => this.log.warn(`cache compaction failed: ${(err as Error).message}`));
+    }
+  }
+
   // --- group commit ---
 
   /** Schedules a commit of the pending batch: soon (`now`), or after a short delay to gather companions. */
@@ -862,11 +994,12 @@ export class CacheDevice implements BlockCache {
     this.release(batch);
   }
 
-  /** The batch is durable: its freed slots may be written again. */
+  /** The batch is durable: its freed slots may be written again (those below usableSlots). */
   private release(batch: Batch): void {
     for (const slot of batch.freed) {
       this.index.retired--;
-      this.index.pushFree(slot);
+      if (slot < this.usableSlots) this.index.pushFree(slot);
+      else this.index.state[slot] = SlotState.FREE;
     }
     batch.resolve();
   }
@@ -883,7 +1016,7 @@ export class CacheDevice implements BlockCache {
     const epoch = (this.epoch + 1) >>> 0;
     const salt = randomSalt();
     // Capture the index and the records it covers in one synchronous step.
-    const snapshot = encodeSnapshot(this.index, { blockSize: this.blockSize, slotCount: this.slotCount, epoch });
+    const snapshot = encodeSnapshot(this.index, { blockSize: this.blockSize, slotCount: this.usableSlots, epoch });
     const covered = this.pending;
     this.pending = new Batch(salt);
     this.inflight = covered;
@@ -892,7 +1025,7 @@ export class CacheDevice implements BlockCache {
       // Every slot the snapshot maps was written before the capture: make those bytes durable first.
       this.dataDirty = false;
       await this.files.data.datasync();
-      journal = await writeIndexFiles(this.dir, snapshot, { blockSize: this.blockSize, slotCount: this.slotCount, epoch, salt });
+      journal = await writeIndexFiles(this.dir, snapshot, { blockSize: this.blockSize, slotCount: this.usableSlots, epoch, salt });
     } catch (err) {
       const error = fromSystemError(err, this.dir, 'compacting the cache index');
       this.inflight = undefined;
@@ -949,6 +1082,11 @@ export class CacheDevice implements BlockCache {
 const processWarnings: CacheLogger = {
   warn: (message) => process.emitWarning(message, { code: 'BC_CACHE' }),
 };
+
+/** Free slots kept ahead of demand for a cache of `slots` (see CacheDevice.reserve). */
+function reserveFor(slots: number): number {
+  return slots >= 1024 ? Math.min(1024, Math.floor(slots / 64)) : 0;
+}
 
 function checkBlockSize(bs: number): void {
   if (!Number.isInteger(bs) || bs < MIN_BLOCK_SIZE || bs > MAX_BLOCK_SIZE || (bs & (bs - 1)) !== 0) {
@@ -1066,17 +1204,20 @@ async function loadPersisted(dir: string, requested: number | undefined, capacit
       throw fromSystemError(err, dataPath, 'checking the cache data file');
     },
   );
-  if (dataSize < header.slotCount * blockSize) {
-    const what = dataSize < 0 ? 'missing' : `${dataSize} bytes, shorter than the ${header.slotCount * blockSize} the index needs`;
-    return startEmpty(blockSize, `${dataPath}: ${what}`);
+  if (dataSize < 0) return startEmpty(blockSize, `${dataPath}: missing`);
+  // Shorter than the index's slots: cut when a full disk shrank the cache, and the crash came before the
+  // compaction that records it. Blocks in slots past its end are gone; the others are intact.
+  const dataSlots = Math.floor(dataSize / blockSize);
+  if (dataSlots < header.slotCount) {
+    log.warn(`${dataPath}: ${dataSize} bytes, shorter than the ${header.slotCount * blockSize} the index needs; the blocks past its end are dropped`);
   }
 
   const index = new SlotIndex(Math.max(header.slotCount, slotCount));
-  const usable = Math.min(header.slotCount, slotCount);
+  const usable = Math.min(header.slotCount, slotCount, dataSlots);
   const snapError = loadSnapshot(snapBuf, header, index, usable);
   if (snapError) return startEmpty(blockSize, `${snapPath}: ${snapError}`);
 
-  let rewrite = slotCount !== header.slotCount;
+  let rewrite = slotCount !== header.slotCount || dataSlots < header.slotCount;
   let suspect = false;
   let journalSize = JOURNAL_HEADER_SIZE;
   let salt = 0;
@@ -1120,11 +1261,8 @@ async function loadPersisted(dir: string, requested: number | undefined, capacit
   try {
     let epoch = header.epoch;
     if (rewrite) {
-      // A new snapshot of what was loaded, with the new size, and an empty journal.
-      if (slotCount > header.slotCount) {
-        await data.truncate(slotCount * blockSize);
-        await data.sync();
-      }
+      // A new snapshot of what was loaded, with the new size, and an empty journal; the data file
+      // grows only after it, so no durable record maps a slot the growth fills with zeros.
       epoch = (epoch + 1) >>> 0;
       salt = randomSalt();
       journalSize = JOURNAL_HEADER_SIZE;
@@ -1137,7 +1275,7 @@ async function loadPersisted(dir: string, requested: number | undefined, capacit
         await journal.sync();
       }
     }
-    // A data file longer than the index's slots (an interrupted resize) is cut back.
+    // A data file longer than the index's slots (an interrupted resize) is cut back; a shorter one grows (sparse).
     if ((await data.stat()).size !== slotCount * blockSize) {
       await data.truncate(slotCount * blockSize);
       await data.sync();

@@ -262,6 +262,16 @@ export class SlotIndex {
     return slot;
   }
 
+  /** Takes the free slots at or past `limit` off the free list (the cache shrank); the others keep their order. */
+  dropFreeFrom(limit: number): void {
+    let kept = 0;
+    for (let i = 0; i < this.freeTop; i++) {
+      const slot = this.freeStack[i];
+      if (slot < limit) this.freeStack[kept++] = slot;
+    }
+    this.freeTop = kept;
+  }
+
   /** After loading: every slot below `usable` that is not mapped is free (lowest slot handed out first). */
   rebuildFreeList(usable: number): void {
     this.freeTop = 0;

@@ -7,7 +7,7 @@ import { formatBytes } from '../../cli/progress.js';
 
 export default class AgentStatusCommand extends BaseCommand<typeof AgentStatusCommand> {
   static override summary = "Show a running agent's exports, cache, prefetch progress and counters.";
-  static override description = `Asks the agent on its control socket. The --json result has "exports" (name, size, connections, prefetch progress, last boot: state recording/complete/discarded, reads, duration, endReason, discardReason), "cache" (capacity and use), "prefetchBuffers" (the chunk buffers the agent keeps: bufferBytes, maxIdle, idle, allocated), "nbd" (activeConnections, totalConnections, rejectedConnections refused when full, droppedConnections still negotiating and dropped to make room, handshakes, requests, requestsInFlight, bytesRead, readErrors, protocolErrors) and "counters": {"storage": {"readRequests", "readBytes"}, "cache": {"hits", "misses"}, "prefetch": {"bytes", "unusedBytes"}, "boots": {"recorded", "skipped", "failed", "discarded"}}.
+  static override description = `Asks the agent on its control socket. The --json result has "exports" (name, size, connections, prefetch progress, last boot: state recording/complete/discarded, reads, duration, endReason, discardReason), "cache" (capacity and use; "disk": the cache filesystem's room, a warning when it cannot hold --cache-size, and "shrunk" once a full disk shrank the cache), "prefetchBuffers" (the chunk buffers the agent keeps: bufferBytes, maxIdle, idle, allocated), "nbd" (activeConnections, totalConnections, rejectedConnections refused when full, droppedConnections still negotiating and dropped to make room, handshakes, requests, requestsInFlight, bytesRead, readErrors, protocolErrors) and "counters": {"storage": {"readRequests", "readBytes"}, "cache": {"hits", "misses"}, "prefetch": {"bytes", "unusedBytes"}, "boots": {"recorded", "skipped", "failed", "discarded"}}.
 
 ${EXIT_CODES_HELP}`;
 
@@ -22,6 +22,9 @@ ${EXIT_CODES_HELP}`;
     const c = status.counters;
     this.log(`agent pid ${status.pid}, up ${status.uptimeSeconds}s, storage ${status.storage}`);
     this.log(`cache: ${formatBytes(status.cache.usedBytes)} of ${formatBytes(status.cache.capacityBytes)} used`);
+    const disk = status.cache.disk;
+    if (disk.shrunk) this.log(`cache: shrunk ${disk.shrunk.times}x for lack of disk space (configured ${formatBytes(disk.configuredCapacityBytes)}), last at ${disk.shrunk.at}: ${disk.shrunk.reason}`);
+    else if (disk.warning) this.log(`cache: warning: ${disk.warning}`);
     const pool = status.prefetchBuffers;
     this.log(`prefetch buffers: ${pool.allocated} of ${formatBytes(pool.bufferBytes)} allocated, ${pool.idle} idle`);
     const n = status.nbd;
