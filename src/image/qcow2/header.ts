@@ -79,6 +79,8 @@ export interface Qcow2Header {
   l2EntrySize: number;
   backingFile?: string;
   backingFormat?: string;
+  /** The bitmaps extension, when it is in use (autoclear bit 0) and so must be checked. */
+  bitmaps?: BitmapsExtension;
 }
 
 export interface HeaderExtensions {
@@ -286,7 +288,7 @@ export function parseHeader(
   }
   if (extensions.dataFileName !== undefined) {
     throw new UnsupportedImageError(
-      `images with an external data file are not supported (data file ${JSON.stringify(extensions.dataFileName)})`,
+      `images with an external data file are not supported (data file ${quoteShort(extensions.dataFileName)})`,
       { file },
     );
   }
@@ -325,6 +327,7 @@ export function parseHeader(
     l2Entries,
     l2EntrySize,
   };
+  if (extensions.bitmaps !== undefined && bit(autoclearFeatures, AUTOCLEAR_BITMAPS_BIT)) header.bitmaps = extensions.bitmaps;
   if (backingFile !== undefined) {
     header.backingFile = backingFile;
     if (extensions.backingFormat !== undefined) header.backingFormat = extensions.backingFormat;
@@ -478,6 +481,12 @@ function validateBitmapsExtension(ext: BitmapsExtension, clusterSize: number, fi
   if (ext.directorySize > BigInt(MAX_BITMAP_DIRECTORY_SIZE)) {
     fail(`bitmap directory size ${ext.directorySize} is larger than ${MAX_BITMAP_DIRECTORY_SIZE}`);
   }
+}
+
+/** A name from the image for a message: quoted (no control characters) and at most 64 characters. */
+function quoteShort(name: string): string {
+  const max = 64;
+  return JSON.stringify(name.length > max ? name.slice(0, max) : name) + (name.length > max ? '...' : '');
 }
 
 /** Names unknown incompatible bits, from the feature name table where it has them. */

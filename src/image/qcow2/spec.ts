@@ -69,6 +69,23 @@ export const BITMAPS_EXT_SIZE = 24;
 /** QEMU's limits (block/qcow2.h): QCOW2_MAX_BITMAPS and QCOW2_MAX_BITMAP_DIRECTORY_SIZE. */
 export const MAX_BITMAPS = 65535;
 export const MAX_BITMAP_DIRECTORY_SIZE = 1024 * MAX_BITMAPS;
+/** "Bitmap directory": fixed part of an entry, before extra data and name. */
+export const BITMAP_DIR_ENTRY_SIZE = 24;
+/** "Bitmap directory" field limits as QEMU enforces them (block/qcow2-bitmap.c BME_*). */
+export const BITMAP_MAX_TABLE_SIZE = 0x8000000;
+export const BITMAP_MIN_GRANULARITY_BITS = 9;
+export const BITMAP_MAX_GRANULARITY_BITS = 31;
+export const BITMAP_MAX_NAME_SIZE = 1023;
+export const BITMAP_MAX_PHYS_SIZE = 0x20000000;
+/** "Bitmap directory", flags: bit 0 in_use, bit 1 auto; QEMU treats bits 2-31 as reserved. */
+export const BITMAP_FLAG_IN_USE = 0x1;
+export const BITMAP_RESERVED_FLAGS = 0xfffffffc;
+/** "Bitmap directory", type 1: dirty tracking bitmap, the only one defined. */
+export const BITMAP_TYPE_DIRTY_TRACKING = 1;
+/** "Bitmap table" entry: bits 1-8 and 56-63 reserved, bits 9-55 offset, bit 0 all-ones (offset 0 only). */
+export const BITMAP_TABLE_RESERVED_MASK = 0xff000000000001fen;
+export const BITMAP_TABLE_OFFSET_MASK = 0x00fffffffffffe00n;
+export const BITMAP_TABLE_ALL_ONES = 1n;
 /** "Full disk encryption header pointer": offset and length, 8 bytes each. */
 export const CRYPTO_EXT_SIZE = 16;
 
@@ -81,6 +98,9 @@ export const QCOW_MAX_REFTABLE_SIZE = 8 * 1024 * 1024; // bytes
 export const QCOW_MAX_SNAPSHOTS = 65536;
 /** "Snapshots": a snapshot table entry is at least 40 bytes. */
 export const SNAPSHOT_HEADER_SIZE = 40;
+/** QEMU's QCOW_MAX_SNAPSHOT_EXTRA_DATA and QCOW_MAX_SNAPSHOTS_SIZE (block/qcow2.h). */
+export const MAX_SNAPSHOT_EXTRA_DATA = 1024;
+export const MAX_SNAPSHOT_TABLE_SIZE = 1024 * QCOW_MAX_SNAPSHOTS;
 /** QEMU's backing_format buffer is 16 bytes, so the extension must be shorter. */
 export const MAX_BACKING_FORMAT_LENGTH = 15;
 
