@@ -2,7 +2,7 @@
 // Longer run of the qcow2 fuzz test (test/qcow2-fuzz.test.ts): mutants of
 // generated images, each read by bootcache and converted by qemu-img.
 // Usage: node scripts/fuzz.js [--count N] [--seed S|random] [--only i,j] [--verbose]
-//   --count N    mutants (default 5000; `npm test` runs 300)
+//   --count N    mutants (default 5000; `npm test` runs 500)
 //   --seed S     the run's seed (default: the test's fixed seed); "random" picks one
 //   --only i,j   replay these mutants of the seed only
 //   --verbose    list every mutant with its outcome, not just the failures

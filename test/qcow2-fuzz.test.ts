@@ -21,7 +21,7 @@ import type { DiskImage } from '../src/image/types.js';
 import { loadBases, makeBaseImages, makeMutant, writeMutant, type Layout, type BaseImage, type Mutant } from './helpers/qcow2-mutants.js';
 import { removeTmpDir, tmpDir } from './helpers/qemu.js';
 
-const COUNT = Number(process.env.FUZZ_COUNT ?? 300);
+const COUNT = Number(process.env.FUZZ_COUNT ?? 500);
 const SEED = Number(process.env.FUZZ_SEED ?? 0x5eed18);
 const ONLY = process.env.FUZZ_ONLY?.split(',').map(Number);
 /** Mutants in flight: qemu-img and bootcache each take one core. */

@@ -636,6 +636,8 @@ describe('header extension lengths and contents', () => {
       // Directory entry: granularity_bits (byte 17) below 9, then a reserved flag.
       [[[dirOffset + 17, [8]]], /bitmap "bm0" has an invalid directory entry/],
       [[[dirOffset + 12, be32(1 << 5)]], /bitmap "bm0" has an invalid directory entry/],
+      // Table offset far past any file (QEMU's read fails with EIO).
+      [[[dirOffset, [0xf8]]], /bitmap "bm0" has its table at offset 0xf8[0-9a-f]+, out of range/],
     ];
     for (const [patches, pattern] of cases) {
       const p = await variant(bitmapped, patches);

@@ -1,6 +1,6 @@
 /**
  * Mutant qcow2 images for the fuzz test: small images made by qemu-img
- * (several cluster sizes, v2 and v3, backing files, deflate compression,
+ * (several cluster sizes, v2 and v3, backing files, deflate and zstd compression,
  * extended L2 entries, an internal snapshot, a persistent bitmap), then one
  * metadata mutation each: header fields, header extensions, L1 and L2
  * entries, refcount structures, the backing file name, snapshot table, bit
@@ -69,6 +69,13 @@ export async function makeBaseImages(dir: string): Promise<BaseImage[]> {
   await qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', raw, p]);
   p = add('zlib-4k');
   await qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=4096', raw, p]);
+  p = add('zstd-64k');
+  await qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', '-o', 'compression_type=zstd', raw, p]);
+  // 512-byte clusters: the compressed offset field reaches past bit 55 ("Compressed Clusters Descriptor").
+  const small = join(dir, 'text-small.raw');
+  await writeFile(small, text(192 * KiB, 8));
+  p = add('zlib-512');
+  await qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=512', small, p]);
 
   p = add('extl2');
   await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on', p, '2M']);
@@ -514,17 +521,30 @@ export function makeMutant(seed: number, index: number, bases: Array<{ base: Bas
   const rnd = prng(mix(seed, index));
   for (;;) {
     const { base, file, layout } = pick(rnd, bases);
-    let w = rnd() * TOTAL_WEIGHT;
-    let mutation = MUTATIONS[0]![0];
-    for (const [m, weight] of MUTATIONS) {
-      if ((w -= weight) < 0) {
-        mutation = m;
-        break;
+    const mutation = pickMutation(rnd);
+    const m = mutation(rnd, file, layout, base);
+    if (m === undefined) continue;
+    // One mutant in five stacks a second mutation on the first (e.g. size and l1_size).
+    if (rnd() < 0.2 && m.truncateTo === undefined) {
+      const second = pickMutation(rnd)(rnd, file, layout, base);
+      if (second !== undefined) {
+        return {
+          index,
+          base,
+          description: `${m.description}; ${second.description}`,
+          patches: [...m.patches, ...second.patches],
+          ...(second.truncateTo !== undefined ? { truncateTo: second.truncateTo } : {}),
+        };
       }
     }
-    const m = mutation(rnd, file, layout, base);
-    if (m !== undefined) return { index, base, ...m };
+    return { index, base, ...m };
   }
+}
+
+function pickMutation(rnd: Rng): Mutation {
+  let w = rnd() * TOTAL_WEIGHT;
+  for (const [m, weight] of MUTATIONS) if ((w -= weight) < 0) return m;
+  return MUTATIONS[0]![0];
 }
 
 /** Writes mutant `m` to `path`. */

@@ -71,6 +71,10 @@ export async function checkBitmaps(source: ByteSource, header: Qcow2Header, ext:
       nameSize > BITMAP_MAX_NAME_SIZE ||
       type !== BITMAP_TYPE_DIRTY_TRACKING;
     if (bad) fail(`bitmap ${JSON.stringify(name)} has an invalid directory entry`);
+    // Far past any file: QEMU fails such a read (past its 2^63 limit) or reads zeros; we refuse.
+    if (tableOffset + BigInt(tableSize) * 8n > BigInt(Number.MAX_SAFE_INTEGER)) {
+      fail(`bitmap ${JSON.stringify(name)} has its table at offset 0x${tableOffset.toString(16)}, out of range`);
+    }
     // QEMU's check_dir_entry: the table's clusters must be able to hold a bitmap of the
     // whole disk, unless it is in use (not saved correctly, so not loaded).
     const bitmapBytes = BigInt(tableSize) * BigInt(header.clusterSize);

@@ -478,6 +478,7 @@ function validateBitmapsExtension(ext: BitmapsExtension, clusterSize: number, fi
   // Bytes 16-23: the directory "must be aligned to a cluster boundary".
   if (ext.directoryOffset % BigInt(clusterSize) !== 0n) fail(`bitmap directory offset ${hex(ext.directoryOffset)} is not cluster aligned`);
   if (ext.directorySize === 0n) fail('bitmap directory size is 0');
+  if (ext.directoryOffset > MAX_SAFE) fail(`bitmap directory offset ${hex(ext.directoryOffset)} is out of range`);
   if (ext.directorySize > BigInt(MAX_BITMAP_DIRECTORY_SIZE)) {
     fail(`bitmap directory size ${ext.directorySize} is larger than ${MAX_BITMAP_DIRECTORY_SIZE}`);
   }
