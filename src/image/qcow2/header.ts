@@ -283,9 +283,8 @@ export function parseHeader(
     throw new InvalidImageError('image has a full disk encryption header extension but is not encrypted', { file });
   }
   // Autoclear bit 0: only then does QEMU use (and so check) the bitmaps extension.
-  if (extensions.bitmaps !== undefined && bit(autoclearFeatures, AUTOCLEAR_BITMAPS_BIT)) {
-    validateBitmapsExtension(extensions.bitmaps, clusterSize, file);
-  }
+  const bitmaps = bit(autoclearFeatures, AUTOCLEAR_BITMAPS_BIT) ? extensions.bitmaps : undefined;
+  if (bitmaps !== undefined) validateBitmapsExtension(bitmaps, clusterSize, file);
   if (extensions.dataFileName !== undefined) {
     throw new UnsupportedImageError(
       `images with an external data file are not supported (data file ${quoteShort(extensions.dataFileName)})`,
@@ -327,7 +326,7 @@ export function parseHeader(
     l2Entries,
     l2EntrySize,
   };
-  if (extensions.bitmaps !== undefined && bit(autoclearFeatures, AUTOCLEAR_BITMAPS_BIT)) header.bitmaps = extensions.bitmaps;
+  if (bitmaps !== undefined) header.bitmaps = bitmaps;
   if (backingFile !== undefined) {
     header.backingFile = backingFile;
     if (extensions.backingFormat !== undefined) header.backingFormat = extensions.backingFormat;
