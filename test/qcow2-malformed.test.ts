@@ -4,7 +4,7 @@
  * (extended L2 bitmaps): each must fail with the right error class and a
  * one-line message, never a crash, hang or huge allocation.
  */
-import { copyFile, stat, truncate, writeFile } from 'node:fs/promises';
+import { copyFile, mkdir, rm, stat, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
@@ -523,6 +523,203 @@ describe('extended L2 bitmaps (qemu-iotests 271 style)', () => {
     expect((await readFileRange(base.extl2, entry, 8)).readBigUInt64BE(0) >> 62n).toBe(1n);
     const p = await variant(base.extl2, [[entry + 8, be64(1n << 33n)]]);
     await expectReadError(p, InvalidImageError, /compressed cluster with a non-zero subcluster bitmap/, 128 * KiB, 4096, true);
+  });
+});
+
+/** True when qemu-img cannot convert the image (the oracle for "QEMU refuses it too"). */
+async function qemuRefuses(path: string): Promise<boolean> {
+  return convertToRaw(path).then(
+    () => false,
+    () => true,
+  );
+}
+
+/** File offset of the first header extension of `type` (its type field). */
+async function extensionAt(path: string, type: number): Promise<number> {
+  const head = await readFileRange(path, 0, 64 * KiB);
+  const version = head.readUInt32BE(H.version);
+  let off = version >= 3 ? head.readUInt32BE(H.headerLength) : 72;
+  while (head.readUInt32BE(off) !== type) {
+    if (head.readUInt32BE(off) === 0) throw new Error(`no extension ${type.toString(16)} in ${path}`);
+    off += 8 + Math.ceil(head.readUInt32BE(off + 4) / 8) * 8;
+  }
+  return off;
+}
+
+describe('reserved bits and alignment for every L1/L2 entry kind (qemu-img check rules)', () => {
+  const entry = async (path: string, cluster: number, size = 8): Promise<{ at: number; value: bigint }> => {
+    const at = await l2EntryAt(path, cluster, size);
+    return { at, value: (await readFileRange(path, at, 8)).readBigUInt64BE(0) };
+  };
+
+  it('a zero cluster whose offset is misaligned is refused, as qemu-img refuses it', async () => {
+    const { at, value } = await entry(base.v3, 0);
+    // 0xffffffff: zero flag, reserved bits 1-8 and an unaligned offset.
+    let p = await variant(base.v3, [[at, be64(0xffffffffn)]]);
+    expect(await qemuRefuses(p)).toBe(true);
+    await expectReadError(p, InvalidImageError, /invalid L2 entry 0x00000000ffffffff for guest offset 0x0 .*reserved bits/, 0, 4096, true);
+    // Zero flag on a data cluster moved by one sector: no reserved bit, only misaligned.
+    p = await variant(base.v3, [[at, be64((value + 512n) | 1n)]]);
+    expect(await qemuRefuses(p)).toBe(true);
+    await expectReadError(p, InvalidImageError, /host cluster offset 0x[0-9a-f]+ is not cluster aligned/, 0, 4096, true);
+    // The same zero cluster with its offset aligned reads as zeros, as in qemu-img.
+    p = await variant(base.v3, [[at, be64(value | 1n)]]);
+    const img = await openImage(p);
+    try {
+      expect((await img.read(0, img.virtualSize)).equals(await convertToRaw(p))).toBe(true);
+      expect((await img.read(0, 4096)).equals(Buffer.alloc(4096))).toBe(true);
+    } finally {
+      await img.close();
+    }
+  });
+
+  it('reserved bits in data, zero and unallocated entries', async () => {
+    const { at: dataAt, value } = await entry(base.v3, 0);
+    const { at: freeAt } = await entry(base.v3, 5);
+    const cases: Array<[number, bigint, number]> = [
+      [dataAt, value | (1n << 57n), 0],
+      [dataAt, value | (1n << 4n), 0],
+      [freeAt, 1n | (1n << 8n), 5 * 64 * KiB],
+      [freeAt, 1n << 60n, 5 * 64 * KiB],
+    ];
+    for (const [at, v, guest] of cases) {
+      await expectReadError(await variant(base.v3, [[at, be64(v)]]), InvalidImageError, /reserved bits are set/, guest, 4096, true);
+    }
+  });
+
+  it('the copied flag: never on a compressed cluster, never with offset 0', async () => {
+    const { at, value } = await entry(base.zlib, 0);
+    await expectReadError(await variant(base.zlib, [[at, be64(value | (1n << 63n))]]), InvalidImageError, /compressed cluster with the copied flag/, 0, 4096);
+    const { at: freeAt } = await entry(base.v3, 5);
+    await expectReadError(await variant(base.v3, [[freeAt, be64(1n << 63n)]]), InvalidImageError, /offset 0 with the copied flag/, 5 * 64 * KiB, 4096);
+  });
+
+  it('extended L2 entries: bit 0 is reserved', async () => {
+    const { at, value } = await entry(base.extl2, 0, 16);
+    await expectReadError(await variant(base.extl2, [[at, be64(value | 1n)]]), InvalidImageError, /reserved bits are set/, 0, 4096, true);
+  });
+
+  it('reserved bits in an L1 entry', async () => {
+    const { at, value } = await l1Entry(base.v3);
+    for (const v of [value | 1n, value | (1n << 60n)]) {
+      await expectReadError(await variant(base.v3, [[at, be64(v)]]), InvalidImageError, /invalid L1 entry 0x[0-9a-f]+ \(L1 index 0\): reserved bits are set/, 0, 4096, true);
+    }
+  });
+});
+
+describe('header extension lengths and contents', () => {
+  let bitmapped = '';
+  beforeAll(async () => {
+    bitmapped = join(dir, 'bitmap.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', bitmapped, '1M']);
+    await qemuIo(bitmapped, 'qcow2', ['write -P 0x11 0 64k']);
+    await qemuImg(['bitmap', '--add', bitmapped, 'bm0']);
+  });
+
+  it('a bitmaps extension with a bad length is refused, as qemu-img refuses it', async () => {
+    const at = await extensionAt(bitmapped, 0x23852875);
+    for (const length of [16, 32]) {
+      const p = await variant(bitmapped, [[at + 4, be32(length)]]);
+      expect(await qemuRefuses(p)).toBe(true);
+      await expectOpenError(p, InvalidImageError, new RegExp(`bitmaps header extension has a bad length \\(${length} bytes, expected 24\\)`));
+    }
+  });
+
+  it('bitmaps extension fields and directory, checked when the autoclear bit says it is in use', async () => {
+    const at = await extensionAt(bitmapped, 0x23852875);
+    const dirOffset = Number((await readFileRange(bitmapped, at + 24, 8)).readBigUInt64BE(0));
+    const cases: Array<[Array<[number, Buffer | number[]]>, RegExp]> = [
+      [[[at + 8, be32(0)]], /nb_bitmaps is 0/],
+      [[[at + 12, be32(1)]], /reserved field is not zero/],
+      [[[at + 8, be32(2)]], /fewer bitmaps in the directory/],
+      [[[at + 24, be64(BigInt(dirOffset + 512))]], /bitmap directory offset .* not cluster aligned/],
+      // Directory entry: granularity_bits (byte 17) below 9, then a reserved flag.
+      [[[dirOffset + 17, [8]]], /bitmap "bm0" has an invalid directory entry/],
+      [[[dirOffset + 12, be32(1 << 5)]], /bitmap "bm0" has an invalid directory entry/],
+      // Table offset far past any file (QEMU's read fails with EIO).
+      [[[dirOffset, [0xf8]]], /bitmap "bm0" has its table at offset 0xf8[0-9a-f]+, out of range/],
+    ];
+    for (const [patches, pattern] of cases) {
+      const p = await variant(bitmapped, patches);
+      expect(await qemuRefuses(p)).toBe(true);
+      await expectOpenError(p, InvalidImageError, pattern);
+    }
+    // The bitmap table: an entry with reserved bits.
+    const tableOffset = Number((await readFileRange(bitmapped, dirOffset, 8)).readBigUInt64BE(0));
+    const p = await variant(bitmapped, [[tableOffset, be64(1n << 60n)]]);
+    expect(await qemuRefuses(p)).toBe(true);
+    await expectOpenError(p, InvalidImageError, /bitmap "bm0" has an invalid table entry 0/);
+    // Without autoclear bit 0 the extension is stale: QEMU ignores its contents, and so do we.
+    const stale = await variant(bitmapped, [[H.autoclear, be64(0n)], [dirOffset + 17, [8]]]);
+    expect(await qemuRefuses(stale)).toBe(false);
+    const img = await openImage(stale);
+    try {
+      expect((await img.read(0, img.virtualSize)).equals(await convertToRaw(stale))).toBe(true);
+    } finally {
+      await img.close();
+    }
+  });
+
+  it('feature name table, encryption header pointer, duplicates', async () => {
+    const table = await extensionAt(base.v3, 0x6803f857);
+    await expectOpenError(await variant(base.v3, [[table + 4, be32(47)]]), InvalidImageError, /feature name table header extension has a bad length \(47 bytes, expected a multiple of 48\)/);
+    await expectOpenError(await variant(base.v3, [[table, be32(0x0537be77)], [table + 4, be32(8)]]), InvalidImageError, /full disk encryption header extension has a bad length \(8 bytes, expected 16\)/);
+    const crypto = await variant(base.v3, [[table, be32(0x0537be77)], [table + 4, be32(16)]]);
+    expect(await qemuRefuses(crypto)).toBe(true);
+    await expectOpenError(crypto, InvalidImageError, /full disk encryption header extension but is not encrypted/);
+    // A second backing format extension after the first.
+    const fmt = await extensionAt(base.backed, 0xe2792aca);
+    const head = await readFileRange(base.backed, fmt, 16);
+    const end = fmt + 16;
+    expect((await readFileRange(base.backed, end, 4)).readUInt32BE(0)).not.toBe(0xe2792aca);
+    await expectOpenError(await variant(base.backed, [[end, head]]), InvalidImageError, /header extension 0xe2792aca appears more than once/);
+  });
+});
+
+describe('snapshot table (QEMU refuses these at open)', () => {
+  it('too much extra data, and a table that grows too big', async () => {
+    const p = join(dir, 'snap.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', p, '1M']);
+    await qemuIo(p, 'qcow2', ['write -P 0x11 0 64k']);
+    await qemuImg(['snapshot', '-c', 'one', p]);
+    const table = Number((await header(p)).readBigUInt64BE(H.snapshotsOffset));
+    const extra = await variant(p, [[table + 36, be32(1025)]]);
+    expect(await qemuRefuses(extra)).toBe(true);
+    await expectOpenError(extra, InvalidImageError, /snapshot table entry 0 has too much extra data \(1025 bytes/);
+    // 600 entries with the longest id and name (2 x 65535 bytes each) pass QEMU's 64 MiB limit.
+    const big = await variant(p, [[H.nbSnapshots, be32(600)]]);
+    const entry = Buffer.alloc(40);
+    entry.writeUInt16BE(0xffff, 12);
+    entry.writeUInt16BE(0xffff, 14);
+    let at = table;
+    for (let i = 0; i < 600; i++) {
+      await patchFile(big, at, entry);
+      at = Math.ceil((at + 40 + 2 * 0xffff) / 8) * 8;
+    }
+    expect(await qemuRefuses(big)).toBe(true);
+    await expectOpenError(big, InvalidImageError, /snapshot table is too big \(more than 67108864 bytes at entry 5\d\d\)/);
+    await rm(big);
+  });
+});
+
+describe('backing names are resolved as the kernel does', () => {
+  it('"sub/../name" needs sub to exist, as in qemu-img', async () => {
+    const p = await variant(base.backed);
+    const h = await header(p);
+    const at = Number(h.readBigUInt64BE(H.backingFileOffset));
+    const name = Buffer.from('sub/../backing.raw');
+    await patchFile(p, at, name);
+    await patchFile(p, H.backingFileSize, be32(name.length));
+    expect(await qemuRefuses(p)).toBe(true);
+    await expectOpenError(p, BackingChainError, /not found/);
+    await mkdir(join(dir, 'sub'), { recursive: true });
+    const img = await openImage(p);
+    try {
+      expect((await img.read(0, img.virtualSize)).equals(await convertToRaw(p))).toBe(true);
+    } finally {
+      await img.close();
+      await rm(join(dir, 'sub'), { recursive: true });
+    }
   });
 });
 

@@ -1,5 +1,5 @@
 import { open, realpath, type FileHandle } from 'node:fs/promises';
-import { dirname, isAbsolute, resolve } from 'node:path';
+import { dirname, isAbsolute, resolve, sep } from 'node:path';
 import { BackingChainError, StorageIOError, fromSystemError } from '../errors.js';
 import type { ByteSource, SourceOpener } from './types.js';
 
@@ -120,7 +120,8 @@ export async function readSourceInto(
 /** Resolves backing file names on the local file system. */
 export const fileSourceOpener: SourceOpener = {
   async openRelative(from, name) {
-    const path = isAbsolute(name) ? name : resolve(dirname(from.name), name);
+    // Joined without normalising: "sub/../x" needs "sub" to exist, as it does for QEMU and the kernel.
+    const path = isAbsolute(name) ? name : `${resolve(dirname(from.name))}${sep}${name}`;
     let key: string;
     try {
       key = await realpath(path);

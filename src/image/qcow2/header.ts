@@ -5,7 +5,12 @@
  */
 import { CorruptImageError, InvalidImageError, UnsupportedImageError } from '../../errors.js';
 import {
+  AUTOCLEAR_BITMAPS_BIT,
   AUTOCLEAR_DATA_FILE_RAW_BIT,
+  BITMAPS_EXT_SIZE,
+  CRYPTO_EXT_SIZE,
+  MAX_BITMAPS,
+  MAX_BITMAP_DIRECTORY_SIZE,
   COMPRESSION_DEFLATE,
   COMPRESSION_TYPE_OFFSET,
   COMPRESSION_ZSTD,
@@ -74,6 +79,8 @@ export interface Qcow2Header {
   l2EntrySize: number;
   backingFile?: string;
   backingFormat?: string;
+  /** The bitmaps extension, when it is in use (autoclear bit 0) and so must be checked. */
+  bitmaps?: BitmapsExtension;
 }
 
 export interface HeaderExtensions {
@@ -82,6 +89,15 @@ export interface HeaderExtensions {
   featureNames: Map<string, string>;
   dataFileName?: string;
   hasCryptoHeader: boolean;
+  bitmaps?: BitmapsExtension;
+}
+
+/** "Bitmaps extension" fields. */
+export interface BitmapsExtension {
+  nbBitmaps: number;
+  reserved: number;
+  directorySize: bigint;
+  directoryOffset: bigint;
 }
 
 /** Bytes the fixed header needs, whatever the version (v3 up to compression_type). */
@@ -263,11 +279,15 @@ export function parseHeader(
 
   const extensions = parseExtensions(buf, headerLength, extEnd, file);
   if (extensions.hasCryptoHeader) {
-    throw new UnsupportedImageError('image has a full disk encryption header; encrypted images are not supported', { file });
+    // "Full disk encryption header pointer": absent unless crypt_method is LUKS (and it is none here).
+    throw new InvalidImageError('image has a full disk encryption header extension but is not encrypted', { file });
   }
+  // Autoclear bit 0: only then does QEMU use (and so check) the bitmaps extension.
+  const bitmaps = bit(autoclearFeatures, AUTOCLEAR_BITMAPS_BIT) ? extensions.bitmaps : undefined;
+  if (bitmaps !== undefined) validateBitmapsExtension(bitmaps, clusterSize, file);
   if (extensions.dataFileName !== undefined) {
     throw new UnsupportedImageError(
-      `images with an external data file are not supported (data file ${JSON.stringify(extensions.dataFileName)})`,
+      `images with an external data file are not supported (data file ${quoteShort(extensions.dataFileName)})`,
       { file },
     );
   }
@@ -306,6 +326,7 @@ export function parseHeader(
     l2Entries,
     l2EntrySize,
   };
+  if (bitmaps !== undefined) header.bitmaps = bitmaps;
   if (backingFile !== undefined) {
     header.backingFile = backingFile;
     if (extensions.backingFormat !== undefined) header.backingFormat = extensions.backingFormat;
@@ -371,6 +392,7 @@ export function parseFixedHeader(
 export function parseExtensions(buf: Buffer, start: number, end: number, file: string): HeaderExtensions {
   const result: HeaderExtensions = { featureNames: new Map(), hasCryptoHeader: false };
   const limit = Math.min(end, buf.length);
+  const seen = new Set<number>();
   let offset = start;
   while (offset < limit) {
     if (offset + EXT_HEADER_SIZE > limit) {
@@ -386,6 +408,13 @@ export function parseExtensions(buf: Buffer, start: number, end: number, file: s
       );
     }
     const data = buf.subarray(offset, offset + length);
+    const badLength = (name: string, expected: string): InvalidImageError =>
+      new InvalidImageError(`${name} header extension has a bad length (${length} bytes, expected ${expected})`, { file });
+    if (type !== EXT_END && KNOWN_EXTENSIONS.has(type)) {
+      // "Unless stated otherwise, each header extension type shall appear at most once."
+      if (seen.has(type)) throw new InvalidImageError(`header extension ${hex(type)} appears more than once`, { file });
+      seen.add(type);
+    }
     switch (type) {
       case EXT_END:
         return result;
@@ -398,7 +427,8 @@ export function parseExtensions(buf: Buffer, start: number, end: number, file: s
         break;
       case EXT_FEATURE_TABLE:
         // "Feature name table": 48-byte entries of type, bit number, name.
-        for (let e = 0; e + FEATURE_ENTRY_SIZE <= length; e += FEATURE_ENTRY_SIZE) {
+        if (length % FEATURE_ENTRY_SIZE !== 0) throw badLength('feature name table', `a multiple of ${FEATURE_ENTRY_SIZE}`);
+        for (let e = 0; e < length; e += FEATURE_ENTRY_SIZE) {
           const nameBytes = data.subarray(e + 2, e + 2 + FEATURE_NAME_SIZE);
           const nul = nameBytes.indexOf(0);
           const name = nameBytes.toString('utf8', 0, nul === -1 ? FEATURE_NAME_SIZE : nul);
@@ -409,10 +439,19 @@ export function parseExtensions(buf: Buffer, start: number, end: number, file: s
         result.dataFileName = data.toString('utf8');
         break;
       case EXT_CRYPTO_HEADER:
+        // "Full disk encryption header pointer": offset and length.
+        if (length !== CRYPTO_EXT_SIZE) throw badLength('full disk encryption', `${CRYPTO_EXT_SIZE}`);
         result.hasCryptoHeader = true;
         break;
       case EXT_BITMAPS:
-        // Persistent dirty bitmaps do not change guest data; ignored.
+        // "Bitmaps extension": QEMU refuses any other length. Bitmaps do not change guest data.
+        if (length !== BITMAPS_EXT_SIZE) throw badLength('bitmaps', `${BITMAPS_EXT_SIZE}`);
+        result.bitmaps = {
+          nbBitmaps: data.readUInt32BE(0),
+          reserved: data.readUInt32BE(4),
+          directorySize: data.readBigUInt64BE(8),
+          directoryOffset: data.readBigUInt64BE(16),
+        };
         break;
       default:
         // Unknown extension: "can be safely ignored".
@@ -421,6 +460,33 @@ export function parseExtensions(buf: Buffer, start: number, end: number, file: s
     offset += Math.ceil(length / 8) * 8;
   }
   return result;
+}
+
+const KNOWN_EXTENSIONS = new Set([EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, EXT_BITMAPS, EXT_CRYPTO_HEADER, EXT_DATA_FILE]);
+
+/** The checks QEMU's qcow2_read_extensions makes on a bitmaps extension in use ("Bitmaps extension"). */
+function validateBitmapsExtension(ext: BitmapsExtension, clusterSize: number, file: string): void {
+  const fail = (why: string): never => {
+    throw new InvalidImageError(`bitmaps header extension: ${why}`, { file });
+  };
+  // Bytes 4-7: "Reserved, must be zero".
+  if (ext.reserved !== 0) fail('reserved field is not zero');
+  // Bytes 0-3: nb_bitmaps "must be greater than or equal to 1"; QEMU supports 65535.
+  if (ext.nbBitmaps === 0) fail('nb_bitmaps is 0');
+  if (ext.nbBitmaps > MAX_BITMAPS) fail(`${ext.nbBitmaps} bitmaps, more than ${MAX_BITMAPS}`);
+  // Bytes 16-23: the directory "must be aligned to a cluster boundary".
+  if (ext.directoryOffset % BigInt(clusterSize) !== 0n) fail(`bitmap directory offset ${hex(ext.directoryOffset)} is not cluster aligned`);
+  if (ext.directorySize === 0n) fail('bitmap directory size is 0');
+  if (ext.directoryOffset > MAX_SAFE) fail(`bitmap directory offset ${hex(ext.directoryOffset)} is out of range`);
+  if (ext.directorySize > BigInt(MAX_BITMAP_DIRECTORY_SIZE)) {
+    fail(`bitmap directory size ${ext.directorySize} is larger than ${MAX_BITMAP_DIRECTORY_SIZE}`);
+  }
+}
+
+/** A name from the image for a message: quoted (no control characters) and at most 64 characters. */
+function quoteShort(name: string): string {
+  const max = 64;
+  return JSON.stringify(name.length > max ? name.slice(0, max) : name) + (name.length > max ? '...' : '');
 }
 
 /** Names unknown incompatible bits, from the feature name table where it has them. */

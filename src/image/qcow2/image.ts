@@ -23,7 +23,9 @@ import { Semaphore, SharedScratch, sharedScratch } from './buffers.js';
 import { sharedDecodePool } from './decode-pool.js';
 import { HEADER_PROBE_SIZE, parseFixedHeader, parseHeader, type Qcow2Header } from './header.js';
 import { BufferLru } from './lru.js';
+import { checkBitmaps } from './bitmaps.js';
 import { ClusterMap, type Run } from './mapping.js';
+import { checkSnapshotTable } from './snapshots.js';
 import { L1_ENTRY_SIZE, SNAPSHOT_HEADER_SIZE } from './spec.js';
 
 export { QCOW2_MAGIC } from './spec.js';
@@ -104,6 +106,9 @@ export class Qcow2Image implements DiskImage {
     const headerCluster = await source.read(0, Math.min(source.size, clusterSize));
     const { header } = parseHeader(headerCluster, source.size, file, { force: ctx.force });
     const l1 = header.l1Size > 0 ? await source.read(header.l1TableOffset, header.l1Size * L1_ENTRY_SIZE) : Buffer.alloc(0);
+    // Tables that do not change guest data, but whose damage makes QEMU refuse the image.
+    if (header.nbSnapshots > 0) await checkSnapshotTable(source, header);
+    if (header.bitmaps !== undefined) await checkBitmaps(source, header, header.bitmaps);
 
     let backingFormat: ImageFormat | undefined;
     if (header.backingFormat !== undefined) {

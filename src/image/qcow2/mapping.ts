@@ -15,8 +15,13 @@ import {
   COMPRESSED_SECTOR_SIZE,
   L1E_OFFSET_HI_MASK,
   L1E_OFFSET_LO_MASK,
+  L1E_RESERVED_HI_MASK,
+  L1E_RESERVED_LO_MASK,
   L1_ENTRY_SIZE,
   L2E_COMPRESSED_HI_BIT,
+  L2E_COPIED_HI_BIT,
+  L2E_RESERVED_HI_MASK,
+  L2E_RESERVED_LO_MASK,
   L2E_OFFSET_HI_MASK,
   L2E_OFFSET_LO_MASK,
   L2E_ZERO_LO_BIT,
@@ -45,6 +50,9 @@ export interface Run {
 
 const TWO_32 = 2 ** 32;
 const hex = (n: number): string => `0x${n.toString(16)}`;
+/** A 64-bit entry from its two 32-bit halves, for messages. */
+const entryHex = (hi: number, lo: number): string =>
+  `0x${(hi >>> 0).toString(16).padStart(8, '0')}${(lo >>> 0).toString(16).padStart(8, '0')}`;
 
 export class ClusterMap {
   private readonly clusterSize: number;
@@ -111,7 +119,7 @@ export class ClusterMap {
       const l1Index = Math.floor(pos / this.l2Span);
       const tableEnd = Math.min(end, (l1Index + 1) * this.l2Span);
       // Past the L1 table (only possible for a size QEMU rounded down) is unallocated.
-      const l2Offset = l1Index < this.header.l1Size ? this.l1EntryOffset(l1Index) : 0;
+      const l2Offset = l1Index < this.header.l1Size ? this.checkedL1EntryOffset(l1Index) : 0;
       if (l2Offset === 0) {
         // "L1 table entry": offset 0 means the whole L2 range is unallocated.
         push('unallocated', pos, tableEnd - pos, 0);
@@ -151,14 +159,15 @@ export class ClusterMap {
     const zeroMask = extended ? table.readUInt32BE(e + 8) : 0;
     const allocMask = extended ? table.readUInt32BE(e + 12) : 0;
 
+    const invalid = (why: string): InvalidImageError =>
+      new InvalidImageError(`invalid L2 entry ${entryHex(hi, lo)} for ${where()}: ${why}`, { file: this.source.name });
+
     // "L2 table entry", bit 62: compressed cluster.
     if (hi & L2E_COMPRESSED_HI_BIT) {
+      // "L2 table entry", bit 63: 0 for compressed clusters.
+      if (hi & L2E_COPIED_HI_BIT) throw invalid('compressed cluster with the copied flag (bit 63) set');
       // "Subcluster Allocation Bitmap (for compressed clusters)": reserved, must be 0.
-      if (zeroMask !== 0 || allocMask !== 0) {
-        throw new InvalidImageError(`invalid L2 entry for ${where()}: compressed cluster with a non-zero subcluster bitmap`, {
-          file: this.source.name,
-        });
-      }
+      if (zeroMask !== 0 || allocMask !== 0) throw invalid('compressed cluster with a non-zero subcluster bitmap');
       const entry = (BigInt(hi) << 32n) | BigInt(lo);
       const coffset = entry & this.coffsetMask;
       // The offset field may not use bits above 55.
@@ -174,16 +183,23 @@ export class ClusterMap {
       return;
     }
 
+    // "Standard Cluster Descriptor": reserved bits, for every kind of entry
+    // (data, zero, unallocated), as qemu-img check does.
+    const reservedLo = extended ? L2E_RESERVED_LO_MASK | L2E_ZERO_LO_BIT : L2E_RESERVED_LO_MASK;
+    if ((hi & L2E_RESERVED_HI_MASK) !== 0 || (lo & reservedLo) !== 0) throw invalid('reserved bits are set');
     // "Standard Cluster Descriptor", bits 9-55: host cluster offset.
     const hostCluster = (hi & L2E_OFFSET_HI_MASK) * TWO_32 + ((lo & L2E_OFFSET_LO_MASK) >>> 0);
+    // Bits 9-55: offset 0 with bit 63 set means host offset 0 in an external data file, which we do not have.
+    if (hostCluster === 0 && hi & L2E_COPIED_HI_BIT) throw invalid('offset 0 with the copied flag (bit 63) set');
+    // Bits 9-55 "must be aligned to a cluster boundary", whatever the entry's kind (QEMU's
+    // qcow2_get_host_offset refuses a misaligned zero cluster too).
+    if (hostCluster % this.clusterSize !== 0) {
+      throw invalid(`host cluster offset ${hex(hostCluster)} is not cluster aligned`);
+    }
     if (!extended) {
       // "Standard Cluster Descriptor", bit 0: reads as zeros (version 3 only).
       if (lo & L2E_ZERO_LO_BIT) {
-        if (this.header.version < 3) {
-          throw new InvalidImageError(`invalid L2 entry for ${where()}: zero cluster flag in a version 2 image`, {
-            file: this.source.name,
-          });
-        }
+        if (this.header.version < 3) throw invalid('zero cluster flag in a version 2 image');
         push('zero', from, to - from, 0);
         return;
       }
@@ -191,26 +207,13 @@ export class ClusterMap {
         push('unallocated', from, to - from, 0);
         return;
       }
-      this.checkAligned(hostCluster, where);
       push('data', from, to - from, hostCluster + (from - clusterStart));
       return;
     }
 
-    // Extended L2: QEMU's qcow2_get_subcluster_type rules.
-    if (hostCluster === 0) {
-      if (allocMask !== 0) {
-        throw new InvalidImageError(`invalid L2 entry for ${where()}: unallocated cluster with allocated subclusters`, {
-          file: this.source.name,
-        });
-      }
-    } else {
-      if ((allocMask & zeroMask) !== 0) {
-        throw new InvalidImageError(`invalid L2 entry for ${where()}: subcluster both allocated and reading as zeros`, {
-          file: this.source.name,
-        });
-      }
-      this.checkAligned(hostCluster, where);
-    }
+    // "Subcluster Allocation Bitmap (for standard clusters)", QEMU's qcow2_get_subcluster_type rules.
+    if (hostCluster === 0 && allocMask !== 0) throw invalid('unallocated cluster with allocated subclusters');
+    if ((allocMask & zeroMask) !== 0) throw invalid('subcluster both allocated and reading as zeros');
     // Fast paths: one state for the whole cluster.
     if (zeroMask === 0xffffffff) {
       push('zero', from, to - from, 0);
@@ -240,12 +243,16 @@ export class ClusterMap {
     }
   }
 
-  private checkAligned(hostCluster: number, where: () => string): void {
-    if (hostCluster % this.clusterSize !== 0) {
-      throw new InvalidImageError(`invalid L2 entry for ${where()}: data cluster offset ${hex(hostCluster)} is not cluster aligned`, {
+  /** The L2 table offset of an L1 entry the guest uses, refusing reserved bits ("L1 table entry"). */
+  private checkedL1EntryOffset(index: number): number {
+    const hi = this.l1.readUInt32BE(index * L1_ENTRY_SIZE);
+    const lo = this.l1.readUInt32BE(index * L1_ENTRY_SIZE + 4);
+    if ((hi & L1E_RESERVED_HI_MASK) !== 0 || (lo & L1E_RESERVED_LO_MASK) !== 0) {
+      throw new InvalidImageError(`invalid L1 entry ${entryHex(hi, lo)} (L1 index ${index}): reserved bits are set`, {
         file: this.source.name,
       });
     }
+    return this.l1EntryOffset(index);
   }
 
   /** "L1 table entry", bits 9-55: L2 table offset (0: unallocated). */

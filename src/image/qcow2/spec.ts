@@ -37,6 +37,8 @@ export const INCOMPAT_EXTL2_BIT = 4;
 /** Bits 0-4 are defined; bits 5-63 are reserved and must make us refuse the image. */
 export const INCOMPAT_KNOWN_MASK = 0x1fn;
 
+/** "Header", autoclear_features bit 0: the bitmaps extension is consistent. */
+export const AUTOCLEAR_BITMAPS_BIT = 0;
 /** "Header", autoclear_features bit 1: raw external data (needs incompatible bit 2). */
 export const AUTOCLEAR_DATA_FILE_RAW_BIT = 1;
 
@@ -62,6 +64,31 @@ export const FEATURE_ENTRY_SIZE = 48;
 export const FEATURE_NAME_SIZE = 46;
 export const FEATURE_TYPE_INCOMPATIBLE = 0;
 
+/** "Bitmaps extension": nb_bitmaps, reserved, directory size and offset (24 bytes). */
+export const BITMAPS_EXT_SIZE = 24;
+/** QEMU's limits (block/qcow2.h): QCOW2_MAX_BITMAPS and QCOW2_MAX_BITMAP_DIRECTORY_SIZE. */
+export const MAX_BITMAPS = 65535;
+export const MAX_BITMAP_DIRECTORY_SIZE = 1024 * MAX_BITMAPS;
+/** "Bitmap directory": fixed part of an entry, before extra data and name. */
+export const BITMAP_DIR_ENTRY_SIZE = 24;
+/** "Bitmap directory" field limits as QEMU enforces them (block/qcow2-bitmap.c BME_*). */
+export const BITMAP_MAX_TABLE_SIZE = 0x8000000;
+export const BITMAP_MIN_GRANULARITY_BITS = 9;
+export const BITMAP_MAX_GRANULARITY_BITS = 31;
+export const BITMAP_MAX_NAME_SIZE = 1023;
+export const BITMAP_MAX_PHYS_SIZE = 0x20000000;
+/** "Bitmap directory", flags: bit 0 in_use, bit 1 auto; QEMU treats bits 2-31 as reserved. */
+export const BITMAP_FLAG_IN_USE = 0x1;
+export const BITMAP_RESERVED_FLAGS = 0xfffffffc;
+/** "Bitmap directory", type 1: dirty tracking bitmap, the only one defined. */
+export const BITMAP_TYPE_DIRTY_TRACKING = 1;
+/** "Bitmap table" entry: bits 1-8 and 56-63 reserved, bits 9-55 offset, bit 0 all-ones (offset 0 only). */
+export const BITMAP_TABLE_RESERVED_MASK = 0xff000000000001fen;
+export const BITMAP_TABLE_OFFSET_MASK = 0x00fffffffffffe00n;
+export const BITMAP_TABLE_ALL_ONES = 1n;
+/** "Full disk encryption header pointer": offset and length, 8 bytes each. */
+export const CRYPTO_EXT_SIZE = 16;
+
 /**
  * QEMU implementation limits (block/qcow2.h), which qcow2_do_open enforces
  * and we mirror so a hostile header cannot make us allocate without bound.
@@ -71,6 +98,9 @@ export const QCOW_MAX_REFTABLE_SIZE = 8 * 1024 * 1024; // bytes
 export const QCOW_MAX_SNAPSHOTS = 65536;
 /** "Snapshots": a snapshot table entry is at least 40 bytes. */
 export const SNAPSHOT_HEADER_SIZE = 40;
+/** QEMU's QCOW_MAX_SNAPSHOT_EXTRA_DATA and QCOW_MAX_SNAPSHOTS_SIZE (block/qcow2.h). */
+export const MAX_SNAPSHOT_EXTRA_DATA = 1024;
+export const MAX_SNAPSHOT_TABLE_SIZE = 1024 * QCOW_MAX_SNAPSHOTS;
 /** QEMU's backing_format buffer is 16 bytes, so the extension must be shorter. */
 export const MAX_BACKING_FORMAT_LENGTH = 15;
 
@@ -84,15 +114,20 @@ export const SUBCLUSTERS_PER_CLUSTER = 32;
 /** QEMU refuses subclusters smaller than 512 bytes, i.e. extended L2 needs cluster_bits >= 14. */
 export const MIN_EXTL2_CLUSTER_BITS = 14;
 
-/**
- * "L1 table entry", bits 9-55: L2 table offset. Bit 63 (copied) and the
- * reserved bits are ignored when reading, as QEMU does.
- */
+/** "L1 table entry", bits 9-55: L2 table offset. Bit 63 (copied) does not matter for reading. */
 export const L1E_OFFSET_HI_MASK = 0x00ffffff; // bits 32-55
 export const L1E_OFFSET_LO_MASK = 0xfffffe00; // bits 9-31
+/** "L1 table entry", bits 0-8 and 56-62: reserved, set to 0 (QEMU's L1E_RESERVED_MASK). */
+export const L1E_RESERVED_HI_MASK = 0x7f000000;
+export const L1E_RESERVED_LO_MASK = 0x000001ff;
 
 /** "L2 table entry", bit 62: 1 for compressed clusters (hi half bit 30). */
 export const L2E_COMPRESSED_HI_BIT = 0x40000000;
+/**
+ * "L2 table entry", bit 63: refcount exactly one. 0 for compressed clusters,
+ * and set with offset 0 only when an external data file is used.
+ */
+export const L2E_COPIED_HI_BIT = 0x80000000;
 /**
  * "Standard Cluster Descriptor", bits 9-55: host cluster offset (same layout
  * as the L1 entry offset).
@@ -104,6 +139,13 @@ export const L2E_OFFSET_LO_MASK = 0xfffffe00;
  * version 3 images without extended L2 entries.
  */
 export const L2E_ZERO_LO_BIT = 0x1;
+/**
+ * "Standard Cluster Descriptor", bits 1-8 and 56-61: reserved, set to 0
+ * (QEMU's L2E_STD_RESERVED_MASK). Bit 0 is reserved too with extended L2
+ * entries ("With version 2 or with extended L2 entries ... always 0").
+ */
+export const L2E_RESERVED_HI_MASK = 0x3f000000;
+export const L2E_RESERVED_LO_MASK = 0x000001fe;
 
 /** "Compressed Clusters Descriptor": sector counts are in 512-byte units. */
 export const COMPRESSED_SECTOR_SIZE = 512;
