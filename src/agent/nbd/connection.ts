@@ -37,6 +37,8 @@ export interface ConnectionContext {
   budget: BudgetAccount;
   /** Resolves null when the client may be served, else why not (answered to its first option). */
   admission: Promise<string | null>;
+  /** Reply buffers of `bytes` were dropped unsent (the client went away with replies unread). */
+  dropped(bytes: number): void;
   isShuttingDown(): boolean;
 }
 
@@ -808,6 +810,8 @@ export class NbdConnection {
 
   private release(bytes: number, buffered = 0): void {
     this.ctx.budget.release(buffered);
+    // A reply the client never took: its buffer is garbage now.
+    if (buffered > 0 && this.socket.destroyed) this.ctx.dropped(buffered);
     this.inFlight--;
     this.inFlightBytes -= bytes;
     if (this.hasSlot()) this.wakeSlotWaiter();

@@ -3,6 +3,7 @@ import { claimSocketPath } from '../socket-access.js';
 import { AgentError } from '../../errors.js';
 import { BufferBudget } from './buffer-budget.js';
 import { ClientIdentifier, type ClientIdentity } from './client-identity.js';
+import { MemoryRelease } from './memory-release.js';
 import { NbdConnection, type ConnectionLimits, type NbdLogger, type ServerCounters } from './connection.js';
 import type { ExportProvider } from './export.js';
 import { NBD_DEFAULT_PORT, PORTABLE_MAX_BLOCK } from './protocol.js';
@@ -111,6 +112,7 @@ export class NbdServer {
   private readonly budget: BufferBudget;
   private readonly maxConnectionsPerClient: number;
   private readonly identifier: ClientIdentifier;
+  private readonly memoryRelease = new MemoryRelease();
   /** Open connections by client key. */
   private readonly perClient = new Map<string, number>();
   private totalConnections = 0;
@@ -226,6 +228,7 @@ export class NbdServer {
     }
     // Closing a unix listener also removes its socket file (libuv does it).
     await listenersClosed;
+    this.memoryRelease.cancel();
     this.log('info', 'NBD server closed', { ...this.stats });
   }
 
@@ -291,6 +294,7 @@ export class NbdServer {
         counters: this.counters,
         budget: this.budget.open(),
         admission,
+        dropped: (bytes) => this.memoryRelease.noteDropped(bytes),
         isShuttingDown: () => this.closing !== null,
       },
       id,
