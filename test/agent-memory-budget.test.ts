@@ -8,7 +8,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { mkdir, open } from 'node:fs/promises';
+import { mkdir, open, writeFile } from 'node:fs/promises';
 import type net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -17,6 +17,10 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { AgentStatus } from '../src/agent/agent.js';
 import { controlRequest } from '../src/agent/control.js';
 import { BufferBudget } from '../src/agent/nbd/buffer-budget.js';
+import { DiskImageExportProvider } from '../src/agent/nbd/export.js';
+import { NbdServer } from '../src/agent/nbd/server.js';
+import { FileByteSource } from '../src/image/file-source.js';
+import { RawImage } from '../src/image/raw.js';
 import { NbdClient } from '../src/nbd-client/index.js';
 import { replayTraceFile } from '../src/replay/replay.js';
 import { openRawExport, readRequests } from './helpers/nbd-raw.js';
@@ -71,6 +75,64 @@ describe('BufferBudget', () => {
   });
 });
 
+describe('NBD server: the reply buffer budget', () => {
+  it('pauses clients that never read, serves a reading client meanwhile, and never holds more than the budget', async () => {
+    const local = mkdtempSync(join(tmpdir(), 'bc-nbd-budget-'));
+    const servers: NbdServer[] = [];
+    const hogs: net.Socket[] = [];
+    try {
+      const bytes = randomBytes(16 * MiB);
+      const path = join(local, 'disk.raw');
+      await writeFile(path, bytes);
+      const provider = new DiskImageExportProvider({ disk: async () => RawImage.open(await FileByteSource.open(path)) });
+      // 8 MiB over 4 slots: 1 MiB guaranteed each, 4 MiB shared.
+      const server = new NbdServer(provider, { maxConnections: 4, maxRequestBytes: 4 * MiB, maxBufferedBytes: 8 * MiB });
+      servers.push(server);
+      const socket = join(local, 'nbd.sock');
+      await server.listenUnix(socket);
+      let peak = 0;
+      const sample = setInterval(() => (peak = Math.max(peak, server.stats.bufferedBytes)), 1);
+      for (let i = 0; i < 2; i++) {
+        const { socket: s, size } = await openRawExport({ path: socket }, 'disk');
+        hogs.push(s);
+        s.write(readRequests(64, MiB, size));
+      }
+      for (let i = 0; !(server.stats.pausedConnections === 2); i++) {
+        if (i > 1000) throw new Error(`the hogs were not paused: ${JSON.stringify(server.stats)}`);
+        await new Promise((r) => setTimeout(r, 5));
+      }
+      // A client that reads its replies is served, each read within its guaranteed share.
+      const client = await NbdClient.connect(`nbd+unix:///disk?socket=${socket}`);
+      for (let i = 0; i < 64; i++) {
+        const offset = ((i * 7919) % 32) * 512 * 1024;
+        expect((await client.read(offset, 512 * 1024)).equals(bytes.subarray(offset, offset + 512 * 1024))).toBe(true);
+      }
+      await client.close();
+      clearInterval(sample);
+      const stats = server.stats;
+      expect(stats.pausedConnections).toBe(2);
+      expect(stats.maxBufferedBytes).toBe(8 * MiB);
+      expect(Math.max(peak, stats.peakBufferedBytes)).toBeLessThanOrEqual(8 * MiB);
+      expect(stats.bufferedBytes).toBeGreaterThan(4 * MiB); // the hogs hold the shared half and their own shares
+      for (const s of hogs) s.destroy();
+      for (let i = 0; server.stats.activeConnections > 0 || server.stats.bufferedBytes > 0; i++) {
+        if (i > 1000) throw new Error(`the hogs' buffers were not released: ${JSON.stringify(server.stats)}`);
+        await new Promise((r) => setTimeout(r, 5));
+      }
+      expect(server.stats.pausedConnections).toBe(0);
+    } finally {
+      for (const s of hogs) s.destroy();
+      await Promise.all(servers.map((s) => s.close()));
+      rmSync(local, { recursive: true, force: true });
+    }
+  });
+
+  it('refuses a budget that cannot hold two of the largest requests', () => {
+    const provider = new DiskImageExportProvider({});
+    expect(() => new NbdServer(provider, { maxRequestBytes: 32 * MiB, maxBufferedBytes: 63 * MiB })).toThrow(/maxBufferedBytes must be an integer from 67108864/);
+  });
+});
+
 // ---------------------------------------------------------------------------
 
 const bin = fileURLToPath(new URL('../bin/run.js', import.meta.url));
@@ -118,26 +180,26 @@ function traceReads(): Array<{ offset: number; length: number }> {
   });
 }
 
-beforeAll(async () => {
-  dir = mkdtempSync(join(tmpdir(), 'bc-agent-memory-'));
-  await mkdir(join(dir, 'storage'));
-  // A sparse 2 GiB image with random bytes wherever the boot reads.
-  const image = await open(join(dir, 'storage', 'boot.raw'), 'w');
-  await image.truncate(IMAGE_BYTES);
-  for (const { offset, length } of traceReads()) await image.write(randomBytes(length), 0, length, offset);
-  await image.close();
-}, 120_000);
-
-afterAll(async () => {
-  for (const s of hogSockets) s.destroy();
-  if (agent && agent.exitCode === null) {
-    agent.kill('SIGKILL');
-    await new Promise((r) => agent!.once('exit', r));
-  }
-  rmSync(dir, { recursive: true, force: true });
-});
-
 describe('the agent under 120 clients that never read their replies', () => {
+  beforeAll(async () => {
+    dir = mkdtempSync(join(tmpdir(), 'bc-agent-memory-'));
+    await mkdir(join(dir, 'storage'));
+    // A sparse 2 GiB image with random bytes wherever the boot reads.
+    const image = await open(join(dir, 'storage', 'boot.raw'), 'w');
+    await image.truncate(IMAGE_BYTES);
+    for (const { offset, length } of traceReads()) await image.write(randomBytes(length), 0, length, offset);
+    await image.close();
+  }, 120_000);
+
+  afterAll(async () => {
+    for (const s of hogSockets) s.destroy();
+    if (agent && agent.exitCode === null) {
+      agent.kill('SIGKILL');
+      await new Promise((r) => agent!.once('exit', r));
+    }
+    rmSync(dir, { recursive: true, force: true });
+  });
+
   it('serves a boot with the right bytes, stays within --max-buffered plus a fixed overhead, and gives the memory back', async () => {
     const socket = join(dir, 'nbd.sock');
     const control = join(dir, 'control.sock');
@@ -212,5 +274,8 @@ describe('the agent under 120 clients that never read their replies', () => {
     }, 30_000);
     console.log(`agent RSS after the clients left: ${Math.round(after.rss / MiB)} MiB`);
     expect(after.rss).toBeLessThan(peak.hwm);
+    const exited = new Promise<number | null>((resolve) => agent!.once('exit', resolve));
+    agent.kill('SIGTERM');
+    expect(await exited).toBe(0);
   }, 300_000);
 });

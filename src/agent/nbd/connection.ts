@@ -66,8 +66,10 @@ const LINGER_MS = 5000;
  * beside the reply budget.
  */
 const REQUEST_BUFFER_BYTES = 64 * 1024;
-/** A block status reply's payload at most: context id and MAX_BLOCK_STATUS_DESCRIPTORS descriptors ("NBD_REPLY_TYPE_BLOCK_STATUS"). */
-const MAX_BLOCK_STATUS_PAYLOAD = 4 + 8 * MAX_BLOCK_STATUS_DESCRIPTORS;
+/** A block status reply's payload: a 32-bit context id, then 32-bit length and flags per descriptor ("NBD_REPLY_TYPE_BLOCK_STATUS"). */
+function blockStatusPayloadBytes(descriptors: number): number {
+  return 4 + 8 * descriptors;
+}
 
 const utf8 = new TextDecoder('utf-8', { fatal: true });
 
@@ -760,7 +762,7 @@ export class NbdConnection {
           return this.replyError(handle, type, P.NBD_EINVAL, 'NBD_CMD_BLOCK_STATUS of length 0');
         }
         const reqOne = (flags & P.NBD_CMD_FLAG_REQ_ONE) !== 0;
-        return this.withBuffers(reqOne ? 12 : MAX_BLOCK_STATUS_PAYLOAD, (buffered) =>
+        return this.withBuffers(blockStatusPayloadBytes(reqOne ? 1 : MAX_BLOCK_STATUS_DESCRIPTORS), (buffered) =>
           this.startWork(handle, type, 0, buffered, async () => {
             const extents = await exp.extents(offset, length);
             const descriptors = toBlockStatus(extents, offset, length, this.advertisedMinBlock, reqOne ? 1 : MAX_BLOCK_STATUS_DESCRIPTORS);
@@ -919,7 +921,7 @@ export class NbdConnection {
   }
 
   private blockStatusReplyParts(handle: Buffer, descriptors: { length: number; flags: number }[]): Buffer[] {
-    const payload = Buffer.alloc(4 + 8 * descriptors.length);
+    const payload = Buffer.alloc(blockStatusPayloadBytes(descriptors.length));
     payload.writeUInt32BE(BASE_ALLOCATION_ID, 0);
     descriptors.forEach((d, i) => {
       payload.writeUInt32BE(d.length, 4 + 8 * i);
