@@ -4,11 +4,13 @@
  * through ss and /proc), refusals told to the client and logged, idle
  * connections past the handshake counted, slots given back on close.
  */
+import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { promisify } from 'node:util';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { resolveConfig } from '../src/agent/config.js';
 import { parseUnixSockets } from '../src/agent/nbd/client-identity.js';
@@ -19,6 +21,8 @@ import { RawImage } from '../src/image/raw.js';
 import { NbdClient } from '../src/nbd-client/index.js';
 import { openRawExport } from './helpers/nbd-raw.js';
 
+// Async: the server runs in this process.
+const run = promisify(execFile);
 const dir = mkdtempSync(join(tmpdir(), 'bc-nbd-client-limit-'));
 const imagePath = join(dir, 'disk.raw');
 const data = randomBytes(1024 * 1024);
@@ -86,11 +90,14 @@ describe('NBD server: connections per client', () => {
     await raw({ path });
     await raw({ path });
     await expect(NbdClient.connect(`nbd+unix:///disk?socket=${path}`)).rejects.toThrow(new RegExp(`too many connections from uid ${uid} \\(2 open`));
+    // QEMU tries optional options first, then NBD_OPT_GO: every one is refused, and the user sees the reason.
+    const qemu = await run('qemu-img', ['info', `nbd+unix:///disk?socket=${path}`]).then(() => '', (err: { stderr: string }) => err.stderr);
+    expect(qemu).toMatch(new RegExp(`server reported: too many connections from uid ${uid} \\(2 open; the server allows 2 per client\\)`));
     // The same user over TCP is another client (an address, not a uid).
     const tcp = await NbdClient.connect(`nbd://127.0.0.1:${port}/disk`);
     expect((await tcp.read(0, 512)).equals(data.subarray(0, 512))).toBe(true);
     await tcp.close();
-    expect(server.stats.rejectedPerClient).toBe(1);
+    expect(server.stats.rejectedPerClient).toBe(2);
   });
 
   it('refuses nothing by default (the library leaves the limit to its user) and at the limit equal to maxConnections', async () => {

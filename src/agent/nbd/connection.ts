@@ -123,8 +123,8 @@ export class NbdConnection {
   /** Set when we close the socket ourselves, to log why. */
   private closeReason: string | null = null;
   private stopping = false;
-  /** Set once the admission said yes. */
-  private admitted = false;
+  /** The admission's answer once known: null (served) or why the client is refused. */
+  private refusal: string | null | undefined;
 
   // Negotiated state.
   private noZeroes = false;
@@ -295,7 +295,8 @@ export class NbdConnection {
   }
 
   private async handleOption(option: number, length: number): Promise<HandshakeStep> {
-    if (!this.admitted) await this.admit(option, length);
+    this.refusal ??= await this.ctx.admission;
+    if (this.refusal !== null) return this.refuseOption(option, length, this.refusal);
     const { maxOptionBytes } = this.ctx.limits;
     if (length > maxOptionBytes) {
       if (option === P.NBD_OPT_EXPORT_NAME || length > OPTION_DISCARD_LIMIT) {
@@ -354,20 +355,22 @@ export class NbdConnection {
   }
 
   /**
-   * Waits for the admission (the per-client limit); a refused client gets
-   * NBD_REP_ERR_POLICY ("unwilling to ... due to local policy") to its first
-   * option, or, after NBD_OPT_EXPORT_NAME, which has no error reply, a close.
+   * A refused client (the per-client limit) gets NBD_REP_ERR_POLICY ("unwilling
+   * to ... due to local policy") with the reason to every option, so that the
+   * one it fails on (NBD_OPT_GO, not an optional one it tries first) carries
+   * the message to the user. NBD_OPT_EXPORT_NAME has no error reply: a close.
+   * The handshake timeout and maxOptions bound how long it may go on.
    */
-  private async admit(option: number, length: number): Promise<void> {
-    const refusal = await this.ctx.admission;
-    if (refusal === null) {
-      this.admitted = true;
-      return;
-    }
+  private async refuseOption(option: number, length: number, refusal: string): Promise<HandshakeStep> {
     if (length > OPTION_DISCARD_LIMIT) throw new ClientRefused(refusal);
     await this.reader.skip(length);
-    if (option !== P.NBD_OPT_EXPORT_NAME) await this.optionReply(option, P.NBD_REP_ERR_POLICY, refusal);
-    throw new ClientRefused(refusal);
+    if (option === P.NBD_OPT_EXPORT_NAME) throw new ClientRefused(refusal);
+    if (option === P.NBD_OPT_ABORT) {
+      await this.optionReply(option, P.NBD_REP_ACK);
+      return { done: true, export: null };
+    }
+    await this.optionReply(option, P.NBD_REP_ERR_POLICY, refusal);
+    return CONTINUE;
   }
 
   /** NBD_OPT_EXPORT_NAME cannot return an error: any failure is a hard disconnect. */
