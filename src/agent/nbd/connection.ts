@@ -295,7 +295,7 @@ export class NbdConnection {
   }
 
   private async handleOption(option: number, length: number): Promise<HandshakeStep> {
-    this.refusal ??= await this.ctx.admission;
+    if (this.refusal === undefined) this.refusal = await this.ctx.admission;
     if (this.refusal !== null) return this.refuseOption(option, length, this.refusal);
     const { maxOptionBytes } = this.ctx.limits;
     if (length > maxOptionBytes) {
