@@ -84,6 +84,17 @@ describe('NBD server: connections per client', () => {
     await again.close();
   });
 
+  it('counts an IPv4 client on a dual-stack listener by its IPv4 address', async () => {
+    const provider = new DiskImageExportProvider({ disk: async () => RawImage.open(await FileByteSource.open(imagePath)) });
+    const server = new NbdServer(provider, { maxConnections: 8, maxConnectionsPerClient: 1 });
+    servers.push(server);
+    const { port } = await server.listenTcp('::', 0);
+    await raw({ host: '127.0.0.1', port }); // seen as ::ffff:127.0.0.1
+    await expect(NbdClient.connect(`nbd://127.0.0.1:${port}/disk`)).rejects.toThrow(/too many connections from 127\.0\.0\.1 \(1 open/);
+    const v6 = await NbdClient.connect(`nbd://[::1]:${port}/disk`); // another client
+    await v6.close();
+  });
+
   it('counts unix clients by uid, apart from TCP clients', async () => {
     const { server, path, port } = await startServer({ maxConnections: 8, maxConnectionsPerClient: 2 });
     const uid = process.getuid!();
