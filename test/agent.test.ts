@@ -334,7 +334,7 @@ describe('bootcache agent', () => {
 
   it('closes connections past maxConnections on accept, and serves again when one leaves', async () => {
     freshStorage('limit');
-    const { agent, config } = await startAgent('limit', { maxConnections: 2 });
+    const { agent, config } = await startAgent('limit', { maxConnections: 2, maxConnectionsPerClient: 2 });
     const first = await NbdClient.connect(uri(config, 'disk.raw'));
     const second = await NbdClient.connect(uri(config, 'disk.raw'));
     await expect(NbdClient.connect(uri(config, 'disk.raw'))).rejects.toThrow();

@@ -166,6 +166,8 @@ export class Agent implements ExportProvider {
       }
       this.nbd = new NbdServer(this, {
         maxConnections: c.maxConnections,
+        maxConnectionsPerClient: c.maxConnectionsPerClient,
+        maxBufferedBytes: c.maxBuffered,
         logger: (level, msg, fields) => this.log[level === 'warn' ? 'warn' : level === 'error' ? 'error' : 'debug'](fields ?? {}, msg),
       });
       await mkdir(join(c.socket, '..'), { recursive: true });
@@ -262,10 +264,13 @@ export class Agent implements ExportProvider {
     service.open();
     if (service.connections === 1) void this.startPrefetch(entry);
     let closed = false;
+    const bs = this.cache.blockSize;
     return {
       name,
       size: service.virtualSize,
       read: (offset, length) => service.read(offset, length),
+      // The image service reads whole blocks.
+      bufferBytes: (offset, length) => (Math.floor((offset + length - 1) / bs) - Math.floor(offset / bs) + 1) * bs,
       extents: (offset, length) => service.extents(offset, length),
       cache: async (offset, length) => {
         await service.readUnrecorded(offset, length);

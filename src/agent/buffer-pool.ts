@@ -3,10 +3,11 @@ import { setImmediate as yieldToLoop } from 'node:timers/promises';
 
 /**
  * Equal-sized buffers kept for reuse, shared by every prefetch stream of the
- * agent. A fresh buffer costs a page fault per 4 KiB on first touch: reading
- * 8 MiB of segment into a fresh buffer took 31 ms here, into a reused one
- * 1.7 ms, and a cold boot's first reads waited on exactly those chunks. So the
- * agent faults its pool in once (prefault) and streams keep reusing it.
+ * agent. A fresh buffer costs a page fault per 4 KiB on first touch, many
+ * times the cost of the read into it, and a cold boot's first reads wait on
+ * exactly those chunks. So the agent faults its pool in once (prefault) and
+ * streams keep reusing it. The pool never holds more than maxIdle buffers,
+ * however many streams ran at once: it does not grow with a peak.
  */
 export class BufferPool {
   private readonly idle: Buffer[] = [];
@@ -91,10 +92,9 @@ function openDevZero(): number | undefined {
  * Has the kernel write zeros over buf[start, end) (a read of /dev/zero).
  * Under a shadow-paging hypervisor the kernel's first write into a page
  * faults again even when the process has touched that page itself (user and
- * kernel mode have separate shadow page tables). Measured on this project's
- * nested 2-vCPU VM: the first 8 MiB read of a segment chunk into a buffer
- * filled from user space took 11-18 ms, after this 2.0-2.6 ms (later reads
- * 1.8-2.4 ms), and a cold boot's first reads wait on exactly those chunks.
+ * kernel mode have separate shadow page tables), so a buffer filled from user
+ * space alone still makes the first segment read into it slow
+ * (docs/benchmarks-agent.md has the figures).
  */
 export function writeFromKernel(zeroFd: number, buf: Buffer, start: number, end: number): void {
   for (let at = start; at < end; ) {

@@ -43,6 +43,10 @@ export interface AgentConfig {
   maintenance: string;
   /** NBD connections at once (negotiating or not); see NbdServer's dropOldestNegotiating. */
   maxConnections: number;
+  /** NBD connections at once from one client (a unix peer's uid, a TCP peer's address); default a quarter of maxConnections. */
+  maxConnectionsPerClient: number;
+  /** Reply buffers the NBD server holds at most over all connections (see BufferBudget). */
+  maxBuffered: number;
   /** Permission bits of the NBD socket (connecting needs write permission). */
   socketMode: number;
   /** Group (name or numeric gid) given both sockets, e.g. the group QEMU runs in. */
@@ -52,6 +56,11 @@ export interface AgentConfig {
   logLevel: 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
   /** Boot a scratch image through a private agent before listening, so the first boot runs on optimised code (warmup.ts). */
   warmup: boolean;
+}
+
+/** The per-client default follows --max-connections: half of it: no one client takes every slot, and VMs that share one uid (libvirt) still get most. */
+export function defaultMaxConnectionsPerClient(maxConnections: number): number {
+  return Math.max(1, Math.floor(maxConnections / 2));
 }
 
 export const CONFIG_DEFAULTS: Omit<AgentConfig, 'storage' | 'cache'> = {
@@ -71,6 +80,8 @@ export const CONFIG_DEFAULTS: Omit<AgentConfig, 'storage' | 'cache'> = {
   blockSize: 4096,
   maintenance: '17 3 * * *',
   maxConnections: 128,
+  maxConnectionsPerClient: defaultMaxConnectionsPerClient(128),
+  maxBuffered: 256 * 1024 * 1024,
   socketMode: 0o660,
   logLevel: 'info',
   warmup: true,
@@ -106,7 +117,7 @@ type Raw = Record<string, unknown>;
 const KNOWN_KEYS = new Set([
   'storage', 'cache', 'socket', 'listen', 'control', 'cacheSize', 'cacheMisses', 'storageDelayMs',
   'storageErrorRate', 'boot', 'merge', 'prefetchChunk', 'prefetchDepth', 'readahead', 'blockSize', 'maintenance',
-  'maxConnections', 'socketMode', 'socketGroup', 'logLevel', 'warmup',
+  'maxConnections', 'socketMode', 'socketGroup', 'logLevel', 'warmup', 'maxConnectionsPerClient', 'maxBuffered',
 ]);
 const KNOWN_BOOT_KEYS = new Set(['idleMs', 'windowMs', 'minReads', 'maxShare', 'maxShareFloor']);
 const KNOWN_MERGE_KEYS = new Set(['minSeen', 'window']);
@@ -143,6 +154,8 @@ export const FLAG_FOR_KEY: Readonly<Record<string, { flag: string; scale?: numbe
   socketMode: { flag: 'socket-mode' },
   socketGroup: { flag: 'socket-group' },
   maxConnections: { flag: 'max-connections' },
+  maxConnectionsPerClient: { flag: 'max-connections-per-client' },
+  maxBuffered: { flag: 'max-buffered' },
   cacheSize: { flag: 'cache-size' },
   cacheMisses: { flag: 'cache-misses' },
   storageDelayMs: { flag: 'storage-delay' },
@@ -279,6 +292,15 @@ export function resolveConfig(fromFile: Raw, overrides: Raw = {}, fromFlags: Raw
     throw new UsageError(`${logLevel.label} ${JSON.stringify(logLevel.value)} is not a pino level (${LOG_LEVELS.join(', ')})`);
   }
 
+  const maxConnections = int('maxConnections', 1, 65_536);
+  // Unset, the per-client limit follows the configured maxConnections, not the default one.
+  const perClient = setting('maxConnectionsPerClient');
+  const perClientGiven = fromFlags['max-connections-per-client'] !== undefined || raw.maxConnectionsPerClient !== undefined;
+  const maxConnectionsPerClient = perClientGiven ? int('maxConnectionsPerClient', 1, 65_536) : defaultMaxConnectionsPerClient(maxConnections);
+  if (maxConnectionsPerClient > maxConnections) {
+    throw new UsageError(`${perClient.label} (${maxConnectionsPerClient}) cannot exceed the connection limit (${maxConnections}; --max-connections, config maxConnections)`);
+  }
+
   const config: AgentConfig = {
     storage: str('storage'),
     cache: str('cache'),
@@ -295,7 +317,10 @@ export function resolveConfig(fromFile: Raw, overrides: Raw = {}, fromFlags: Raw
     readahead: size('readahead', 64 * 1024, 32 * 1024 * 1024, '0 (off) or from 64K to 32M', true),
     blockSize,
     maintenance: maintenance.value,
-    maxConnections: int('maxConnections', 1, 65_536),
+    maxConnections,
+    maxConnectionsPerClient,
+    // At least twice the NBD server's largest request (32 MiB): half the budget is shared, and one request must fit it.
+    maxBuffered: size('maxBuffered', 64 * 1024 * 1024, Number.MAX_SAFE_INTEGER, 'at least 64M'),
     socketMode: parseMode(setting('socketMode')),
     logLevel: logLevel.value as AgentConfig['logLevel'],
     warmup: bool('warmup'),

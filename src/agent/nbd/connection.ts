@@ -1,5 +1,6 @@
 import type { Socket } from 'node:net';
 import { toBlockStatus } from './block-status.js';
+import type { BudgetAccount } from './buffer-budget.js';
 import { ExportNotFoundError, type ExportDescription, type ExportProvider, type NbdExport } from './export.js';
 import * as P from './protocol.js';
 import { ReadCancelledError, SocketReader, StreamEndedError, StreamStalledError } from './socket-reader.js';
@@ -32,11 +33,20 @@ export interface ConnectionContext {
   limits: ConnectionLimits;
   log: NbdLogger;
   counters: ServerCounters;
+  /** This connection's share of the server's reply buffer budget; closed with the connection. */
+  budget: BudgetAccount;
+  /** Resolves null when the client may be served, else why not (answered to its first option). */
+  admission: Promise<string | null>;
+  /** Reply buffers of `bytes` were dropped unsent (the client went away with replies unread). */
+  dropped(bytes: number): void;
   isShuttingDown(): boolean;
 }
 
 /** The client broke a MUST of the protocol: hard disconnect ("Terminating the transmission phase"). */
 class ProtocolViolation extends Error {}
+
+/** The server does not serve this client (per-client connection limit); it was told why. */
+class ClientRefused extends Error {}
 
 /** Option payloads above maxOptionBytes but below this are skipped and answered NBD_REP_ERR_TOO_BIG; above, we disconnect. */
 const OPTION_DISCARD_LIMIT = 16 * 1024 * 1024;
@@ -49,6 +59,17 @@ const MIN_BLOCK = 512;
 const PREFERRED_BLOCK = 4096;
 /** After NBD_CMD_DISC or shutdown we half-close; the client should close within this time. */
 const LINGER_MS = 5000;
+/**
+ * Unparsed request bytes kept per connection before its socket is paused.
+ * Requests are 28-byte headers (WRITE payloads are dropped as they come), so
+ * this holds thousands; a bound per connection keeps request buffers small
+ * beside the reply budget.
+ */
+const REQUEST_BUFFER_BYTES = 64 * 1024;
+/** A block status reply's payload: a 32-bit context id, then 32-bit length and flags per descriptor ("NBD_REPLY_TYPE_BLOCK_STATUS"). */
+function blockStatusPayloadBytes(descriptors: number): number {
+  return 4 + 8 * descriptors;
+}
 
 const utf8 = new TextDecoder('utf-8', { fatal: true });
 
@@ -102,6 +123,8 @@ export class NbdConnection {
   /** Set when we close the socket ourselves, to log why. */
   private closeReason: string | null = null;
   private stopping = false;
+  /** The admission's answer once known: null (served) or why the client is refused. */
+  private refusal: string | null | undefined;
 
   // Negotiated state.
   private noZeroes = false;
@@ -127,7 +150,7 @@ export class NbdConnection {
     const base = ctx.log;
     this.log = (level, msg, fields) => base(level, msg, { connection: id, ...fields });
     this.reader = new SocketReader(socket, {
-      highWaterMark: 256 * 1024,
+      highWaterMark: REQUEST_BUFFER_BYTES,
       stallTimeoutMs: ctx.limits.stallTimeoutMs,
     });
     socket.on('error', (err) => this.log('debug', 'socket error', { error: err.message }));
@@ -136,6 +159,8 @@ export class NbdConnection {
     socket.on('close', () => {
       for (const resolve of this.pendingWrites) resolve();
       this.pendingWrites.clear();
+      // A request waiting for buffer memory has nobody to answer any more.
+      ctx.budget.cancel();
     });
     if (ctx.limits.handshakeTimeoutMs > 0) {
       this.handshakeTimer = setTimeout(() => {
@@ -156,6 +181,11 @@ export class NbdConnection {
   /** Requests whose replies are not yet handed to the kernel. */
   get requestsInFlight(): number {
     return this.inFlight;
+  }
+
+  /** Request bytes received and not yet parsed. */
+  get requestBufferedBytes(): number {
+    return this.reader.bufferedBytes;
   }
 
   /**
@@ -203,17 +233,22 @@ export class NbdConnection {
         reason = err.partialBytes > 0 ? `client disconnected mid-message (${err.partialBytes} bytes pending)` : 'client disconnected';
       } else if (err instanceof ReadCancelledError) {
         reason = 'server shutting down';
+      } else if (err instanceof ClientRefused) {
+        reason = `refused: ${err.message}`;
       } else {
         level = 'error';
         reason = `internal error: ${errorText(err)}`;
       }
-      this.socket.destroy();
+      // A refused client was told why: let the reply reach it (a reset could discard it) before closing.
+      if (err instanceof ClientRefused) await this.endGracefully();
+      else this.socket.destroy();
     } finally {
       this.phase = 'closing';
       this.clearHandshakeTimer();
     }
     // Requests still running against the export must settle before it closes.
     await this.idle();
+    this.ctx.budget.close();
     const exp = this.export;
     this.export = null;
     if (exp !== null) {
@@ -260,6 +295,8 @@ export class NbdConnection {
   }
 
   private async handleOption(option: number, length: number): Promise<HandshakeStep> {
+    if (this.refusal === undefined) this.refusal = await this.ctx.admission;
+    if (this.refusal !== null) return this.refuseOption(option, length, this.refusal);
     const { maxOptionBytes } = this.ctx.limits;
     if (length > maxOptionBytes) {
       if (option === P.NBD_OPT_EXPORT_NAME || length > OPTION_DISCARD_LIMIT) {
@@ -315,6 +352,25 @@ export class NbdConnection {
         await this.optionReply(option, P.NBD_REP_ERR_UNSUP, `${P.optionName(option)} is not supported`);
         return CONTINUE;
     }
+  }
+
+  /**
+   * A refused client (the per-client limit) gets NBD_REP_ERR_POLICY ("unwilling
+   * to ... due to local policy") with the reason to every option, so that the
+   * one it fails on (NBD_OPT_GO, not an optional one it tries first) carries
+   * the message to the user. NBD_OPT_EXPORT_NAME has no error reply: a close.
+   * The handshake timeout and maxOptions bound how long it may go on.
+   */
+  private async refuseOption(option: number, length: number, refusal: string): Promise<HandshakeStep> {
+    if (length > OPTION_DISCARD_LIMIT) throw new ClientRefused(refusal);
+    await this.reader.skip(length);
+    if (option === P.NBD_OPT_EXPORT_NAME) throw new ClientRefused(refusal);
+    if (option === P.NBD_OPT_ABORT) {
+      await this.optionReply(option, P.NBD_REP_ACK);
+      return { done: true, export: null };
+    }
+    await this.optionReply(option, P.NBD_REP_ERR_POLICY, refusal);
+    return CONTINUE;
   }
 
   /** NBD_OPT_EXPORT_NAME cannot return an error: any failure is a hard disconnect. */
@@ -648,15 +704,16 @@ export class NbdConnection {
           return this.replyData(handle, offset, Buffer.alloc(0));
         }
         // A single OFFSET_DATA chunk always satisfies NBD_CMD_FLAG_DF: lengths are capped at maxRequestBytes.
-        this.startWork(handle, type, length, async () => {
-          const data = await exp.read(offset, length);
-          if (data.length !== length) {
-            throw new Error(`export returned ${data.length} bytes for a ${length}-byte read`);
-          }
-          this.ctx.counters.bytesRead += length;
-          return this.dataReplyParts(handle, offset, data);
-        });
-        return undefined;
+        return this.withBuffers(exp.bufferBytes?.(offset, length) ?? length, (buffered) =>
+          this.startWork(handle, type, length, buffered, async () => {
+            const data = await exp.read(offset, length);
+            if (data.length !== length) {
+              throw new Error(`export returned ${data.length} bytes for a ${length}-byte read`);
+            }
+            this.ctx.counters.bytesRead += length;
+            return this.dataReplyParts(handle, offset, data);
+          }),
+        );
       }
       case P.NBD_CMD_WRITE: {
         if (length > this.ctx.limits.maxRequestBytes) {
@@ -685,11 +742,13 @@ export class NbdConnection {
         if (invalid !== null) return this.replyError(handle, type, P.NBD_EINVAL, invalid);
         const cache = exp.cache;
         if (cache === undefined || length === 0) return this.replyOk(handle);
-        this.startWork(handle, type, 0, async () => {
-          await cache.call(exp, offset, length);
-          return this.okReplyParts(handle);
-        });
-        return undefined;
+        // The hint reads the range into memory like a READ, only for less long.
+        return this.withBuffers(exp.bufferBytes?.(offset, length) ?? length, (buffered) =>
+          this.startWork(handle, type, 0, buffered, async () => {
+            await cache.call(exp, offset, length);
+            return this.okReplyParts(handle);
+          }),
+        );
       }
       case P.NBD_CMD_BLOCK_STATUS: {
         if (!this.structured || this.metaExportName === null) {
@@ -706,12 +765,13 @@ export class NbdConnection {
           return this.replyError(handle, type, P.NBD_EINVAL, 'NBD_CMD_BLOCK_STATUS of length 0');
         }
         const reqOne = (flags & P.NBD_CMD_FLAG_REQ_ONE) !== 0;
-        this.startWork(handle, type, 0, async () => {
-          const extents = await exp.extents(offset, length);
-          const descriptors = toBlockStatus(extents, offset, length, this.advertisedMinBlock, reqOne ? 1 : MAX_BLOCK_STATUS_DESCRIPTORS);
-          return this.blockStatusReplyParts(handle, descriptors);
-        });
-        return undefined;
+        return this.withBuffers(blockStatusPayloadBytes(reqOne ? 1 : MAX_BLOCK_STATUS_DESCRIPTORS), (buffered) =>
+          this.startWork(handle, type, 0, buffered, async () => {
+            const extents = await exp.extents(offset, length);
+            const descriptors = toBlockStatus(extents, offset, length, this.advertisedMinBlock, reqOne ? 1 : MAX_BLOCK_STATUS_DESCRIPTORS);
+            return this.blockStatusReplyParts(handle, descriptors);
+          }),
+        );
       }
       default:
         // "The server SHOULD return NBD_EINVAL if it receives an unknown command."
@@ -753,7 +813,10 @@ export class NbdConnection {
     this.inFlightBytes += bytes;
   }
 
-  private release(bytes: number): void {
+  private release(bytes: number, buffered = 0): void {
+    this.ctx.budget.release(buffered);
+    // A reply the client never took: its buffer is garbage now.
+    if (buffered > 0 && this.socket.destroyed) this.ctx.dropped(buffered);
     this.inFlight--;
     this.inFlightBytes -= bytes;
     if (this.hasSlot()) this.wakeSlotWaiter();
@@ -775,8 +838,30 @@ export class NbdConnection {
     return new Promise((resolve) => this.idleWaiters.push(resolve));
   }
 
-  /** Runs provider work for one request; any failure becomes an EIO reply. */
-  private startWork(handle: Buffer, type: number, bytes: number, work: () => Promise<Buffer[]>): void {
+  /**
+   * Runs `start` once `bytes` of the server's buffer budget are this
+   * connection's. When the budget is spent, the connection reads no more
+   * requests until its own or others' replies drain: its socket is paused, so
+   * the client is held back by flow control, and the promise returned keeps
+   * the request loop waiting. A connection that closes meanwhile starts nothing.
+   */
+  private withBuffers(wanted: number, start: (buffered: number) => void): Promise<void> | undefined {
+    // An export's alignment may ask a little more than the largest request; the server checked that one fits.
+    const bytes = Math.min(wanted, this.ctx.budget.largestTake);
+    const taken = this.ctx.budget.take(bytes);
+    if (taken === true) {
+      start(bytes);
+      return undefined;
+    }
+    this.socket.pause();
+    this.log('debug', 'reply buffer budget spent: not reading requests', { bytes, held: this.ctx.budget.heldBytes });
+    return taken.then((granted) => {
+      if (granted) start(bytes);
+    });
+  }
+
+  /** Runs provider work for one request; any failure becomes an EIO reply. `buffered` budget bytes are released with it. */
+  private startWork(handle: Buffer, type: number, bytes: number, buffered: number, work: () => Promise<Buffer[]>): void {
     this.acquire(bytes);
     work()
       .catch((err: unknown) => {
@@ -786,7 +871,7 @@ export class NbdConnection {
       })
       .then((parts) => this.send(parts))
       .catch((err: unknown) => this.log('error', 'sending reply failed', { error: errorText(err) }))
-      .finally(() => this.release(bytes));
+      .finally(() => this.release(bytes, buffered));
   }
 
   private replyOk(handle: Buffer): undefined {
@@ -839,7 +924,7 @@ export class NbdConnection {
   }
 
   private blockStatusReplyParts(handle: Buffer, descriptors: { length: number; flags: number }[]): Buffer[] {
-    const payload = Buffer.alloc(4 + 8 * descriptors.length);
+    const payload = Buffer.alloc(blockStatusPayloadBytes(descriptors.length));
     payload.writeUInt32BE(BASE_ALLOCATION_ID, 0);
     descriptors.forEach((d, i) => {
       payload.writeUInt32BE(d.length, 4 + 8 * i);

@@ -21,6 +21,11 @@ export interface NbdExport {
    * returned buffer until it is written out: do not reuse or modify it.
    */
   read(offset: number, length: number): Promise<Buffer>;
+  /**
+   * Bytes read() (and cache()) allocate for the range, when more than
+   * `length` (block alignment): what the server counts against its buffer budget.
+   */
+  bufferBytes?(offset: number, length: number): number;
   /** Allocation extents covering [offset, offset+length), in order. */
   extents(offset: number, length: number): Promise<Extent[]>;
   /** Hint that the range will be read soon (NBD_CMD_CACHE). */

@@ -1,6 +1,9 @@
 import net from 'node:net';
 import { claimSocketPath } from '../socket-access.js';
 import { AgentError } from '../../errors.js';
+import { BufferBudget } from './buffer-budget.js';
+import { ClientIdentifier, type ClientIdentity } from './client-identity.js';
+import { MemoryRelease } from './memory-release.js';
 import { NbdConnection, type ConnectionLimits, type NbdLogger, type ServerCounters } from './connection.js';
 import type { ExportProvider } from './export.js';
 import { NBD_DEFAULT_PORT, PORTABLE_MAX_BLOCK } from './protocol.js';
@@ -10,6 +13,10 @@ export type { NbdLogger, NbdLogLevel } from './connection.js';
 export interface NbdServerOptions {
   /** Connections at once, negotiating or not (default 128); see dropOldestNegotiating. */
   maxConnections?: number;
+  /** Connections at once from one client: a unix peer's uid, a TCP peer's address (default maxConnections: no limit of its own). */
+  maxConnectionsPerClient?: number;
+  /** Reply buffers held at most over all connections (default 256 MiB, at least 2 x maxRequestBytes); see BufferBudget. */
+  maxBufferedBytes?: number;
   /** Requests served concurrently per connection (default 64); beyond it the socket is not read. */
   maxInFlightPerConnection?: number;
   /** Read bytes in flight per connection before the socket is not read (default 64 MiB). */
@@ -38,6 +45,18 @@ export interface NbdServerStats {
   rejectedConnections: number;
   /** Connections still negotiating that were dropped to make room for a newcomer. */
   droppedConnections: number;
+  /** Connections refused because their client already had maxConnectionsPerClient open. */
+  rejectedPerClient: number;
+  /** Bytes of reply buffers held now (reads being served or waiting for the client to take them). */
+  bufferedBytes: number;
+  /** Most reply buffer bytes held at once since start. */
+  peakBufferedBytes: number;
+  /** The bound on bufferedBytes (maxBufferedBytes). */
+  maxBufferedBytes: number;
+  /** Connections that read no requests now because the reply buffer budget is spent. */
+  pausedConnections: number;
+  /** Request bytes received and not yet parsed, over all connections (bounded per connection). */
+  requestBufferedBytes: number;
   /** Connections that reached the transmission phase. */
   handshakes: number;
   /** Transmission requests received (NBD_CMD_DISC excluded). */
@@ -90,9 +109,16 @@ export class NbdServer {
   private readonly listeners: net.Server[] = [];
   private readonly connections = new Set<NbdConnection>();
   private readonly counters: ServerCounters = { handshakes: 0, requests: 0, bytesRead: 0, readErrors: 0, protocolErrors: 0 };
+  private readonly budget: BufferBudget;
+  private readonly maxConnectionsPerClient: number;
+  private readonly identifier: ClientIdentifier;
+  private readonly memoryRelease = new MemoryRelease();
+  /** Open connections by client key. */
+  private readonly perClient = new Map<string, number>();
   private totalConnections = 0;
   private rejectedConnections = 0;
   private droppedConnections = 0;
+  private rejectedPerClient = 0;
   private closing: Promise<void> | null = null;
 
   constructor(
@@ -110,6 +136,12 @@ export class NbdServer {
       stallTimeoutMs: positiveInteger('stallTimeoutMs', options.stallTimeoutMs, 30_000, 0),
     };
     this.maxConnections = positiveInteger('maxConnections', options.maxConnections, 128);
+    this.maxConnectionsPerClient = positiveInteger(
+      'maxConnectionsPerClient', options.maxConnectionsPerClient, this.maxConnections, 1, this.maxConnections,
+    );
+    // The shared half must hold the largest request, or such a request could wait forever.
+    const maxBufferedBytes = positiveInteger('maxBufferedBytes', options.maxBufferedBytes, 256 * MiB, 2 * maxRequestBytes);
+    this.budget = new BufferBudget(maxBufferedBytes, this.maxConnections);
     this.closeTimeoutMs = positiveInteger('closeTimeoutMs', options.closeTimeoutMs, 30_000, 0);
     const logger = options.logger;
     // A throwing logger must not break a connection or leave a rejection unhandled.
@@ -120,16 +152,27 @@ export class NbdServer {
         // ignored
       }
     };
+    this.identifier = new ClientIdentifier((message) => this.log('warn', message));
   }
 
   get stats(): NbdServerStats {
     let requestsInFlight = 0;
-    for (const c of this.connections) requestsInFlight += c.requestsInFlight;
+    let requestBufferedBytes = 0;
+    for (const c of this.connections) {
+      requestsInFlight += c.requestsInFlight;
+      requestBufferedBytes += c.requestBufferedBytes;
+    }
     return {
       activeConnections: this.connections.size,
       totalConnections: this.totalConnections,
       rejectedConnections: this.rejectedConnections,
       droppedConnections: this.droppedConnections,
+      rejectedPerClient: this.rejectedPerClient,
+      bufferedBytes: this.budget.usedBytes,
+      peakBufferedBytes: this.budget.peakBytes,
+      maxBufferedBytes: this.budget.limitBytes,
+      pausedConnections: this.budget.waitingAccounts,
+      requestBufferedBytes,
       handshakes: this.counters.handshakes,
       requests: this.counters.requests,
       requestsInFlight,
@@ -185,6 +228,7 @@ export class NbdServer {
     }
     // Closing a unix listener also removes its socket file (libuv does it).
     await listenersClosed;
+    this.memoryRelease.cancel();
     this.log('info', 'NBD server closed', { ...this.stats });
   }
 
@@ -227,6 +271,20 @@ export class NbdServer {
     this.totalConnections++;
     // "both the client and server SHOULD disable Nagle's algorithm" (TCP only; a no-op on unix sockets).
     socket.setNoDelay(true);
+    const id = this.totalConnections;
+    let admittedAs: string | null = null;
+    let ended = false;
+    // Without a limit of its own, nobody needs identifying (a unix look-up runs ss).
+    const identified = this.maxConnectionsPerClient < this.maxConnections ? this.identifier.identify(socket) : Promise.resolve(null);
+    const admission = identified.then((identity) => {
+      if (ended) return null;
+      const refusal = this.refusalFor(identity, id);
+      if (refusal === null && identity !== null) {
+        admittedAs = identity.key;
+        this.perClient.set(identity.key, (this.perClient.get(identity.key) ?? 0) + 1);
+      }
+      return refusal;
+    });
     const connection = new NbdConnection(
       socket,
       {
@@ -234,13 +292,39 @@ export class NbdServer {
         limits: this.limits,
         log: this.log,
         counters: this.counters,
+        budget: this.budget.open(),
+        admission,
+        dropped: (bytes) => this.memoryRelease.noteDropped(bytes),
         isShuttingDown: () => this.closing !== null,
       },
-      this.totalConnections,
+      id,
     );
     this.connections.add(connection);
     this.log('debug', 'connection accepted', { connection: connection.id, remote: socket.remoteAddress ?? 'unix' });
-    void connection.done.finally(() => this.connections.delete(connection));
+    void connection.done.finally(() => {
+      ended = true;
+      this.connections.delete(connection);
+      if (admittedAs !== null) {
+        const left = (this.perClient.get(admittedAs) ?? 1) - 1;
+        if (left > 0) this.perClient.set(admittedAs, left);
+        else this.perClient.delete(admittedAs);
+      }
+    });
+  }
+
+  /** Why a client may not open another connection, or null when it may (unknown clients are not counted). */
+  private refusalFor(identity: ClientIdentity | null, connection: number): string | null {
+    if (identity === null) return null;
+    const open = this.perClient.get(identity.key) ?? 0;
+    if (open < this.maxConnectionsPerClient) return null;
+    this.rejectedPerClient++;
+    this.log('warn', 'connection refused: too many connections from one client', {
+      connection,
+      client: identity.label,
+      open,
+      maxConnectionsPerClient: this.maxConnectionsPerClient,
+    });
+    return `too many connections from ${identity.label} (${open} open; the server allows ${this.maxConnectionsPerClient} per client)`;
   }
 
   /**

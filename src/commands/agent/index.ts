@@ -14,7 +14,7 @@ export default class AgentRun extends BaseCommand<typeof AgentRun> {
 
 Runs in the foreground until SIGTERM or SIGINT: it then stops accepting, finishes in-flight requests, and flushes maps and the cache index (a signal during the start makes it give up cleanly, exit status 0). Logs are JSON lines (pino) on stdout. TCP is used only with --listen (default port ${DEFAULT_NBD_PORT}).
 
-Settings come from flags or a JSON config file (--config); flags win. Config keys: storage, cache, socket, listen, control, cacheSize, cacheMisses, storageDelayMs, storageErrorRate, boot {idleMs, windowMs, minReads, maxShare, maxShareFloor}, merge {minSeen, window}, prefetchChunk, prefetchDepth, readahead, blockSize, maintenance, maxConnections, socketMode, socketGroup, logLevel, warmup.
+Settings come from flags or a JSON config file (--config); flags win. Config keys: storage, cache, socket, listen, control, cacheSize, cacheMisses, storageDelayMs, storageErrorRate, boot {idleMs, windowMs, minReads, maxShare, maxShareFloor}, merge {minSeen, window}, prefetchChunk, prefetchDepth, readahead, blockSize, maintenance, maxConnections, maxConnectionsPerClient, maxBuffered, socketMode, socketGroup, logLevel, warmup.
 
 ${EXIT_CODES_HELP}`;
 
@@ -34,6 +34,8 @@ ${EXIT_CODES_HELP}`;
     'socket-mode': Flags.string({ description: 'Permission bits of the NBD socket; connecting needs write permission (default 660).', helpValue: 'OCTAL' }),
     'socket-group': Flags.string({ description: 'Group of both sockets, name or gid, e.g. the group QEMU runs in (default: the agent\'s).', helpValue: 'GROUP' }),
     'max-connections': Flags.integer({ description: `NBD connections at once; when full, the longest-negotiating one makes room, else newcomers are closed (default ${CONFIG_DEFAULTS.maxConnections}).`, helpValue: 'N' }),
+    'max-connections-per-client': Flags.integer({ description: 'NBD connections at once from one client (a unix socket peer\'s uid, a TCP peer\'s address); more are refused (default half of --max-connections).', helpValue: 'N' }),
+    'max-buffered': Flags.string({ description: `Reply buffers the NBD server holds over all connections, e.g. 512M; connections wanting more stop being read until replies drain (default ${CONFIG_DEFAULTS.maxBuffered / 1024 ** 2}M, at least 64M).`, helpValue: 'BYTES' }),
     'cache-size': Flags.string({ description: `Cache capacity, e.g. 8G (default ${CONFIG_DEFAULTS.cacheSize / 1024 ** 3}G).`, helpValue: 'BYTES' }),
     'cache-misses': Flags.boolean({ description: 'Cache blocks read on a miss, not only prefetched ones.', allowNo: true }),
     'storage-delay': Flags.integer({ description: 'Test/benchmark: delay every storage read by MS milliseconds.', helpValue: 'MS' }),

@@ -7,7 +7,7 @@ import { formatBytes } from '../../cli/progress.js';
 
 export default class AgentStatusCommand extends BaseCommand<typeof AgentStatusCommand> {
   static override summary = "Show a running agent's exports, cache, prefetch progress and counters.";
-  static override description = `Asks the agent on its control socket. The --json result has "exports" (name, size, connections, prefetch progress, last boot: state recording/complete/discarded, reads, duration, endReason, discardReason), "cache" (capacity and use; "disk": the cache filesystem's room, a warning when it cannot hold --cache-size, and "shrunk" once a full disk shrank the cache), "prefetchBuffers" (the chunk buffers the agent keeps: bufferBytes, maxIdle, idle, allocated), "nbd" (activeConnections, totalConnections, rejectedConnections refused when full, droppedConnections still negotiating and dropped to make room, handshakes, requests, requestsInFlight, bytesRead, readErrors, protocolErrors) and "counters": {"storage": {"readRequests", "readBytes"}, "cache": {"hits", "misses"}, "prefetch": {"bytes", "unusedBytes"}, "boots": {"recorded", "skipped", "failed", "discarded"}}.
+  static override description = `Asks the agent on its control socket. The --json result has "exports" (name, size, connections, prefetch progress, last boot: state recording/complete/discarded, reads, duration, endReason, discardReason), "cache" (capacity and use; "disk": the cache filesystem's room, a warning when it cannot hold --cache-size, and "shrunk" once a full disk shrank the cache), "prefetchBuffers" (the chunk buffers the agent keeps: bufferBytes, maxIdle, idle, allocated), "nbd" (activeConnections, totalConnections, rejectedConnections refused when full, droppedConnections still negotiating and dropped to make room, rejectedPerClient refused at --max-connections-per-client, bufferedBytes and peakBufferedBytes of reply buffers held within maxBufferedBytes, pausedConnections not read while that budget is spent, requestBufferedBytes, handshakes, requests, requestsInFlight, bytesRead, readErrors, protocolErrors) and "counters": {"storage": {"readRequests", "readBytes"}, "cache": {"hits", "misses"}, "prefetch": {"bytes", "unusedBytes"}, "boots": {"recorded", "skipped", "failed", "discarded"}}.
 
 ${EXIT_CODES_HELP}`;
 
@@ -29,7 +29,7 @@ ${EXIT_CODES_HELP}`;
     this.log(`prefetch buffers: ${pool.allocated} of ${formatBytes(pool.bufferBytes)} allocated, ${pool.idle} idle`);
     const n = status.nbd;
     this.log(
-      `nbd: ${n.activeConnections} connections open, ${n.totalConnections} accepted, ${n.rejectedConnections} refused and ${n.droppedConnections} dropped when full; ${n.requests} requests, ${n.readErrors} read errors, ${n.protocolErrors} protocol errors`,
+      `nbd: ${n.activeConnections} connections open, ${n.totalConnections} accepted, ${n.rejectedConnections} refused and ${n.droppedConnections} dropped when full, ${n.rejectedPerClient} refused per client; reply buffers ${formatBytes(n.bufferedBytes)} of ${formatBytes(n.maxBufferedBytes)} (peak ${formatBytes(n.peakBufferedBytes)}), ${n.pausedConnections} connections paused; ${n.requests} requests, ${n.readErrors} read errors, ${n.protocolErrors} protocol errors`,
     );
     this.log(
       `counters: storage ${c.storage.readRequests} reads / ${formatBytes(c.storage.readBytes)}; cache ${c.cache.hits} hits / ${c.cache.misses} misses; prefetch ${formatBytes(c.prefetch.bytes)} (${formatBytes(c.prefetch.unusedBytes)} unused); boots recorded ${c.boots.recorded}, discarded ${c.boots.discarded}`,
