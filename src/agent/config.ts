@@ -29,6 +29,10 @@ export interface AgentConfig {
   cacheMisses: boolean;
   storageDelayMs: number;
   storageErrorRate: number;
+  /** A storage read that fails with an I/O error is sent again up to this many times. */
+  storageRetries: number;
+  /** Delay before the first retry, ms; doubled for each further one (with jitter). */
+  storageRetryDelayMs: number;
   boot: BootPolicy;
   merge: MergePolicy;
   /** Segment bytes per sequential prefetch read. */
@@ -61,6 +65,9 @@ export const CONFIG_DEFAULTS: Omit<AgentConfig, 'storage' | 'cache'> = {
   cacheMisses: true,
   storageDelayMs: 0,
   storageErrorRate: 0,
+  // 3 retries from 50 ms: a failed read reaches the guest after at most 350 ms of waits.
+  storageRetries: 3,
+  storageRetryDelayMs: 50,
   boot: DEFAULT_BOOT_POLICY,
   merge: DEFAULT_MERGE_POLICY,
   // 8 MiB ranged reads, as object stores recommend; 4 in flight keep the 32 MiB
@@ -105,7 +112,7 @@ type Raw = Record<string, unknown>;
 
 const KNOWN_KEYS = new Set([
   'storage', 'cache', 'socket', 'listen', 'control', 'cacheSize', 'cacheMisses', 'storageDelayMs',
-  'storageErrorRate', 'boot', 'merge', 'prefetchChunk', 'prefetchDepth', 'readahead', 'blockSize', 'maintenance',
+  'storageErrorRate', 'storageRetries', 'storageRetryDelayMs', 'boot', 'merge', 'prefetchChunk', 'prefetchDepth', 'readahead', 'blockSize', 'maintenance',
   'maxConnections', 'socketMode', 'socketGroup', 'logLevel', 'warmup',
 ]);
 const KNOWN_BOOT_KEYS = new Set(['idleMs', 'windowMs', 'minReads', 'maxShare', 'maxShareFloor']);
@@ -147,6 +154,8 @@ export const FLAG_FOR_KEY: Readonly<Record<string, { flag: string; scale?: numbe
   cacheMisses: { flag: 'cache-misses' },
   storageDelayMs: { flag: 'storage-delay' },
   storageErrorRate: { flag: 'storage-error-rate' },
+  storageRetries: { flag: 'storage-retries' },
+  storageRetryDelayMs: { flag: 'storage-retry-delay' },
   'boot.idleMs': { flag: 'boot-idle', scale: 1000, unit: 'seconds' },
   'boot.windowMs': { flag: 'boot-window', scale: 1000, unit: 'seconds' },
   'boot.minReads': { flag: 'boot-min-reads' },
@@ -288,6 +297,8 @@ export function resolveConfig(fromFile: Raw, overrides: Raw = {}, fromFlags: Raw
     cacheMisses: bool('cacheMisses'),
     storageDelayMs: num('storageDelayMs', 0, 60_000),
     storageErrorRate: num('storageErrorRate', 0, 1),
+    storageRetries: int('storageRetries', 0, 10),
+    storageRetryDelayMs: num('storageRetryDelayMs', 1, 10_000),
     boot,
     merge,
     prefetchChunk: size('prefetchChunk', 64 * 1024, 256 * 1024 * 1024, 'from 64K to 256M'),

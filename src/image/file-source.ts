@@ -1,14 +1,30 @@
 import { open, realpath, type FileHandle } from 'node:fs/promises';
+import type { BigIntStats } from 'node:fs';
 import { dirname, isAbsolute, resolve } from 'node:path';
-import { BackingChainError, StorageIOError, fromSystemError } from '../errors.js';
+import { BackingChainError, BootcacheError, ImageChangedError, StorageIOError, StorageReadError, fromSystemError } from '../errors.js';
 import type { ByteSource, SourceOpener } from './types.js';
 
-/** A local file as a ByteSource. */
+/**
+ * A local file as a ByteSource over the version it was opened on. Each read
+ * is followed by an fstat of the open descriptor: when device, inode, size,
+ * mtime or ctime differ from the open's, the file was rewritten (or
+ * truncated) under us and the read fails with ImageChangedError instead of
+ * returning bytes that may be of either version. A writer updates mtime and
+ * ctime before it copies data (write(2)), so an fstat that started after
+ * the read finished sees any write whose bytes the read returned. Replacing
+ * the file by rename is no change here: the descriptor keeps the old inode.
+ */
 export class FileByteSource implements ByteSource {
+  /** Set once a check saw another version: every later read fails at once. */
+  private changed: ImageChangedError | undefined;
+  /** The fstat that reads finishing now share (see verify). */
+  private nextCheck: Promise<void> | undefined;
+
   private constructor(
     readonly name: string,
     readonly size: number,
     readonly stamp: string,
+    readonly version: string,
     private readonly handle: FileHandle,
   ) {}
 
@@ -24,8 +40,7 @@ export class FileByteSource implements ByteSource {
       if (!st.isFile() && !st.isBlockDevice()) {
         throw new StorageIOError('not a regular file', { file: path });
       }
-      // Storage identity: size and mtime in nanoseconds (a rewrite changes mtime).
-      return new FileByteSource(path, Number(st.size), `${st.size}:${st.mtimeNs}`, handle);
+      return new FileByteSource(path, Number(st.size), fileStamp(st), fileVersion(st), handle);
     } catch (err) {
       await handle.close();
       throw fromSystemError(err, path, 'opening');
@@ -40,6 +55,7 @@ export class FileByteSource implements ByteSource {
   }
 
   async readInto(offset: number, length: number, target: Buffer, targetOffset: number): Promise<void> {
+    if (this.changed) throw this.changed;
     this.checkRange(offset, length);
     checkTarget(target, targetOffset, length);
     let done = 0;
@@ -48,13 +64,46 @@ export class FileByteSource implements ByteSource {
       try {
         ({ bytesRead } = await this.handle.read(target, targetOffset + done, length - done, offset + done));
       } catch (err) {
-        throw fromSystemError(err, this.name, `reading at offset ${offset + done}`);
+        // A rewrite (a truncation) can fail the read: then that is the error to report.
+        await this.verify();
+        throw readFailure(err, this.name, `reading at offset ${offset + done}`);
       }
       if (bytesRead === 0) {
-        throw new StorageIOError(`file shrank while reading at offset ${offset + done}`, { file: this.name });
+        await this.verify(); // a shrink changes the size: ImageChangedError
+        throw new StorageReadError(`file ended early while reading at offset ${offset + done}`, { file: this.name });
       }
       done += bytesRead;
     }
+    await this.verify();
+  }
+
+  /**
+   * Throws ImageChangedError unless the file is still the version opened.
+   * Reads that finish before the next fstat starts share it: one fstat per
+   * batch of concurrent reads, each checked by an fstat issued after it.
+   */
+  private verify(): Promise<void> {
+    if (this.changed) return Promise.reject(this.changed);
+    if (!this.nextCheck) {
+      this.nextCheck = Promise.resolve().then(async () => {
+        this.nextCheck = undefined; // reads finishing from now on need a later fstat
+        let st: BigIntStats;
+        try {
+          st = await this.handle.stat({ bigint: true });
+        } catch (err) {
+          throw readFailure(err, this.name, 'checking the version');
+        }
+        const now = fileVersion(st);
+        if (now !== this.version && !this.changed) {
+          this.changed = new ImageChangedError(
+            `changed on storage since it was opened (version ${this.version}, now ${now}); the version opened can no longer be read`,
+            { file: this.name },
+          );
+        }
+        if (this.changed) throw this.changed;
+      });
+    }
+    return this.nextCheck;
   }
 
   private checkRange(offset: number, length: number): void {
@@ -69,6 +118,27 @@ export class FileByteSource implements ByteSource {
   async close(): Promise<void> {
     await this.handle.close();
   }
+}
+
+/** The portable identity stamp of a file: size and mtime in ns (see ObjectStat.stamp). */
+export function fileStamp(st: BigIntStats): string {
+  return `${st.size}:${st.mtimeNs}`;
+}
+
+/** The version of a file on this host: device, inode, size, mtime and ctime in ns (see ObjectStat.version). */
+export function fileVersion(st: BigIntStats): string {
+  return `${st.dev}:${st.ino}:${st.size}:${st.mtimeNs}:${st.ctimeNs}`;
+}
+
+/** Errnos that a second attempt cannot change: reported as they are, never retried. */
+const PERMANENT_ERRNOS = new Set(['ENOENT', 'EISDIR', 'EACCES', 'EPERM', 'EBADF', 'EINVAL', 'ESTALE']);
+
+/** A failed read request: StorageReadError (worth a retry) unless its errno says it is permanent. */
+function readFailure(err: unknown, file: string, doing: string): BootcacheError {
+  if (err instanceof BootcacheError) return err;
+  const errno = (err as NodeJS.ErrnoException)?.code;
+  if (errno !== undefined && PERMANENT_ERRNOS.has(errno)) return fromSystemError(err, file, doing);
+  return new StorageReadError(`${(err as Error)?.message ?? String(err)} (while ${doing})`, { file, cause: err });
 }
 
 /** Throws RangeError (a caller bug) unless target[targetOffset, targetOffset + length) exists. */
