@@ -9,7 +9,8 @@ import { mkdir, open, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { Agent } from '../src/agent/agent.js';
-import { FileNotFoundError, ImageChangedError, StorageIOError, StorageReadError } from '../src/errors.js';
+import { resolveConfig } from '../src/agent/config.js';
+import { FileNotFoundError, ImageChangedError, StorageIOError, StorageReadError, UsageError } from '../src/errors.js';
 import { readTrace } from '../src/format/trace.js';
 import { NbdClient } from '../src/nbd-client/index.js';
 import { NbdServerError } from '../src/nbd-client/errors.js';
@@ -113,6 +114,21 @@ describe('RetryingStorage', () => {
     await source.close();
     expect(retrying.counters.retries).toBe(0);
     await removeTmpDir(dir);
+  });
+});
+
+describe('retry settings', () => {
+  const base = { storage: '/srv/images', cache: '/var/cache/bootcache' };
+  it('default to 4 retries from 50 ms, and take flags and config keys', () => {
+    expect(resolveConfig({}, base)).toMatchObject({ storageRetries: 4, storageRetryDelayMs: 50 });
+    expect(resolveConfig({ storageRetries: 0, storageRetryDelayMs: 5 }, base)).toMatchObject({ storageRetries: 0, storageRetryDelayMs: 5 });
+    expect(resolveConfig({}, base, { 'storage-retries': 2, 'storage-retry-delay': 100 })).toMatchObject({ storageRetries: 2, storageRetryDelayMs: 100 });
+  });
+
+  it('refuse values out of range with the flag named', () => {
+    expect(() => resolveConfig({}, base, { 'storage-retries': 11 })).toThrow(/^--storage-retries must be a number from 0 to 10, got 11$/);
+    expect(() => resolveConfig({}, base, { 'storage-retries': 1.5 })).toThrow(UsageError);
+    expect(() => resolveConfig({ storageRetryDelayMs: 0 }, base)).toThrow(/^config: storageRetryDelayMs must be a number from 1 to 10000, got 0$/);
   });
 });
 

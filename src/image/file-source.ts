@@ -19,6 +19,8 @@ export class FileByteSource implements ByteSource {
   private changed: ImageChangedError | undefined;
   /** The fstat that reads finishing now share (see verify). */
   private nextCheck: Promise<void> | undefined;
+  /** Reads between their first pread and their check. */
+  private reading = 0;
 
   private constructor(
     readonly name: string,
@@ -58,21 +60,26 @@ export class FileByteSource implements ByteSource {
     if (this.changed) throw this.changed;
     this.checkRange(offset, length);
     checkTarget(target, targetOffset, length);
+    this.reading++;
     let done = 0;
-    while (done < length) {
-      let bytesRead: number;
-      try {
-        ({ bytesRead } = await this.handle.read(target, targetOffset + done, length - done, offset + done));
-      } catch (err) {
-        // A rewrite (a truncation) can fail the read: then that is the error to report.
-        await this.verify();
-        throw readFailure(err, this.name, `reading at offset ${offset + done}`);
+    try {
+      while (done < length) {
+        let bytesRead: number;
+        try {
+          ({ bytesRead } = await this.handle.read(target, targetOffset + done, length - done, offset + done));
+        } catch (err) {
+          // A rewrite (a truncation) can fail the read: then that is the error to report.
+          await this.verify();
+          throw readFailure(err, this.name, `reading at offset ${offset + done}`);
+        }
+        if (bytesRead === 0) {
+          await this.verify(); // a shrink changes the size: ImageChangedError
+          throw new StorageReadError(`file ended early while reading at offset ${offset + done}`, { file: this.name });
+        }
+        done += bytesRead;
       }
-      if (bytesRead === 0) {
-        await this.verify(); // a shrink changes the size: ImageChangedError
-        throw new StorageReadError(`file ended early while reading at offset ${offset + done}`, { file: this.name });
-      }
-      done += bytesRead;
+    } finally {
+      this.reading--;
     }
     await this.verify();
   }
@@ -81,11 +88,14 @@ export class FileByteSource implements ByteSource {
    * Throws ImageChangedError unless the file is still the version opened.
    * Reads that finish before the next fstat starts share it: one fstat per
    * batch of concurrent reads, each checked by an fstat issued after it.
+   * With other reads in flight the fstat waits for the end of the event
+   * loop's poll phase, so that reads completing in the same turn join it.
    */
   private verify(): Promise<void> {
     if (this.changed) return Promise.reject(this.changed);
     if (!this.nextCheck) {
-      this.nextCheck = Promise.resolve().then(async () => {
+      const start = this.reading > 0 ? new Promise<void>((resolve) => setImmediate(resolve)) : Promise.resolve();
+      this.nextCheck = start.then(async () => {
         this.nextCheck = undefined; // reads finishing from now on need a later fstat
         let st: BigIntStats;
         try {
