@@ -6,11 +6,13 @@
  * rewritten, through the real agent over NBD.
  */
 import { randomBytes } from 'node:crypto';
-import { mkdir, open, readFile, stat, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, open, readFile, rename, stat, utimes, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { Agent } from '../src/agent/agent.js';
 import type { AgentConfig } from '../src/agent/config.js';
+import { ImageChangedError } from '../src/errors.js';
+import { FileByteSource } from '../src/image/file-source.js';
 import { NbdClient } from '../src/nbd-client/index.js';
 import { NbdServerError } from '../src/nbd-client/errors.js';
 import { exportUri, startTestAgent, waitUntil } from './helpers/agent.js';
@@ -228,6 +230,56 @@ describe.each([
     await third.close();
     expect(reopened.eio + reopened.mixed).toBe(0);
     expect(reopened.new).toBe(changed.length);
+  });
+});
+
+describe('the version check of a file source', () => {
+  it('sees a rewrite that restored the mtime (by the ctime), and a chmod, but not a replacement by rename', async () => {
+    const dir = join(root, 'source');
+    await mkdir(dir, { recursive: true });
+    const path = join(dir, 'f.raw');
+    const open1 = async (): Promise<FileByteSource> => {
+      await writeFile(path, Buffer.alloc(MiB, 1));
+      return FileByteSource.open(path);
+    };
+    let source = await open1();
+    const { atime, mtime } = await stat(path);
+    await rewriteInPlace(path, Buffer.alloc(MiB, 2));
+    await utimes(path, atime, mtime);
+    expect((await stat(path)).mtimeMs).toBe(mtime.getTime());
+    await expect(source.read(0, 4096)).rejects.toThrow(ImageChangedError);
+    await source.close();
+
+    source = await open1();
+    await chmod(path, 0o600);
+    await expect(source.read(0, 4096)).rejects.toThrow(ImageChangedError);
+    await source.close();
+
+    source = await open1();
+    await writeFile(`${path}.new`, Buffer.alloc(MiB, 3));
+    await rename(`${path}.new`, path);
+    expect((await source.read(0, 4096)).equals(Buffer.alloc(4096, 1))).toBe(true);
+    await source.close();
+  });
+});
+
+describe('an image replaced by rename under an open connection', () => {
+  it('keeps serving the old file whole to that connection, and the new one to new connections', async () => {
+    const dir = join(root, 'rename');
+    const size = 8 * MiB;
+    const c = await rawCase(dir, size);
+    const config = await agentFor(c, dir);
+    const chunks = size / CHUNK;
+    const client = await NbdClient.connect(exportUri(config, c.name));
+    expect((await readChunks(client, range(chunks / 4), c.before, c.before)).old).toBe(chunks / 4);
+    await writeFile(join(c.storage, 'disk.raw.new'), c.replacement);
+    await rename(join(c.storage, 'disk.raw.new'), c.rewritten);
+    // The open descriptor still reads the old file: no change to see, no EIO.
+    expect(await readChunks(client, range(chunks), c.before, c.replacement)).toEqual({ old: chunks, new: 0, mixed: 0, eio: 0 });
+    const second = await NbdClient.connect(exportUri(config, c.name));
+    expect(await readChunks(second, range(chunks), c.before, c.replacement)).toEqual({ old: 0, new: chunks, mixed: 0, eio: 0 });
+    await second.close();
+    await client.close();
   });
 });
 

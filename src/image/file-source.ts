@@ -13,6 +13,9 @@ import type { ByteSource, SourceOpener } from './types.js';
  * ctime before it copies data (write(2)), so an fstat that started after
  * the read finished sees any write whose bytes the read returned. Replacing
  * the file by rename is no change here: the descriptor keeps the old inode.
+ * Other metadata changes (chmod, chown, a rename of the file) move the
+ * ctime, and count as a change: they cannot be told from a rewrite that
+ * restored the mtime.
  */
 export class FileByteSource implements ByteSource {
   /** Set once a check saw another version: every later read fails at once. */
@@ -103,10 +106,9 @@ export class FileByteSource implements ByteSource {
         } catch (err) {
           throw readFailure(err, this.name, 'checking the version');
         }
-        const now = fileVersion(st);
-        if (now !== this.version && !this.changed) {
+        if (this.changedTo(st) && !this.changed) {
           this.changed = new ImageChangedError(
-            `changed on storage since it was opened (version ${this.version}, now ${now}); the version opened can no longer be read`,
+            `changed on storage since it was opened (version ${this.version}, now ${fileVersion(st)}); the version opened can no longer be read`,
             { file: this.name },
           );
         }
@@ -114,6 +116,13 @@ export class FileByteSource implements ByteSource {
       });
     }
     return this.nextCheck;
+  }
+
+  /** Whether `st` (of the open descriptor) is another version than the one opened. */
+  private changedTo(st: BigIntStats): boolean {
+    if (fileVersion(st) === this.version) return false;
+    // Unlinked or replaced by rename: the unlink moved only the ctime, and no path leads to this file for a writer any more.
+    return !(st.nlink === 0n && fileStamp(st) === this.stamp);
   }
 
   private checkRange(offset: number, length: number): void {
