@@ -400,6 +400,15 @@ export class ImageService {
   private fetchRun(start: number, count: number, kind: CacheBlockKind, spaces?: string[], countMisses = true): Array<Promise<Buffer>> {
     const bs = this.blockSize;
     if (countMisses) this.options.counters.misses += count;
+    const stale = this.staleSince?.error;
+    if (stale) {
+      // Not registered in flight: another image sharing these spaces must not wait on this refusal.
+      return Array.from({ length: count }, () => {
+        const refused = Promise.reject(stale);
+        refused.catch(() => undefined); // a readahead drops its promises
+        return refused;
+      });
+    }
     const offset = start * bs;
     const end = Math.min(this.image.virtualSize, (start + count) * bs);
     const read = (): Promise<Buffer> => this.readAhead(offset, end) ?? this.image.read(offset, end - offset);
