@@ -1,5 +1,5 @@
-import { open, realpath, type FileHandle } from 'node:fs/promises';
-import type { BigIntStats } from 'node:fs';
+import { open, realpath, statfs, type FileHandle } from 'node:fs/promises';
+import { fstatSync, type BigIntStats } from 'node:fs';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { BackingChainError, BootcacheError, ImageChangedError, StorageIOError, StorageReadError, fromSystemError } from '../errors.js';
 import type { ByteSource, SourceOpener } from './types.js';
@@ -16,6 +16,10 @@ import type { ByteSource, SourceOpener } from './types.js';
  * Other metadata changes (chmod, chown, a rename of the file) move the
  * ctime, and count as a change: they cannot be told from a rewrite that
  * restored the mtime.
+ *
+ * On a local file system the fstat is synchronous (a few µs: the inode of an
+ * open file is in memory); on any other (NFS, FUSE, ...) it may wait on the
+ * network, so it runs on the thread pool, shared by the reads finishing together.
  */
 export class FileByteSource implements ByteSource {
   /** Set once a check saw another version: every later read fails at once. */
@@ -31,6 +35,8 @@ export class FileByteSource implements ByteSource {
     readonly stamp: string,
     readonly version: string,
     private readonly handle: FileHandle,
+    /** fstat on the event loop (a local file system, see LOCAL_FS_TYPES). */
+    private readonly syncCheck: boolean,
   ) {}
 
   static async open(path: string): Promise<FileByteSource> {
@@ -45,7 +51,8 @@ export class FileByteSource implements ByteSource {
       if (!st.isFile() && !st.isBlockDevice()) {
         throw new StorageIOError('not a regular file', { file: path });
       }
-      return new FileByteSource(path, Number(st.size), fileStamp(st), fileVersion(st), handle);
+      const local = await statfs(path).then((fs) => LOCAL_FS_TYPES.has(fs.type >>> 0), () => false);
+      return new FileByteSource(path, Number(st.size), fileStamp(st), fileVersion(st), handle, local);
     } catch (err) {
       await handle.close();
       throw fromSystemError(err, path, 'opening');
@@ -96,6 +103,14 @@ export class FileByteSource implements ByteSource {
    */
   private verify(): Promise<void> {
     if (this.changed) return Promise.reject(this.changed);
+    if (this.syncCheck) {
+      try {
+        this.check(fstatSync(this.handle.fd, { bigint: true }));
+        return Promise.resolve();
+      } catch (err) {
+        return Promise.reject(readFailure(err, this.name, 'checking the version'));
+      }
+    }
     if (!this.nextCheck) {
       const start = this.reading > 0 ? new Promise<void>((resolve) => setImmediate(resolve)) : Promise.resolve();
       this.nextCheck = start.then(async () => {
@@ -106,23 +121,23 @@ export class FileByteSource implements ByteSource {
         } catch (err) {
           throw readFailure(err, this.name, 'checking the version');
         }
-        if (this.changedTo(st) && !this.changed) {
-          this.changed = new ImageChangedError(
-            `changed on storage since it was opened (version ${this.version}, now ${fileVersion(st)}); the version opened can no longer be read`,
-            { file: this.name },
-          );
-        }
-        if (this.changed) throw this.changed;
+        this.check(st);
       });
     }
     return this.nextCheck;
   }
 
-  /** Whether `st` (of the open descriptor) is another version than the one opened. */
-  private changedTo(st: BigIntStats): boolean {
-    if (fileVersion(st) === this.version) return false;
-    // Unlinked or replaced by rename: the unlink moved only the ctime, and no path leads to this file for a writer any more.
-    return !(st.nlink === 0n && fileStamp(st) === this.stamp);
+  /** Throws ImageChangedError when `st` (of the open descriptor) is another version than the one opened. */
+  private check(st: BigIntStats): void {
+    if (!this.changed && fileVersion(st) !== this.version) {
+      // Unlinked or replaced by rename: the unlink moved only the ctime, and no path leads to this file for a writer any more.
+      if (st.nlink === 0n && fileStamp(st) === this.stamp) return;
+      this.changed = new ImageChangedError(
+        `changed on storage since it was opened (version ${this.version}, now ${fileVersion(st)}); the version opened can no longer be read`,
+        { file: this.name },
+      );
+    }
+    if (this.changed) throw this.changed;
   }
 
   private checkRange(offset: number, length: number): void {
@@ -148,6 +163,20 @@ export function fileStamp(st: BigIntStats): string {
 export function fileVersion(st: BigIntStats): string {
   return `${st.dev}:${st.ino}:${st.size}:${st.mtimeNs}:${st.ctimeNs}`;
 }
+
+/**
+ * statfs(2) f_type values of local file systems, whose fstat of an open file
+ * never waits on a device or a network (Linux include/uapi/linux/magic.h).
+ */
+const LOCAL_FS_TYPES = new Set([
+  0xef53, // EXT4_SUPER_MAGIC (also ext2, ext3)
+  0x58465342, // XFS_SUPER_MAGIC
+  0x9123683e, // BTRFS_SUPER_MAGIC
+  0xf2f52010, // F2FS_SUPER_MAGIC
+  0x01021994, // TMPFS_MAGIC
+  0x858458f6, // RAMFS_MAGIC
+  0x794c7630, // OVERLAYFS_SUPER_MAGIC
+]);
 
 /** Errnos that a second attempt cannot change: reported as they are, never retried. */
 const PERMANENT_ERRNOS = new Set(['ENOENT', 'EISDIR', 'EACCES', 'EPERM', 'EBADF', 'EINVAL', 'ESTALE']);
