@@ -113,7 +113,24 @@ export class UsageError extends BootcacheError {
 
 /** A read or write failed on a file or the storage system. */
 export class StorageIOError extends BootcacheError {
-  readonly code = 'BC_IO';
+  readonly code: string = 'BC_IO';
+  readonly exitCode = ExitCode.IO;
+}
+
+/**
+ * One storage read request failed (an I/O error, a timeout, an injected
+ * fault): the same request may succeed when it is sent again.
+ */
+export class StorageReadError extends StorageIOError {
+  override readonly code = 'BC_STORAGE_READ';
+}
+
+/**
+ * The file or object changed on storage after it was opened (its version
+ * differs): the version being read is gone, so no read of it is answered.
+ */
+export class ImageChangedError extends BootcacheError {
+  readonly code = 'BC_IMAGE_CHANGED';
   readonly exitCode = ExitCode.IO;
 }
 

@@ -12,7 +12,7 @@ import type { Logger } from 'pino';
 import { AgentError, BootcacheError } from '../errors.js';
 import { openImageFromSource } from '../image/open.js';
 import type { DiskImage, SourceOpener } from '../image/types.js';
-import { CountingStorage, FaultyStorage } from '../storage/filters.js';
+import { CountingStorage, FaultyStorage, RetryingStorage, type RetryCounters } from '../storage/filters.js';
 import { LocalDirStorage } from '../storage/local.js';
 import type { Storage } from '../storage/types.js';
 import { BufferPool } from './buffer-pool.js';
@@ -37,7 +37,10 @@ import { warmUp, type WarmupReport } from './warmup.js';
 const CHUNK_BUFFERS_MAX_BYTES = 128 * 1024 * 1024;
 
 export interface AgentCounters {
+  /** Read requests and bytes that reached storage, retries included. */
   storage: { readRequests: number; readBytes: number };
+  /** Storage reads sent again after an I/O error (--storage-retries). */
+  storageRetries: RetryCounters;
   cache: ReadCounters;
   prefetch: { bytes: number; unusedBytes: number };
   /** recorded: merged and published; skipped: empty or a probe; discarded: a whole-disk read (boot.maxShare). */
@@ -54,6 +57,16 @@ export interface ExportStatus {
   prefetch?: ReturnType<Prefetcher['progress']>;
   lastBoot?: BootSummary;
   rebuild?: { state: 'idle' | 'running' | 'failed'; lastError?: string; lastPublishedAt?: string };
+  /**
+   * The image changed on storage under this service: reads that need
+   * storage fail with EIO, cached blocks of the version opened are served.
+   */
+  stale?: { since: string; error: string };
+  /**
+   * A newer version of the image is served to new connections; this entry
+   * serves the connections still open on the version they opened, until they close.
+   */
+  retired?: true;
 }
 
 export interface AgentStatus {
@@ -75,8 +88,10 @@ export interface AgentStatus {
 
 interface ServiceEntry {
   service: ImageService;
-  /** Storage stamps of every layer of the chain, top first, joined. */
-  stamp: string;
+  /** Storage versions (ObjectStat.version) of every layer the image was opened on, top first, joined. */
+  version: string;
+  /** Replaced by a newer version for new connections; closed when its last connection closes. */
+  retired: boolean;
   rebuild: Promise<void>;
   rebuildState: 'idle' | 'running' | 'failed';
   lastError?: string;
@@ -86,11 +101,14 @@ interface ServiceEntry {
 export class Agent implements ExportProvider {
   private readonly counters: AgentCounters = {
     storage: { readRequests: 0, readBytes: 0 },
+    storageRetries: { retries: 0, recovered: 0, failed: 0 },
     cache: { hits: 0, misses: 0 },
     prefetch: { bytes: 0, unusedBytes: 0 },
     boots: { recorded: 0, skipped: 0, failed: 0, discarded: 0 },
   };
   private readonly services = new Map<string, ServiceEntry>();
+  /** Services of older versions, kept for the connections still open on them. */
+  private readonly retired = new Set<ServiceEntry>();
   /** Blocks being read from storage by any export (see ImageServiceOptions.inFlight). */
   private readonly inFlight = new Map<string, Promise<Buffer>>();
   private missWriter!: MissWriter;
@@ -105,7 +123,9 @@ export class Agent implements ExportProvider {
   /** The start() in progress or done, settled either way: stop() waits for one that gives up. */
   private starting: Promise<void> | undefined;
   private readonly startedAt = Date.now();
-  private storage!: CountingStorage;
+  /** The storage every read goes through: retries over counting over the storage system. */
+  private storage!: Storage;
+  private counting!: CountingStorage;
   private sidecars!: SidecarStore;
   private cache!: CacheDevice;
   /** Prefetch chunk buffers of every stream: the streams' windows plus their demanded chunks. */
@@ -139,8 +159,17 @@ export class Agent implements ExportProvider {
     if (c.storageDelayMs > 0 || c.storageErrorRate > 0) {
       storage = new FaultyStorage(storage, { delayMs: c.storageDelayMs, errorRate: c.storageErrorRate });
     }
-    this.storage = new CountingStorage(storage);
-    this.counters.storage = this.storage.counters;
+    // Counted below the retries: each attempt is a request to storage.
+    this.counting = new CountingStorage(storage);
+    this.counters.storage = this.counting.counters;
+    const retrying = new RetryingStorage(this.counting, {
+      retries: c.storageRetries,
+      baseDelayMs: c.storageRetryDelayMs,
+      onRetry: (key, attempt, delayMs, err) => this.log.debug({ key, attempt, delayMs: Math.round(delayMs), err: err.message }, 'storage read failed; retrying'),
+      onGiveUp: (key, attempts, err) => this.log.warn({ key, attempts, err: err.message }, 'storage read failed after its last retry'),
+    });
+    this.counters.storageRetries = retrying.counters;
+    this.storage = retrying;
     this.sidecars = new SidecarStore(this.storage, c.blockSize, c.merge, this.log);
     try {
       this.throwIfStopped();
@@ -224,7 +253,7 @@ export class Agent implements ExportProvider {
     this.maintenance?.stop();
     await this.nbd?.close().catch((err: unknown) => this.log.warn({ err }, 'closing NBD server'));
     await this.control?.close().catch(() => undefined);
-    for (const entry of this.services.values()) {
+    for (const entry of [...this.services.values(), ...this.retired]) {
       entry.service.markBooted(); // flush a recording in progress into the map
       await entry.rebuild;
       entry.service.dispose();
@@ -279,6 +308,7 @@ export class Agent implements ExportProvider {
         if (closed) return;
         closed = true;
         service.close();
+        if (entry.retired && service.connections === 0) await this.closeEntry(entry);
       },
     };
   }
@@ -291,15 +321,20 @@ export class Agent implements ExportProvider {
     });
     if (!stat) throw new ExportNotFoundError(`no export named ${JSON.stringify(name)}`);
     const existing = this.services.get(name);
-    if (existing && (await this.chainStamp(stat.stamp, existing.service.image)) === existing.stamp) return existing;
-    if (existing && existing.service.connections === 0) {
-      // The image or a backing file was rewritten: drop the old service (its cache spaces no longer match).
+    if (existing && !existing.service.stale && (await this.chainVersion(stat.version, existing.service.image)) === existing.version) {
+      return existing;
+    }
+    if (existing && this.services.get(name) === existing) {
+      // The image or a backing file changed: new connections get the new version. Connections
+      // still open keep the old service, which serves the old version or EIO, never a mix.
       this.services.delete(name);
-      existing.service.dispose();
-      await existing.rebuild;
-      await existing.service.image.close().catch(() => undefined);
-    } else if (existing) {
-      return existing; // still in use by running VMs: keep serving the version they opened
+      if (existing.service.connections === 0) {
+        await this.closeEntry(existing);
+      } else {
+        existing.retired = true;
+        this.retired.add(existing);
+        this.log.info({ export: name, connections: existing.service.connections }, 'image changed on storage: new connections open the new version');
+      }
     }
     let pending = this.opening.get(name);
     if (!pending) {
@@ -309,17 +344,23 @@ export class Agent implements ExportProvider {
     return pending;
   }
 
-  /** The stamps of `image`'s chain on storage now, top first (`top`: the top's, just read). */
-  private async chainStamp(top: string, image: DiskImage): Promise<string> {
+  /** The versions of `image`'s chain on storage now, top first (`top`: the top's, just read). */
+  private async chainVersion(top: string, image: DiskImage): Promise<string> {
     const backing = image.layers().slice(1);
-    const stamps = await Promise.all(backing.map(async (layer) => (await this.storage.stat(layer.name).catch(() => undefined))?.stamp ?? 'gone'));
-    return [top, ...stamps].join('|');
+    const versions = await Promise.all(backing.map(async (layer) => (await this.storage.stat(layer.name).catch(() => undefined))?.version ?? 'gone'));
+    return [top, ...versions].join('|');
+  }
+
+  /** Ends a service no connection uses any more: its rebuild finishes, its image closes. */
+  private async closeEntry(entry: ServiceEntry): Promise<void> {
+    this.retired.delete(entry);
+    entry.service.dispose();
+    await entry.rebuild;
+    await entry.service.image.close().catch(() => undefined);
   }
 
   private async createService(name: string): Promise<ServiceEntry> {
-    const image = await this.openImage(name);
-    // The stamps the image was opened with: a later rewrite of any layer shows as a difference.
-    const stamp = image.identityLayers().map((layer) => layer.stamp).join('|');
+    const { image, version } = await this.openImage(name);
     const service = new ImageService(name, image, this.cache, {
       bootPolicy: this.config.boot,
       mapBlockSize: this.config.blockSize,
@@ -329,24 +370,36 @@ export class Agent implements ExportProvider {
       missWriter: this.missWriter,
       readaheadBytes: this.config.readahead,
       onBootEnd: (svc, boot) => this.onBootEnd(svc, boot),
+      onStale: (svc, err) =>
+        this.log.warn(
+          { export: svc.name, identity: svc.space, connections: svc.connections, err: err.message },
+          `export ${svc.name}: the image changed on storage while open; its reads that need storage now fail with EIO (cached blocks of the version opened are still served); new connections open the new version`,
+        ),
     });
-    const entry: ServiceEntry = { service, stamp, rebuild: Promise.resolve(), rebuildState: 'idle' };
+    const entry: ServiceEntry = { service, version, retired: false, rebuild: Promise.resolve(), rebuildState: 'idle' };
     this.services.set(name, entry);
     // Also reached by NBD_OPT_INFO (describe), which opens no connection to the export: "loaded", not "opened".
     this.log.info({ export: name, identity: image.identity, size: image.virtualSize, format: image.format }, 'image loaded');
     return entry;
   }
 
-  private async openImage(key: string): Promise<DiskImage> {
+  /** Opens an image and its chain, with the storage version of each layer opened (top first, joined). */
+  private async openImage(key: string): Promise<{ image: DiskImage; version: string }> {
     const storage = this.storage;
+    const versions: string[] = [];
     const opener: SourceOpener = {
       async openRelative(from, name) {
         const backingKey = storage.resolveRelative(from.name, name);
-        return { source: await storage.openSource(backingKey), key: backingKey };
+        const source = await storage.openSource(backingKey);
+        versions.push(source.version);
+        return { source, key: backingKey };
       },
     };
     const source = await storage.openSource(key);
-    return openImageFromSource(source, opener, {}, [key]);
+    versions.push(source.version);
+    // Backing files open top down, one at a time: `versions` is in chain order.
+    const image = await openImageFromSource(source, opener, {}, [key]);
+    return { image, version: versions.join('|') };
   }
 
   private async startPrefetch(entry: ServiceEntry): Promise<void> {
@@ -381,20 +434,27 @@ export class Agent implements ExportProvider {
       );
       service.setPrefetcher(prefetcher);
       this.log.info({ export: service.name, blocks: loaded.segment.blockCount }, 'prefetch started');
-      const before = this.storage.counters.readBytes;
+      const before = this.counting.counters.readBytes;
       await prefetcher.start();
       const p = prefetcher.progress();
       this.counters.prefetch.bytes += p.bytesRead;
-      this.log.info({ export: service.name, ...p, storageBytesDuringPrefetch: this.storage.counters.readBytes - before }, 'prefetch finished');
+      this.log.info({ export: service.name, ...p, storageBytesDuringPrefetch: this.counting.counters.readBytes - before }, 'prefetch finished');
     } catch (err) {
       this.log.warn({ export: service.name, err: (err as Error).message }, 'prefetch skipped');
     }
   }
 
   private onBootEnd(service: ImageService, boot: BootRecorder): void {
-    const entry = this.services.get(service.name);
+    const current = this.services.get(service.name);
+    const entry = current?.service === service ? current : [...this.retired].find((e) => e.service === service);
     if (!entry) return;
     const summary = boot.summary(performance.now());
+    if (service.stale || entry.retired) {
+      // Recorded on a version that is gone: its map and segment would describe neither version.
+      this.counters.boots.skipped++;
+      this.log.info({ export: service.name, reads: summary.reads }, 'boot ended on a version of the image that changed: no new map or segment');
+      return;
+    }
     if (boot.discardReason !== undefined) {
       // A copy or a backup read through the export: merged, it would put every data block in the segment.
       this.counters.boots.discarded++;
@@ -467,7 +527,8 @@ export class Agent implements ExportProvider {
   status(): AgentStatus {
     const { counters, uptimeSeconds } = this.summary();
     const exports: ExportStatus[] = [];
-    for (const [name, entry] of this.services) {
+    for (const entry of [...this.services.values(), ...this.retired]) {
+      const name = entry.service.name;
       const s: ExportStatus = {
         name,
         size: entry.service.virtualSize,
@@ -482,6 +543,9 @@ export class Agent implements ExportProvider {
       if (prefetch) s.prefetch = prefetch;
       const boot = entry.service.bootSummary();
       if (boot) s.lastBoot = boot;
+      const stale = entry.service.stale;
+      if (stale) s.stale = { since: new Date(stale.at).toISOString(), error: stale.error.message };
+      if (entry.retired) s.retired = true;
       exports.push(s);
     }
     const status: AgentStatus = {

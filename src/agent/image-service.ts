@@ -12,11 +12,19 @@
  *      qcow2 run still ahead of the prefetch stream is read from the segment
  *      instead (no L2 or compressed reads; see readAhead).
  *
+ * One version: the image's sources fail every read once the image (or a
+ * backing file) changed on storage (ImageChangedError, see ByteSource.version).
+ * The first such failure makes the service stale: from then on every read
+ * that needs storage fails at once (EIO for the guest), the prefetch stops,
+ * and cached blocks, all read from the version opened, keep being served.
+ * No request is ever answered with bytes of the new version.
+ *
  * Cache space of a block: the owner identity of the layer that supplies it
  * (DiskImage.owner), so overlays on one backing file share its cached blocks;
  * the chain identity when layers mix within the block. Single-layer images
  * use their identity without a lookup.
  */
+import { ImageChangedError } from '../errors.js';
 import { imageDataBytes } from '../image/data-bytes.js';
 import { chainSpaces } from '../image/identity.js';
 import type { DiskImage, Extent } from '../image/types.js';
@@ -49,6 +57,8 @@ export interface ImageServiceOptions {
   readaheadBytes?: number;
   /** Called once when a boot ends (idle, window, mark-booted, closed). */
   onBootEnd: (service: ImageService, boot: BootRecorder) => void;
+  /** Called once, when a storage read finds the image changed (the service is stale from then on). */
+  onStale?: (service: ImageService, err: ImageChangedError) => void;
   now?: () => number;
 }
 
@@ -78,6 +88,8 @@ export class ImageService {
   private dataBytesPending: Promise<number> | undefined;
   connections = 0;
   private readonly now: () => number;
+  /** Why the service is stale, and since when (epoch ms); see markStale. */
+  private staleSince: { error: ImageChangedError; at: number } | undefined;
 
   constructor(
     readonly name: string,
@@ -108,6 +120,33 @@ export class ImageService {
 
   setPrefetcher(prefetcher: Prefetcher | undefined): void {
     this.prefetcher = prefetcher;
+  }
+
+  /** Set once the image changed under the service: its error and when it was seen. */
+  get stale(): { error: ImageChangedError; at: number } | undefined {
+    return this.staleSince;
+  }
+
+  /** The image changed on storage: no more storage reads, no more prefetch; told once. */
+  private markStale(error: ImageChangedError): void {
+    if (this.staleSince) return;
+    this.staleSince = { error, at: Date.now() };
+    this.prefetcher?.stop();
+    this.options.onStale?.(this, error);
+  }
+
+  /**
+   * A storage read of the version opened; a changed image makes the service
+   * stale. Data reads (`refuseStale`) are refused once stale; metadata
+   * lookups go on, answered from the image's cached tables where it can
+   * (its sources refuse the rest themselves).
+   */
+  private fromStorage<T>(read: () => Promise<T>, refuseStale = true): Promise<T> {
+    if (refuseStale && this.staleSince) return Promise.reject(this.staleSince.error);
+    return read().catch((err: unknown) => {
+      if (err instanceof ImageChangedError) this.markStale(err);
+      throw err;
+    });
   }
 
   /** A connection opened the export: the first one starts a boot recording. */
@@ -196,8 +235,9 @@ export class ImageService {
     this.prefetcher?.stop();
   }
 
+  /** Allocation extents; qcow2 metadata not cached yet is read from storage. */
   async extents(offset: number, length: number): Promise<Extent[]> {
-    return this.image.extents(offset, length);
+    return this.fromStorage(() => this.image.extents(offset, length), false);
   }
 
   /** Guest bytes [offset, offset+length), recorded as part of the boot. */
@@ -293,7 +333,7 @@ export class ImageService {
     if (known !== undefined) return known;
     const offset = block * this.blockSize;
     const length = Math.min(this.image.virtualSize, offset + this.blockSize) - offset;
-    return this.image.owner(offset, length).then((owner) => {
+    return this.fromStorage(() => this.image.owner(offset, length), false).then((owner) => {
       // The image is immutable while this service lives: remember the answer.
       if (this.ownerMemo.size >= OWNER_MEMO_MAX) this.ownerMemo.clear();
       const space = owner ?? this.space;
@@ -360,9 +400,19 @@ export class ImageService {
   private fetchRun(start: number, count: number, kind: CacheBlockKind, spaces?: string[], countMisses = true): Array<Promise<Buffer>> {
     const bs = this.blockSize;
     if (countMisses) this.options.counters.misses += count;
+    const stale = this.staleSince?.error;
+    if (stale) {
+      // Not registered in flight: another image sharing these spaces must not wait on this refusal.
+      return Array.from({ length: count }, () => {
+        const refused = Promise.reject(stale);
+        refused.catch(() => undefined); // a readahead drops its promises
+        return refused;
+      });
+    }
     const offset = start * bs;
     const end = Math.min(this.image.virtualSize, (start + count) * bs);
-    const whole = (this.readAhead(offset, end) ?? this.image.read(offset, end - offset)).then((data) => {
+    const read = (): Promise<Buffer> => this.readAhead(offset, end) ?? this.image.read(offset, end - offset);
+    const whole = this.fromStorage(read).then((data) => {
       // The last block of an image whose size is not a block multiple is zero-padded.
       if (data.length === count * bs) return data;
       const padded = Buffer.alloc(count * bs);

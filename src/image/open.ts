@@ -76,9 +76,9 @@ const OPEN_HEAD_BYTES = 64 * 1024;
 
 /**
  * A source whose first bytes are served from memory, for as long as it is
- * open: an open image does not change (its identity is checked at open), and
- * a raw image's head is the guest's first read, the boot sector, which then
- * costs no round trip.
+ * open: they are of the version opened, which is the only version the
+ * source's other reads return (ByteSource.version), and a raw image's head
+ * is the guest's first read, the boot sector, which then costs no round trip.
  */
 class HeadServedSource implements ByteSource {
   constructor(
@@ -96,6 +96,10 @@ class HeadServedSource implements ByteSource {
 
   get stamp(): string {
     return this.inner.stamp;
+  }
+
+  get version(): string {
+    return this.inner.version;
   }
 
   read(offset: number, length: number): Promise<Buffer> {

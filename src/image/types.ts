@@ -17,8 +17,15 @@ export interface ByteSource {
    */
   readonly stamp: string;
   /**
+   * The version opened (see ObjectStat.version). Every read checks that it
+   * is still the version on storage, and throws ImageChangedError otherwise:
+   * a source never returns bytes of two versions.
+   */
+  readonly version: string;
+  /**
    * Reads exactly `length` bytes at `offset`. Throws StorageIOError when the
-   * range goes past the end of the source.
+   * range goes past the end of the source, StorageReadError when the read
+   * request failed (worth a retry).
    */
   read(offset: number, length: number): Promise<Buffer>;
   /**

@@ -3,7 +3,7 @@
  * thing. Reads through openSource() pass through the same filter.
  */
 import { setTimeout as sleep } from 'node:timers/promises';
-import { StorageIOError } from '../errors.js';
+import { StorageReadError } from '../errors.js';
 import type { ByteSource } from '../image/types.js';
 import type { ObjectStat, Storage } from './types.js';
 
@@ -44,6 +44,7 @@ abstract class StorageFilter implements Storage {
       name: source.name,
       size: source.size,
       stamp: source.stamp,
+      version: source.version,
       read: (offset, length) => this.readHook(key, length, () => source.read(offset, length)),
       ...(source.readInto === undefined
         ? {}
@@ -88,7 +89,7 @@ export class FaultyStorage extends StorageFilter {
   protected async readHook<T>(key: string, _bytes: number, doRead: () => Promise<T>): Promise<T> {
     if (this.delayMs > 0) await sleep(this.delayMs);
     if (this.errorRate > 0 && this.random() < this.errorRate) {
-      throw new StorageIOError('injected storage read error', { file: key });
+      throw new StorageReadError('injected storage read error', { file: key });
     }
     return doRead();
   }
@@ -109,5 +110,70 @@ export class CountingStorage extends StorageFilter {
     // A read into the caller's buffer returns nothing: it read the `bytes` asked for.
     this.counters.readBytes += Buffer.isBuffer(result) ? result.length : bytes;
     return result;
+  }
+}
+
+export interface RetryOptions {
+  /** Attempts after the first, at most. */
+  retries: number;
+  /** Delay before the first retry, ms; it doubles for each further one. */
+  baseDelayMs: number;
+  /** Largest delay between two attempts, ms. */
+  maxDelayMs?: number;
+  /** Random source in [0, 1), for reproducible tests. */
+  random?: () => number;
+  /** Called before each retry (for logs). */
+  onRetry?: (key: string, attempt: number, delayMs: number, err: StorageReadError) => void;
+  /** Called when a read fails after its last retry. */
+  onGiveUp?: (key: string, attempts: number, err: StorageReadError) => void;
+}
+
+export interface RetryCounters {
+  /** Read requests sent again after a StorageReadError. */
+  retries: number;
+  /** Reads that succeeded on a retry. */
+  recovered: number;
+  /** Reads that failed with StorageReadError on every attempt (the caller got the error). */
+  failed: number;
+}
+
+/**
+ * Sends a read that failed with StorageReadError again, up to `retries`
+ * times, with exponential backoff and jitter (each delay is drawn from the
+ * upper half of its doubling step, so concurrent readers spread out). Other
+ * errors (a changed image, a read past the end, a missing object) are final
+ * and pass at once.
+ */
+export class RetryingStorage extends StorageFilter {
+  readonly counters: RetryCounters = { retries: 0, recovered: 0, failed: 0 };
+  private readonly maxDelayMs: number;
+  private readonly random: () => number;
+
+  constructor(inner: Storage, private readonly options: RetryOptions) {
+    super(inner);
+    this.maxDelayMs = options.maxDelayMs ?? 1000;
+    this.random = options.random ?? Math.random;
+  }
+
+  protected async readHook<T>(key: string, _bytes: number, doRead: () => Promise<T>): Promise<T> {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        const result = await doRead();
+        if (attempt > 0) this.counters.recovered++;
+        return result;
+      } catch (err) {
+        if (!(err instanceof StorageReadError)) throw err;
+        if (attempt >= this.options.retries) {
+          this.counters.failed++;
+          this.options.onGiveUp?.(key, attempt + 1, err);
+          throw err;
+        }
+        const step = Math.min(this.maxDelayMs, this.options.baseDelayMs * 2 ** attempt);
+        const delayMs = step / 2 + (this.random() * step) / 2;
+        this.counters.retries++;
+        this.options.onRetry?.(key, attempt + 1, delayMs, err);
+        await sleep(delayMs);
+      }
+    }
   }
 }

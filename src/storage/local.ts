@@ -3,7 +3,7 @@ import { constants } from 'node:fs';
 import { mkdir, open, readdir, realpath, rename, rm, stat } from 'node:fs/promises';
 import { dirname, isAbsolute, join, posix, relative, sep } from 'node:path';
 import { FileNotFoundError, StorageIOError, UsageError, fromSystemError } from '../errors.js';
-import { FileByteSource } from '../image/file-source.js';
+import { FileByteSource, fileStamp, fileVersion } from '../image/file-source.js';
 import type { ByteSource } from '../image/types.js';
 import type { ObjectStat, Storage } from './types.js';
 
@@ -51,8 +51,7 @@ export class LocalDirStorage implements Storage {
       if (!mustExist && (err as NodeJS.ErrnoException).code === 'ENOENT') return;
       throw fromSystemError(err, key, 'resolving');
     }
-    const rel = relative(this.root, real);
-    if (rel.startsWith('..') || isAbsolute(rel)) {
+    if (outside(this.root, real)) {
       throw new UsageError(`key ${JSON.stringify(key)} resolves outside the storage root`);
     }
   }
@@ -70,7 +69,7 @@ export class LocalDirStorage implements Storage {
       throw fromSystemError(err, key, 'stat');
     });
     if (!st || !st.isFile()) return undefined;
-    return { key, size: Number(st.size), stamp: `${st.size}:${st.mtimeNs}` };
+    return { key, size: Number(st.size), stamp: fileStamp(st), version: fileVersion(st) };
   }
 
   async read(key: string, offset: number, length: number): Promise<Buffer> {
@@ -132,9 +131,13 @@ export class LocalDirStorage implements Storage {
       for (const entry of entries) {
         const key = relDir ? `${relDir}/${entry.name}` : entry.name;
         if (entry.isDirectory()) {
-          if (prefix.startsWith(key) || key.startsWith(prefix) || prefix === '') await walk(join(dir, entry.name), key);
+          if (prefix === '' || key.startsWith(prefix) || prefix.startsWith(`${key}/`)) await walk(join(dir, entry.name), key);
         } else if (entry.isFile() && key.startsWith(prefix) && !entry.name.includes('.tmp-')) {
-          const st = await this.stat(key);
+          // One object that cannot be served (outside the root) leaves it out, not the whole listing.
+          const st = await this.stat(key).catch((err: unknown) => {
+            if (err instanceof UsageError) return undefined;
+            throw err;
+          });
           if (st) out.push(st);
         }
       }
@@ -152,14 +155,22 @@ export class LocalDirStorage implements Storage {
   resolveRelative(fromKey: string, name: string): string {
     if (name.startsWith('/')) {
       // An absolute backing path is only usable when it lies inside the root.
-      const rel = relative(this.root, name);
-      if (rel.startsWith('..') || isAbsolute(rel)) {
+      if (outside(this.root, name)) {
         throw new UsageError(`backing file ${JSON.stringify(name)} lies outside the storage root`);
       }
-      return rel.split(sep).join('/');
+      return relative(this.root, name).split(sep).join('/');
     }
     return posix.normalize(posix.join(posix.dirname(fromKey), name));
   }
+}
+
+/**
+ * Whether `path` lies outside `root`, by path segments: "..x.raw" is a name
+ * inside the root, ".." and "../x" are not.
+ */
+export function outside(root: string, path: string): boolean {
+  const rel = relative(root, path);
+  return rel === '..' || rel.startsWith(`..${sep}`) || isAbsolute(rel);
 }
 
 /** Keys: relative, '/'-separated, no '.'/'..' segments, no NUL, not empty. */
@@ -193,6 +204,7 @@ function renamedSource(source: ByteSource, key: string): ByteSource {
     name: key,
     size: source.size,
     stamp: source.stamp,
+    version: source.version,
     read: (offset, length) => source.read(offset, length),
     ...(source.readInto === undefined
       ? {}

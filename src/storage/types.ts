@@ -11,8 +11,17 @@ import type { ByteSource } from '../image/types.js';
 export interface ObjectStat {
   key: string;
   size: number;
-  /** Storage identity of this version: size and mtime (files) or ETag (objects). */
+  /**
+   * Portable identity stamp: size and mtime (files) or ETag (objects). It
+   * survives a copy that keeps mtimes, so maps and segments stay valid.
+   */
   stamp: string;
+  /**
+   * This very version on this storage: device, inode, size, mtime and ctime
+   * in ns (files) or ETag (objects). Any rewrite changes it, also one that
+   * restores the mtime.
+   */
+  version: string;
 }
 
 export interface Storage {
@@ -31,7 +40,10 @@ export interface Storage {
   put(key: string, body: Buffer | AsyncIterable<Buffer>): Promise<ObjectStat>;
   /** Objects whose key starts with `prefix`, sorted by key. */
   list(prefix?: string): Promise<ObjectStat[]>;
-  /** A ByteSource over one version of the object (ranged reads). */
+  /**
+   * A ByteSource over one version of the object (ranged reads): once the
+   * object changes, its reads fail with ImageChangedError.
+   */
   openSource(key: string): Promise<ByteSource>;
   /** Opens `name` relative to the directory of `fromKey` (qcow2 backing files). */
   resolveRelative(fromKey: string, name: string): string;

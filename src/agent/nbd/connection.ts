@@ -1,4 +1,5 @@
 import type { Socket } from 'node:net';
+import { ImageChangedError } from '../../errors.js';
 import { toBlockStatus } from './block-status.js';
 import type { BudgetAccount } from './buffer-budget.js';
 import { ExportNotFoundError, type ExportDescription, type ExportProvider, type NbdExport } from './export.js';
@@ -866,7 +867,8 @@ export class NbdConnection {
     work()
       .catch((err: unknown) => {
         if (type === P.NBD_CMD_READ) this.ctx.counters.readErrors++;
-        this.log('warn', 'request failed', { command: P.commandName(type), error: errorText(err) });
+        // A changed image fails every read that needs storage; the agent said so once already.
+        this.log(err instanceof ImageChangedError ? 'debug' : 'warn', 'request failed', { command: P.commandName(type), error: errorText(err) });
         return this.errorReplyParts(handle, P.NBD_EIO, `${P.commandName(type)} failed: ${errorText(err)}`);
       })
       .then((parts) => this.send(parts))

@@ -14,7 +14,7 @@ export default class AgentRun extends BaseCommand<typeof AgentRun> {
 
 Runs in the foreground until SIGTERM or SIGINT: it then stops accepting, finishes in-flight requests, and flushes maps and the cache index (a signal during the start makes it give up cleanly, exit status 0). Logs are JSON lines (pino) on stdout. TCP is used only with --listen (default port ${DEFAULT_NBD_PORT}).
 
-Settings come from flags or a JSON config file (--config); flags win. Config keys: storage, cache, socket, listen, control, cacheSize, cacheMisses, storageDelayMs, storageErrorRate, boot {idleMs, windowMs, minReads, maxShare, maxShareFloor}, merge {minSeen, window}, prefetchChunk, prefetchDepth, readahead, blockSize, maintenance, maxConnections, maxConnectionsPerClient, maxBuffered, socketMode, socketGroup, logLevel, warmup.
+Settings come from flags or a JSON config file (--config); flags win. Config keys: storage, cache, socket, listen, control, cacheSize, cacheMisses, storageDelayMs, storageErrorRate, storageRetries, storageRetryDelayMs, boot {idleMs, windowMs, minReads, maxShare, maxShareFloor}, merge {minSeen, window}, prefetchChunk, prefetchDepth, readahead, blockSize, maintenance, maxConnections, maxConnectionsPerClient, maxBuffered, socketMode, socketGroup, logLevel, warmup.
 
 ${EXIT_CODES_HELP}`;
 
@@ -40,6 +40,8 @@ ${EXIT_CODES_HELP}`;
     'cache-misses': Flags.boolean({ description: 'Cache blocks read on a miss, not only prefetched ones.', allowNo: true }),
     'storage-delay': Flags.integer({ description: 'Test/benchmark: delay every storage read by MS milliseconds.', helpValue: 'MS' }),
     'storage-error-rate': Flags.string({ description: 'Test/benchmark: fail this fraction of storage reads.', helpValue: 'FRACTION' }),
+    'storage-retries': Flags.integer({ description: `Send a storage read that failed with an I/O error again up to N times, with exponential backoff, before the guest gets EIO (default ${CONFIG_DEFAULTS.storageRetries}).`, helpValue: 'N' }),
+    'storage-retry-delay': Flags.integer({ description: `Delay before the first storage retry in ms, doubled for each further one, with jitter (default ${CONFIG_DEFAULTS.storageRetryDelayMs}).`, helpValue: 'MS' }),
     'boot-idle': Flags.string({ description: 'End of boot: seconds with no new block read (default 20).', helpValue: 'SECONDS' }),
     'boot-window': Flags.string({ description: 'End of boot: maximum seconds of recording (default 300).', helpValue: 'SECONDS' }),
     'boot-min-reads': Flags.integer({ description: 'Reads before an idle gap may end the boot, and below which a recording is a probe, not a boot (default 64).', helpValue: 'N' }),
