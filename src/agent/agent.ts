@@ -1,6 +1,6 @@
 /**
  * The bootcache agent: serves every image under the storage root over NBD,
- * through a per-image cache manager (ImageService), a shared cache device,
+ * through a per-image cache manager (cache-manager.ts), a shared cache device,
  * and a per-image prefetch stream of the image's boot segment. Boots are
  * recorded; when one ends, the map is merged and a new segment is built and
  * published next to the image (IMAGE.bcmap, IMAGE.bcseg).
@@ -22,7 +22,7 @@ import type { AgentConfig } from './config.js';
 import { ControlServer } from './control.js';
 import { applySocketAccess, resolveGroup } from './socket-access.js';
 import { MissWriter } from './miss-writer.js';
-import { ImageService, type ReadCounters } from './image-service.js';
+import { CacheManager, type ReadCounters } from './cache-manager.js';
 import { ExportNotFoundError, type ExportDescription, type ExportProvider, type NbdExport } from './nbd/export.js';
 import { NbdServer, type NbdServerStats } from './nbd/server.js';
 import { Prefetcher } from './prefetcher.js';
@@ -87,7 +87,7 @@ export interface AgentStatus {
 }
 
 interface ServiceEntry {
-  service: ImageService;
+  service: CacheManager;
   /** Storage versions (ObjectStat.version) of every layer the image was opened on, top first, joined. */
   version: string;
   /** Replaced by a newer version for new connections; closed when its last connection closes. */
@@ -109,7 +109,7 @@ export class Agent implements ExportProvider {
   private readonly services = new Map<string, ServiceEntry>();
   /** Services of older versions, kept for the connections still open on them. */
   private readonly retired = new Set<ServiceEntry>();
-  /** Blocks being read from storage by any export (see ImageServiceOptions.inFlight). */
+  /** Blocks being read from storage by any export (see CacheManagerOptions.inFlight). */
   private readonly inFlight = new Map<string, Promise<Buffer>>();
   private missWriter!: MissWriter;
   private readonly opening = new Map<string, Promise<ServiceEntry>>();
@@ -361,9 +361,8 @@ export class Agent implements ExportProvider {
 
   private async createService(name: string): Promise<ServiceEntry> {
     const { image, version } = await this.openImage(name);
-    const service = new ImageService(name, image, this.cache, {
+    const service = new CacheManager(name, image, this.cache, {
       bootPolicy: this.config.boot,
-      mapBlockSize: this.config.blockSize,
       cacheMisses: this.config.cacheMisses,
       counters: this.counters.cache,
       inFlight: this.inFlight,
@@ -412,7 +411,7 @@ export class Agent implements ExportProvider {
       const loaded = await this.sidecars.loadForPrefetch(service.name, service.image);
       if (!loaded) return;
       if (loaded.map.blockSize !== this.cache.blockSize) {
-        // The image service places map blocks by the agent's block size: another size would load the wrong bytes.
+        // The cache manager places segment blocks by the agent's block size: another size would load the wrong bytes.
         // The next boot's end publishes a map and segment of the agent's block size (a stored map of another size is not merged).
         this.log.warn(
           { export: service.name, segmentBlockSize: loaded.map.blockSize, blockSize: this.cache.blockSize },
@@ -424,7 +423,7 @@ export class Agent implements ExportProvider {
         this.storage,
         loaded.prefetchMap,
         loaded.segment,
-        { storeMany: (entries) => service.storeMapBlocks(entries), has: (block) => service.hasMapBlock(block) },
+        { storeMany: (entries) => service.storeStreamed(entries), has: (block) => service.hasBlock(block) },
         {
           chunkBytes: this.config.prefetchChunk,
           depth: this.config.prefetchDepth,
@@ -444,7 +443,7 @@ export class Agent implements ExportProvider {
     }
   }
 
-  private onBootEnd(service: ImageService, boot: BootRecorder): void {
+  private onBootEnd(service: CacheManager, boot: BootRecorder): void {
     const current = this.services.get(service.name);
     const entry = current?.service === service ? current : [...this.retired].find((e) => e.service === service);
     if (!entry) return;
