@@ -1,6 +1,6 @@
 /**
  * The bootcache agent: serves every image under the storage root over NBD,
- * through a per-image cache manager (ImageService), a shared cache device,
+ * through a per-image cache manager (cache-manager.ts), a shared cache device,
  * and a per-image prefetch stream of the image's boot segment. Boots are
  * recorded; when one ends, the map is merged and a new segment is built and
  * published next to the image (IMAGE.bcmap, IMAGE.bcseg).
@@ -22,7 +22,8 @@ import type { AgentConfig } from './config.js';
 import { ControlServer } from './control.js';
 import { applySocketAccess, resolveGroup } from './socket-access.js';
 import { MissWriter } from './miss-writer.js';
-import { ImageService, type ReadCounters } from './image-service.js';
+import { CacheManager, type ReadCounters } from './cache-manager.js';
+import { RebuildQueue, type RebuildStatus } from './rebuild-queue.js';
 import { ExportNotFoundError, type ExportDescription, type ExportProvider, type NbdExport } from './nbd/export.js';
 import { NbdServer, type NbdServerStats } from './nbd/server.js';
 import { Prefetcher } from './prefetcher.js';
@@ -56,7 +57,7 @@ export interface ExportStatus {
   spaces: string[];
   prefetch?: ReturnType<Prefetcher['progress']>;
   lastBoot?: BootSummary;
-  rebuild?: { state: 'idle' | 'running' | 'failed'; lastError?: string; lastPublishedAt?: string };
+  rebuild?: RebuildStatus;
   /**
    * The image changed on storage under this service: reads that need
    * storage fail with EIO, cached blocks of the version opened are served.
@@ -87,15 +88,13 @@ export interface AgentStatus {
 }
 
 interface ServiceEntry {
-  service: ImageService;
+  service: CacheManager;
   /** Storage versions (ObjectStat.version) of every layer the image was opened on, top first, joined. */
   version: string;
   /** Replaced by a newer version for new connections; closed when its last connection closes. */
   retired: boolean;
-  rebuild: Promise<void>;
-  rebuildState: 'idle' | 'running' | 'failed';
-  lastError?: string;
-  lastPublishedAt?: string;
+  /** Its segment rebuilds, one after the other. */
+  rebuilds: RebuildQueue;
 }
 
 export class Agent implements ExportProvider {
@@ -109,7 +108,7 @@ export class Agent implements ExportProvider {
   private readonly services = new Map<string, ServiceEntry>();
   /** Services of older versions, kept for the connections still open on them. */
   private readonly retired = new Set<ServiceEntry>();
-  /** Blocks being read from storage by any export (see ImageServiceOptions.inFlight). */
+  /** Blocks being read from storage by any export (see CacheManagerOptions.inFlight). */
   private readonly inFlight = new Map<string, Promise<Buffer>>();
   private missWriter!: MissWriter;
   private readonly opening = new Map<string, Promise<ServiceEntry>>();
@@ -119,7 +118,7 @@ export class Agent implements ExportProvider {
   /** Set once start() has completed: only a started agent logs "agent stopped". */
   private started = false;
   /** Set by stop(): a start() still in progress gives up instead of listening. */
-  private stopRequested = false;
+  private readonly stopping = new AbortController();
   /** The start() in progress or done, settled either way: stop() waits for one that gives up. */
   private starting: Promise<void> | undefined;
   private readonly startedAt = Date.now();
@@ -154,7 +153,7 @@ export class Agent implements ExportProvider {
     // Before anything is opened or created: an unknown group is a configuration error.
     const gid = c.socketGroup === undefined ? undefined : await resolveGroup(c.socketGroup, undefined, c.socketGroupLabel);
     let storage: Storage = await LocalDirStorage.open(c.storage).catch((err: unknown) => {
-      throw new AgentError(`storage: ${(err as Error).message}`, { cause: err });
+      throw startupError('storage', err);
     });
     if (c.storageDelayMs > 0 || c.storageErrorRate > 0) {
       storage = new FaultyStorage(storage, { delayMs: c.storageDelayMs, errorRate: c.storageErrorRate });
@@ -171,49 +170,59 @@ export class Agent implements ExportProvider {
     this.counters.storageRetries = retrying.counters;
     this.storage = retrying;
     this.sidecars = new SidecarStore(this.storage, c.blockSize, c.merge, this.log);
-    try {
-      this.throwIfStopped();
-      this.cache = await CacheDevice.open(c.cache, { capacityBytes: c.cacheSize, blockSize: c.blockSize, logger: this.log }).catch(
-        (err: unknown) => {
-          throw err instanceof AgentError ? err : new AgentError(`cache: ${(err as Error).message}`, { cause: err });
-        },
-      );
-      this.throwIfStopped();
-      this.missWriter = new MissWriter(this.cache);
+    // Start-up steps; between two of them, a stop() meanwhile ends the start
+    // (it must not leave an agent listening on a closed cache).
+    const steps: Array<() => Promise<void> | void> = [
+      async () => {
+        this.cache = await CacheDevice.open(c.cache, { capacityBytes: c.cacheSize, blockSize: c.blockSize, logger: this.log }).catch(
+          (err: unknown) => {
+            throw startupError('cache', err);
+          },
+        );
+        this.missWriter = new MissWriter(this.cache);
+      },
       // Faulted in before the agent listens, not under the first boot's reads:
-      // a boot that starts with the agent (the benchmark does) would wait
-      // behind 1 MiB turns of page faults, 4-6 ms each on this project's VM.
-      const keep = Math.min(2 * c.prefetchDepth, Math.max(1, Math.floor(CHUNK_BUFFERS_MAX_BYTES / c.prefetchChunk)));
-      this.chunkBuffers = new BufferPool(c.prefetchChunk, keep);
-      const prefaultStart = performance.now();
-      await this.chunkBuffers.prefault();
-      this.log.debug({ ...this.chunkBuffers.stats(), ms: Math.round(performance.now() - prefaultStart) }, 'prefetch buffers faulted in');
-      this.throwIfStopped(); // stop() ends the prefault early
-      if (c.warmup) {
-        this.warmup = await warmUp({ config: c, log: this.log, createAgent: (config, log) => new Agent(config, log), stopped: () => this.stopRequested });
-        this.throwIfStopped();
+      // a boot that starts with the agent would wait behind their page faults.
+      async () => {
+        const keep = Math.min(2 * c.prefetchDepth, Math.max(1, Math.floor(CHUNK_BUFFERS_MAX_BYTES / c.prefetchChunk)));
+        this.chunkBuffers = new BufferPool(c.prefetchChunk, keep);
+        const prefaultStart = performance.now();
+        await this.chunkBuffers.prefault(); // stop() ends it early
+        this.log.debug({ ...this.chunkBuffers.stats(), ms: Math.round(performance.now() - prefaultStart) }, 'prefetch buffers faulted in');
+      },
+      async () => {
+        if (!c.warmup) return;
+        const signal = this.stopping.signal;
+        this.warmup = await warmUp({ config: c, log: this.log, createAgent: (config, log) => new Agent(config, log), stopped: () => signal.aborted });
+      },
+      () => {
+        this.nbd = new NbdServer(this, {
+          maxConnections: c.maxConnections,
+          maxConnectionsPerClient: c.maxConnectionsPerClient,
+          maxBufferedBytes: c.maxBuffered,
+          logger: (level, msg, fields) => this.log[level === 'warn' ? 'warn' : level === 'error' ? 'error' : 'debug'](fields ?? {}, msg),
+        });
+      },
+      () => mkdir(join(c.socket, '..'), { recursive: true }).then(() => undefined),
+      () => this.nbd!.listenUnix(c.socket),
+      () => applySocketAccess(c.socket, c.socketMode, gid),
+      async () => {
+        if (c.listen) await this.nbd!.listenTcp(c.listen.host, c.listen.port);
+      },
+      () => mkdir(join(c.control, '..'), { recursive: true }).then(() => undefined),
+      async () => {
+        this.control = await ControlServer.start(c.control, {
+          status: async () => this.status(),
+          markBooted: async (name) => this.markBooted(name),
+        }, gid);
+      },
+    ];
+    try {
+      for (const step of steps) {
+        this.stopping.signal.throwIfAborted();
+        await step();
       }
-      this.nbd = new NbdServer(this, {
-        maxConnections: c.maxConnections,
-        maxConnectionsPerClient: c.maxConnectionsPerClient,
-        maxBufferedBytes: c.maxBuffered,
-        logger: (level, msg, fields) => this.log[level === 'warn' ? 'warn' : level === 'error' ? 'error' : 'debug'](fields ?? {}, msg),
-      });
-      await mkdir(join(c.socket, '..'), { recursive: true });
-      this.throwIfStopped();
-      await this.nbd.listenUnix(c.socket);
-      this.throwIfStopped();
-      await applySocketAccess(c.socket, c.socketMode, gid);
-      this.throwIfStopped();
-      if (c.listen) await this.nbd.listenTcp(c.listen.host, c.listen.port);
-      this.throwIfStopped();
-      await mkdir(join(c.control, '..'), { recursive: true });
-      this.throwIfStopped();
-      this.control = await ControlServer.start(c.control, {
-        status: async () => this.status(),
-        markBooted: async (name) => this.markBooted(name),
-      }, gid);
-      this.throwIfStopped();
+      this.stopping.signal.throwIfAborted();
     } catch (err) {
       // A cache this start created is removed again, under its lock (CacheDevice.closeAndRemoveIfCreated).
       await this.release({ removeNewCache: true });
@@ -229,18 +238,13 @@ export class Agent implements ExportProvider {
     this.started = true;
   }
 
-  /** After each of start()'s awaits: a stop() meanwhile must not leave an agent listening on a closed cache. */
-  private throwIfStopped(): void {
-    if (this.stopRequested) throw new AgentError('the agent was stopped while it was starting');
-  }
-
   /**
    * Stops accepting, drains in-flight requests, finishes rebuilds, flushes
    * the cache. During a start(), waits for it to give up and close what it
    * opened: closing under its feet would miss what it opens next.
    */
   async stop(): Promise<void> {
-    this.stopRequested = true;
+    this.stopping.abort(new AgentError('the agent was stopped while it was starting'));
     if (this.starting !== undefined && !this.started) {
       this.chunkBuffers?.close(); // ends the prefault early
       await this.starting;
@@ -255,7 +259,7 @@ export class Agent implements ExportProvider {
     await this.control?.close().catch(() => undefined);
     for (const entry of [...this.services.values(), ...this.retired]) {
       entry.service.markBooted(); // flush a recording in progress into the map
-      await entry.rebuild;
+      await entry.rebuilds.settled();
       entry.service.dispose();
       await entry.service.image.close().catch(() => undefined);
     }
@@ -355,15 +359,14 @@ export class Agent implements ExportProvider {
   private async closeEntry(entry: ServiceEntry): Promise<void> {
     this.retired.delete(entry);
     entry.service.dispose();
-    await entry.rebuild;
+    await entry.rebuilds.settled();
     await entry.service.image.close().catch(() => undefined);
   }
 
   private async createService(name: string): Promise<ServiceEntry> {
     const { image, version } = await this.openImage(name);
-    const service = new ImageService(name, image, this.cache, {
+    const service = new CacheManager(name, image, this.cache, {
       bootPolicy: this.config.boot,
-      mapBlockSize: this.config.blockSize,
       cacheMisses: this.config.cacheMisses,
       counters: this.counters.cache,
       inFlight: this.inFlight,
@@ -376,7 +379,7 @@ export class Agent implements ExportProvider {
           `export ${svc.name}: the image changed on storage while open; its reads that need storage now fail with EIO (cached blocks of the version opened are still served); new connections open the new version`,
         ),
     });
-    const entry: ServiceEntry = { service, version, retired: false, rebuild: Promise.resolve(), rebuildState: 'idle' };
+    const entry: ServiceEntry = { service, version, retired: false, rebuilds: new RebuildQueue() };
     this.services.set(name, entry);
     // Also reached by NBD_OPT_INFO (describe), which opens no connection to the export: "loaded", not "opened".
     this.log.info({ export: name, identity: image.identity, size: image.virtualSize, format: image.format }, 'image loaded');
@@ -412,7 +415,7 @@ export class Agent implements ExportProvider {
       const loaded = await this.sidecars.loadForPrefetch(service.name, service.image);
       if (!loaded) return;
       if (loaded.map.blockSize !== this.cache.blockSize) {
-        // The image service places map blocks by the agent's block size: another size would load the wrong bytes.
+        // The cache manager places segment blocks by the agent's block size: another size would load the wrong bytes.
         // The next boot's end publishes a map and segment of the agent's block size (a stored map of another size is not merged).
         this.log.warn(
           { export: service.name, segmentBlockSize: loaded.map.blockSize, blockSize: this.cache.blockSize },
@@ -424,7 +427,7 @@ export class Agent implements ExportProvider {
         this.storage,
         loaded.prefetchMap,
         loaded.segment,
-        { storeMany: (entries) => service.storeMapBlocks(entries), has: (block) => service.hasMapBlock(block) },
+        { storeMany: (entries) => service.storeStreamed(entries), has: (block) => service.hasBlock(block) },
         {
           chunkBytes: this.config.prefetchChunk,
           depth: this.config.prefetchDepth,
@@ -444,66 +447,51 @@ export class Agent implements ExportProvider {
     }
   }
 
-  private onBootEnd(service: ImageService, boot: BootRecorder): void {
+  private onBootEnd(service: CacheManager, boot: BootRecorder): void {
     const current = this.services.get(service.name);
     const entry = current?.service === service ? current : [...this.retired].find((e) => e.service === service);
     if (!entry) return;
     const summary = boot.summary(performance.now());
-    if (service.stale || entry.retired) {
-      // Recorded on a version that is gone: its map and segment would describe neither version.
-      this.counters.boots.skipped++;
-      this.log.info({ export: service.name, reads: summary.reads }, 'boot ended on a version of the image that changed: no new map or segment');
-      return;
-    }
-    if (boot.discardReason !== undefined) {
-      // A copy or a backup read through the export: merged, it would put every data block in the segment.
+    const verdict = boot.verdict(service.stale !== undefined || entry.retired);
+    if (verdict.action === 'discard') {
       this.counters.boots.discarded++;
       const { reads, blocks, durationMs } = summary;
       this.log.warn(
         { export: service.name, reads, blocks, durationMs, limitBytes: boot.limitBytes() },
-        `export ${service.name}: recording discarded, no new map or segment: ${boot.discardReason}`,
+        `export ${service.name}: recording discarded, no new map or segment: ${verdict.reason}`,
       );
+      return;
+    }
+    if (verdict.action === 'skip' && verdict.reason === 'changed') {
+      this.counters.boots.skipped++;
+      this.log.info({ export: service.name, reads: summary.reads }, 'boot ended on a version of the image that changed: no new map or segment');
       return;
     }
     this.log.info({ export: service.name, ...summary }, 'boot ended');
     // Prefetched blocks this boot never read.
     const prefetcher = service.prefetch;
     if (prefetcher) this.counters.prefetch.unusedBytes += prefetcher.unusedBytes(boot.bitmap, boot.blockSize);
-    if (boot.blocks === 0) {
+    if (verdict.action === 'skip') {
       this.counters.boots.skipped++;
-      this.log.info({ export: service.name }, 'boot read nothing: no new map or segment');
-      return;
-    }
-    // A probe (qemu-img info, nbdinfo, a health check) reads a few blocks. Merged as
-    // boots, a few probes would out-vote the real boots (M of the last K) and shrink
-    // the segment to the probe's blocks. mark-booted is the operator's word: it counts.
-    if (boot.reads < boot.policy.minReads && boot.endReason !== 'mark-booted') {
-      this.counters.boots.skipped++;
-      this.log.info(
-        { export: service.name, reads: boot.reads, minReads: boot.policy.minReads },
-        'too few reads for a boot (boot.minReads): no new map or segment',
-      );
-      return;
-    }
-    // Rebuilds of one image run one after the other.
-    entry.rebuild = entry.rebuild.then(async () => {
-      entry.rebuildState = 'running';
-      try {
-        const published = await this.sidecars.publishBoot(service, boot, join(this.config.cache, 'tmp'));
-        if (published) {
-          this.counters.boots.recorded++;
-          entry.lastPublishedAt = new Date().toISOString();
-        } else {
-          this.counters.boots.skipped++;
-        }
-        entry.rebuildState = 'idle';
-      } catch (err) {
-        this.counters.boots.failed++;
-        entry.rebuildState = 'failed';
-        entry.lastError = (err as Error).message;
-        this.log.error({ export: service.name, err: (err as Error).message }, 'segment rebuild failed');
+      if (verdict.reason === 'empty') this.log.info({ export: service.name }, 'boot read nothing: no new map or segment');
+      else {
+        this.log.info(
+          { export: service.name, reads: boot.reads, minReads: boot.policy.minReads },
+          'too few reads for a boot (boot.minReads): no new map or segment',
+        );
       }
-    });
+      return;
+    }
+    entry.rebuilds.enqueue(
+      async () => ({ published: await this.sidecars.publishBoot(service, boot, join(this.config.cache, 'tmp')) }),
+      (outcome) => {
+        if (outcome instanceof Error) {
+          this.counters.boots.failed++;
+          this.log.error({ export: service.name, err: outcome.message }, 'segment rebuild failed');
+        } else if (outcome.published) this.counters.boots.recorded++;
+        else this.counters.boots.skipped++;
+      },
+    );
   }
 
   markBooted(name: string): BootSummary {
@@ -516,7 +504,7 @@ export class Agent implements ExportProvider {
 
   /** Waits for all pending rebuilds (tests, shutdown). */
   async settled(): Promise<void> {
-    await Promise.all([...this.services.values()].map((e) => e.rebuild));
+    await Promise.all([...this.services.values()].map((e) => e.rebuilds.settled()));
   }
 
   /** Counters and uptime, started or not: what `bootcache agent` reports when it stops. */
@@ -535,10 +523,8 @@ export class Agent implements ExportProvider {
         connections: entry.service.connections,
         identity: entry.service.image.identity,
         spaces: entry.service.spaces,
-        rebuild: { state: entry.rebuildState },
+        rebuild: entry.rebuilds.status(),
       };
-      if (entry.lastError) s.rebuild!.lastError = entry.lastError;
-      if (entry.lastPublishedAt) s.rebuild!.lastPublishedAt = entry.lastPublishedAt;
       const prefetch = entry.service.prefetch?.progress();
       if (prefetch) s.prefetch = prefetch;
       const boot = entry.service.bootSummary();
@@ -575,4 +561,16 @@ export function isImageKey(key: string): boolean {
   if (SIDECAR_SUFFIXES.some((s) => key.endsWith(s))) return false;
   if (/\.tmp-[^/]*$/.test(key)) return false;
   return true;
+}
+
+/**
+ * A failure to open the storage or the cache is the agent's (exit 7) when it
+ * is about the environment: a coded error or a system call's error. Anything
+ * else is a bug and stays what it is (exit 70).
+ */
+function startupError(what: string, err: unknown): unknown {
+  if (err instanceof AgentError) return err;
+  const systemError = err instanceof Error && typeof (err as NodeJS.ErrnoException).code === 'string' && (err as NodeJS.ErrnoException).syscall !== undefined;
+  if (err instanceof BootcacheError || systemError) return new AgentError(`${what}: ${(err as Error).message}`, { cause: err });
+  return err;
 }

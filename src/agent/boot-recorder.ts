@@ -55,6 +55,12 @@ export interface BootSummary {
   discardReason?: string;
 }
 
+/** The fate of a finished recording (BootRecorder.verdict). */
+export type BootVerdict =
+  | { action: 'publish' }
+  | { action: 'skip'; reason: 'changed' | 'empty' | 'probe' }
+  | { action: 'discard'; reason: string };
+
 export class BootRecorder {
   /** Bit i set when block i was read during the boot. */
   readonly bitmap: Bitmap;
@@ -166,6 +172,24 @@ export class BootRecorder {
   nextDeadline(): number {
     const window = this.startedAt + this.policy.windowMs;
     return this.reads >= this.policy.minReads ? Math.min(window, this.lastNewBlockAt + this.policy.idleMs) : window;
+  }
+
+  /**
+   * What becomes of this finished recording: published as a boot, skipped
+   * (recorded on a version of the image that changed, read nothing, or a
+   * probe), or discarded (a whole-disk read, see maxShare).
+   */
+  verdict(imageChanged: boolean): BootVerdict {
+    // Its map and segment would describe neither version.
+    if (imageChanged) return { action: 'skip', reason: 'changed' };
+    // A copy or a backup: merged, it would put every data block in the segment.
+    if (this.discardReason !== undefined) return { action: 'discard', reason: this.discardReason };
+    if (this.blocks === 0) return { action: 'skip', reason: 'empty' };
+    // A probe (qemu-img info, nbdinfo, a health check) reads a few blocks. Merged as
+    // boots, a few probes would out-vote the real boots (M of the last K) and shrink
+    // the segment to the probe's blocks. mark-booted is the operator's word: it counts.
+    if (this.reads < this.policy.minReads && this.endReason !== 'mark-booted') return { action: 'skip', reason: 'probe' };
+    return { action: 'publish' };
   }
 
   summary(now: number): BootSummary {

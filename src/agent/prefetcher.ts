@@ -5,7 +5,7 @@
  *
  * One Prefetcher per image, whatever the number of VMs booting from it.
  * Foreground reads never queue behind it: a block whose chunk is in flight
- * waits for that chunk; any other block is read directly (see ImageService).
+ * waits for that chunk; any other block is read directly (see CacheManager).
  */
 import { crc32 } from 'node:zlib';
 import { readSourceInto } from '../image/file-source.js';
@@ -53,7 +53,7 @@ export interface PrefetchSink {
 export interface PrefetchOptions {
   chunkBytes: number;
   depth: number;
-  /** Chunks in flight on demand at most (see demand()); default `depth`, 0 turns demand off. */
+  /** Chunks in flight on demand at most (see demandChunk()); default `depth`, 0 turns demand off. */
   demandDepth?: number;
   onWarning?: (message: string) => void;
   /** Chunk buffers shared with other streams (see BufferPool); default: the stream's own. */
@@ -108,7 +108,7 @@ export class Prefetcher {
   private nextChunk = 0;
   /** 1 for every chunk started, by the stream or on demand. */
   private readonly started: Uint8Array;
-  /** Chunks started on demand (see demand()), in flight now. */
+  /** Chunks started on demand (see demandChunk()), in flight now. */
   private readonly demanded = new Set<Promise<void>>();
   private chunksDemanded = 0;
   /** The first failure of a chunk started on demand: it fails the stream when the workers are done. */
@@ -199,15 +199,15 @@ export class Prefetcher {
     );
   }
 
-  /** Whether the stream will still reach `block` (it is in the segment and its chunk is not done). */
-  ahead(block: number): boolean {
+  /** Whether `block` is unstreamed: in the segment, in a chunk the stream has not started. */
+  unstreamed(block: number): boolean {
     if (this.state !== 'streaming' || !this.map.isSet(block)) return false;
     return this.started[Math.floor(this.map.rank(block) / this.blocksPerChunk)] === 0;
   }
 
   /**
-   * A guest read wants `block`, a segment block whose chunk the stream has
-   * not started: start that chunk now, out of order, and return the
+   * A demand chunk: a guest read wants `block`, a segment block whose chunk
+   * the stream has not started: start that chunk now, out of order, and return the
    * block's data as pending() would. The boot's order is not the segment's
    * (the kernel sits 1 GiB into the image, so its blocks come late in the
    * stream): without this, each such read was a storage read of its own, and
@@ -215,8 +215,8 @@ export class Prefetcher {
    * `demandDepth` chunks are in flight on demand (the buffer stays bounded);
    * past that, undefined (the caller reads the block elsewhere).
    */
-  demand(block: number): Promise<Buffer | undefined> | undefined {
-    if (this.stopped || !this.ahead(block) || this.demanded.size >= (this.options.demandDepth ?? this.options.depth)) return undefined;
+  demandChunk(block: number): Promise<Buffer | undefined> | undefined {
+    if (this.stopped || !this.unstreamed(block) || this.demanded.size >= (this.options.demandDepth ?? this.options.depth)) return undefined;
     const chunk = Math.floor(this.map.rank(block) / this.blocksPerChunk);
     this.chunksDemanded++;
     const load = this.startChunk(chunk);
@@ -232,12 +232,12 @@ export class Prefetcher {
   }
 
   /**
-   * Map blocks [block, block + count), all ahead of the stream (so in the
-   * segment at consecutive ranks), straight from the segment in one ranged
-   * read, each block checked against its checksum. Undefined when the read
-   * fails or any block fails its check (the caller reads the image instead).
+   * A rank read: blocks [block, block + count), all unstreamed and at
+   * consecutive ranks, straight from the segment in one ranged read, each
+   * block checked against its checksum. Undefined when the read fails or any
+   * block fails its check (the caller reads the image instead).
    */
-  async readAhead(block: number, count: number): Promise<Buffer | undefined> {
+  async rankRead(block: number, count: number): Promise<Buffer | undefined> {
     const rank = this.map.rank(block);
     if (this.map.rank(block + count - 1) !== rank + count - 1) return undefined;
     const bs = this.segment.blockSize;

@@ -13,7 +13,7 @@ import { SegmentReader } from '../format/segment.js';
 import type { DiskImage } from '../image/types.js';
 import type { Storage } from '../storage/types.js';
 import type { BootRecorder } from './boot-recorder.js';
-import type { ImageService } from './image-service.js';
+import type { CacheManager } from './cache-manager.js';
 import type { PrefetchMap, PrefetchSegment } from './prefetcher.js';
 
 export const MAP_SUFFIX = '.bcmap';
@@ -119,7 +119,7 @@ export class SidecarStore {
    * then put to storage before the map: a prefetcher that sees the new map
    * with the old segment finds the digest mismatch and skips.
    */
-  async publishBoot(service: ImageService, boot: BootRecorder, tmpDir: string): Promise<boolean> {
+  async publishBoot(service: CacheManager, boot: BootRecorder, tmpDir: string): Promise<boolean> {
     const name = service.name;
     const image = service.image;
     const previous = await this.currentMap(name, image);

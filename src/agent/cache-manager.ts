@@ -1,23 +1,31 @@
 /**
  * The cache manager of one image: the read path behind every NBD connection
- * to that image (cache, prefetch stream, storage), the boot recorder, and the
- * hand-off to the segment rebuild when a boot ends.
+ * to that image (cache device, prefetch stream, storage system), and the
+ * guest reads it hands to the boot recording (BootLifecycle).
  *
  * Read path, per cache block of a request:
  *   1. cached                          -> served from the cache device (hit);
  *   2. being fetched by another request -> waits for that fetch (one storage read);
- *   3. its segment chunk is in flight   -> waits for the chunk (no second read);
+ *   3. its segment chunk is in flight   -> waits for the chunk (no second read),
+ *      or starts it now as a demand chunk when the stream has not reached it;
  *   4. otherwise                        -> read from the image on storage, in one
  *      request per contiguous run of missing blocks (miss), and cached; a
  *      qcow2 run still ahead of the prefetch stream is read from the segment
- *      instead (no L2 or compressed reads; see readAhead).
+ *      instead, a rank read (no L2 or compressed reads; see rankRead).
  *
  * One version: the image's sources fail every read once the image (or a
  * backing file) changed on storage (ImageChangedError, see ByteSource.version).
- * The first such failure makes the service stale: from then on every read
+ * The first such failure makes the cache manager stale: from then on every read
  * that needs storage fails at once (EIO for the guest), the prefetch stops,
  * and cached blocks, all read from the version opened, keep being served.
  * No request is ever answered with bytes of the new version.
+ *
+ * A miss that continues a sequential stream also starts the readahead: the
+ * blocks after it, read in the background (SequentialReadahead).
+ *
+ * One block size: the cache's, which is also the map's and the segment's
+ * (the agent refuses a segment of another size), so map block i is cache
+ * block i.
  *
  * Cache space of a block: the owner identity of the layer that supplies it
  * (DiskImage.owner), so overlays on one backing file share its cached blocks;
@@ -25,11 +33,11 @@
  * use their identity without a lookup.
  */
 import { ImageChangedError } from '../errors.js';
-import { imageDataBytes } from '../image/data-bytes.js';
 import { chainSpaces } from '../image/identity.js';
 import type { DiskImage, Extent } from '../image/types.js';
 import type { BlockCache, CacheBlockKind, CacheEntry } from './block-cache.js';
-import { BootRecorder, type BootPolicy, type BootSummary } from './boot-recorder.js';
+import { BootLifecycle } from './boot-lifecycle.js';
+import type { BootPolicy, BootRecorder, BootSummary } from './boot-recorder.js';
 import { MissWriter } from './miss-writer.js';
 import type { Prefetcher } from './prefetcher.js';
 import { DEFAULT_READAHEAD, SequentialReadahead } from './readahead.js';
@@ -39,33 +47,31 @@ export interface ReadCounters {
   misses: number;
 }
 
-export interface ImageServiceOptions {
+export interface CacheManagerOptions {
   bootPolicy: BootPolicy;
-  /** Map block size for recorded boots. */
-  mapBlockSize: number;
   /** Cache blocks read on a miss. */
   cacheMisses: boolean;
   counters: ReadCounters;
   /**
    * Blocks being read from storage, keyed by space and block; shared by the
-   * services of one cache so overlays missing the same backing block read it once.
+   * cache managers of one cache so overlays missing the same backing block read it once.
    */
   inFlight?: Map<string, Promise<Buffer>>;
-  /** Batches the cache writes of missed blocks; shared by the services of one cache (default: one of its own). */
+  /** Batches the cache writes of missed blocks; shared by the cache managers of one cache (default: one of its own). */
   missWriter?: MissWriter;
   /** Largest sequential readahead window on guest misses, bytes; 0 or absent: off. */
   readaheadBytes?: number;
   /** Called once when a boot ends (idle, window, mark-booted, closed). */
-  onBootEnd: (service: ImageService, boot: BootRecorder) => void;
-  /** Called once, when a storage read finds the image changed (the service is stale from then on). */
-  onStale?: (service: ImageService, err: ImageChangedError) => void;
+  onBootEnd: (manager: CacheManager, boot: BootRecorder) => void;
+  /** Called once, when a storage read finds the image changed (the cache manager is stale from then on). */
+  onStale?: (manager: CacheManager, err: ImageChangedError) => void;
   now?: () => number;
 }
 
 /** Owner spaces remembered per layered image (block -> space), at most. */
 const OWNER_MEMO_MAX = 1 << 18;
 
-export class ImageService {
+export class CacheManager {
   /** The chain identity: the space of single-layer images and of mixed blocks. */
   readonly space: string;
   /** Every space this image's blocks may live in (see chainSpaces). */
@@ -73,29 +79,24 @@ export class ImageService {
   private readonly blockSize: number;
   private readonly inFlight: Map<string, Promise<Buffer>>;
   private readonly missWriter: MissWriter;
-  private readonly readahead: SequentialReadahead | undefined;
+  private readonly readaheadWindows: SequentialReadahead | undefined;
   /** More than one layer: blocks may belong to a backing file's space. */
   private readonly layered: boolean;
   private readonly ownerMemo = new Map<number, string>();
   /** Spaces this image's blocks were found in (marked booted when a boot ends). */
   private readonly usedSpaces = new Set<string>();
   private prefetcher: Prefetcher | undefined;
-  private boot: BootRecorder | undefined;
-  private lastBoot: BootRecorder | undefined;
-  private bootTimer: NodeJS.Timeout | undefined;
-  /** Bytes of data in the image (allocated extents), learnt once a recording may need them (BootPolicy.maxShare). */
-  private dataBytes: number | undefined;
-  private dataBytesPending: Promise<number> | undefined;
+  private readonly boots: BootLifecycle;
   connections = 0;
   private readonly now: () => number;
-  /** Why the service is stale, and since when (epoch ms); see markStale. */
+  /** Why the cache manager is stale, and since when (epoch ms); see markStale. */
   private staleSince: { error: ImageChangedError; at: number } | undefined;
 
   constructor(
     readonly name: string,
     readonly image: DiskImage,
     private readonly cache: BlockCache,
-    private readonly options: ImageServiceOptions,
+    private readonly options: CacheManagerOptions,
   ) {
     this.space = image.identity;
     this.spaces = chainSpaces(image);
@@ -103,11 +104,12 @@ export class ImageService {
     this.inFlight = options.inFlight ?? new Map();
     this.missWriter = options.missWriter ?? new MissWriter(cache);
     const ra = options.readaheadBytes ?? 0;
-    this.readahead = ra > 0
+    this.readaheadWindows = ra > 0
       ? new SequentialReadahead({ initialBytes: Math.min(DEFAULT_READAHEAD.initialBytes, ra), maxBytes: ra })
       : undefined;
     this.blockSize = cache.blockSize;
     this.now = options.now ?? (() => performance.now());
+    this.boots = new BootLifecycle(image, this.blockSize, options.bootPolicy, this.now, (boot) => this.onBootEnd(boot));
   }
 
   get virtualSize(): number {
@@ -122,7 +124,7 @@ export class ImageService {
     this.prefetcher = prefetcher;
   }
 
-  /** Set once the image changed under the service: its error and when it was seen. */
+  /** Set once the image changed under the cache manager: its error and when it was seen. */
   get stale(): { error: ImageChangedError; at: number } | undefined {
     return this.staleSince;
   }
@@ -136,7 +138,7 @@ export class ImageService {
   }
 
   /**
-   * A storage read of the version opened; a changed image makes the service
+   * A storage read of the version opened; a changed image makes the cache manager
    * stale. Data reads (`refuseStale`) are refused once stale; metadata
    * lookups go on, answered from the image's cached tables where it can
    * (its sources refuse the rest themselves).
@@ -152,56 +154,24 @@ export class ImageService {
   /** A connection opened the export: the first one starts a boot recording. */
   open(): void {
     this.connections++;
-    if (!this.boot) {
-      this.boot = new BootRecorder(this.image.virtualSize, this.options.mapBlockSize, this.options.bootPolicy, this.now());
-      if (this.dataBytes !== undefined) this.boot.setDataBytes(this.dataBytes, this.now());
-      this.armBootTimer();
-    }
+    this.boots.start();
   }
 
   /** A connection closed: the last one ends a boot still recording. */
   close(): void {
     this.connections = Math.max(0, this.connections - 1);
-    if (this.connections === 0 && this.boot) this.endBoot('closed');
+    if (this.connections === 0) this.boots.end('closed');
   }
 
   markBooted(): BootSummary | undefined {
-    const boot = this.boot;
-    if (!boot) return this.lastBoot?.summary(this.now());
-    this.endBoot('mark-booted');
-    return boot.summary(this.now());
+    return this.boots.markBooted();
   }
 
   bootSummary(): BootSummary | undefined {
-    return (this.boot ?? this.lastBoot)?.summary(this.now());
+    return this.boots.summary();
   }
 
-  private armBootTimer(): void {
-    if (this.bootTimer) clearTimeout(this.bootTimer);
-    const boot = this.boot;
-    if (!boot) return;
-    const delay = Math.max(10, boot.nextDeadline() - this.now());
-    this.bootTimer = setTimeout(() => {
-      this.bootTimer = undefined;
-      if (this.boot !== boot) return;
-      if (boot.checkEnd(this.now())) this.finishBoot(boot);
-      else this.armBootTimer();
-    }, delay);
-    this.bootTimer.unref();
-  }
-
-  private endBoot(reason: 'mark-booted' | 'closed'): void {
-    const boot = this.boot;
-    if (!boot) return;
-    boot.end(reason, this.now());
-    this.finishBoot(boot);
-  }
-
-  private finishBoot(boot: BootRecorder): void {
-    if (this.bootTimer) clearTimeout(this.bootTimer);
-    this.bootTimer = undefined;
-    this.boot = undefined;
-    this.lastBoot = boot;
+  private onBootEnd(boot: BootRecorder): void {
     // Only spaces in use: marking creates a space in the cache index. A discarded recording was no boot.
     if (boot.discardReason === undefined) {
       this.cache.markBooted(this.space);
@@ -210,28 +180,9 @@ export class ImageService {
     this.options.onBootEnd(this, boot);
   }
 
-  /**
-   * Learns the image's data bytes for the maxShare limit, and ends the boot
-   * recording if it is already over it. Asked only once a recording is half
-   * way to the floor, so a boot's reads never compete with a qcow2 image's
-   * L2 table reads for it. (A recording that ends before the answer keeps
-   * the looser limit taken of the virtual size.)
-   */
-  private learnDataBytes(): void {
-    if (this.dataBytesPending) return;
-    this.dataBytesPending = imageDataBytes(this.image).catch(() => this.image.virtualSize);
-    void this.dataBytesPending.then((bytes) => {
-      this.dataBytes = bytes;
-      const current = this.boot;
-      if (!current) return;
-      current.setDataBytes(bytes, this.now());
-      if (!current.recording) this.finishBoot(current);
-    });
-  }
-
   /** Stops timers; the recording in progress, if any, is dropped. */
   dispose(): void {
-    if (this.bootTimer) clearTimeout(this.bootTimer);
+    this.boots.dispose();
     this.prefetcher?.stop();
   }
 
@@ -242,13 +193,8 @@ export class ImageService {
 
   /** Guest bytes [offset, offset+length), recorded as part of the boot. */
   async read(offset: number, length: number): Promise<Buffer> {
-    const boot = this.boot;
-    if (boot) {
-      boot.recordRead(offset, length, this.now());
-      if (!boot.recording) this.finishBoot(boot);
-      else if (boot.wantsDataBytes) this.learnDataBytes();
-    }
-    return this.readUnrecorded(offset, length, boot ? 'boot' : 'other', true);
+    const recorded = this.boots.record(offset, length);
+    return this.readUnrecorded(offset, length, recorded ? 'boot' : 'other', true);
   }
 
   /**
@@ -298,9 +244,9 @@ export class ImageService {
       run.forEach((p, k) => waits.push(p.then((data) => void data.copy(slice(runStart + k)))));
       i = j;
     }
-    if (guest && this.readahead) {
-      const aheadEnd = Math.min(this.image.virtualSize, this.readahead.onRead(offset, offset + length, missing.length > 0));
-      if (aheadEnd > (last + 1) * bs) void this.fetchAhead(last + 1, Math.ceil(aheadEnd / bs) - 1).catch(() => undefined);
+    if (guest && this.readaheadWindows) {
+      const readaheadEnd = Math.min(this.image.virtualSize, this.readaheadWindows.onRead(offset, offset + length, missing.length > 0));
+      if (readaheadEnd > (last + 1) * bs) void this.readahead(last + 1, Math.ceil(readaheadEnd / bs) - 1).catch(() => undefined);
     }
     await Promise.all(waits);
     const start = offset - first * bs;
@@ -334,7 +280,7 @@ export class ImageService {
     const offset = block * this.blockSize;
     const length = Math.min(this.image.virtualSize, offset + this.blockSize) - offset;
     return this.fromStorage(() => this.image.owner(offset, length), false).then((owner) => {
-      // The image is immutable while this service lives: remember the answer.
+      // The image is immutable while this cache manager lives: remember the answer.
       if (this.ownerMemo.size >= OWNER_MEMO_MAX) this.ownerMemo.clear();
       const space = owner ?? this.space;
       this.ownerMemo.set(block, space);
@@ -343,29 +289,27 @@ export class ImageService {
     });
   }
 
-  /** The data of an uncached block on its way: another request's fetch, or its prefetch chunk (in flight or demanded now). */
+  /** The data of an uncached block on its way: another request's fetch, or its prefetch chunk (in flight, or a demand chunk started now). */
   private pendingBlock(block: number, space: string): Promise<Buffer> | undefined {
     const pending = this.inFlight.get(flightKey(space, block));
     if (pending) {
       this.options.counters.hits++;
       return pending;
     }
-    const mapBlock = this.toMapBlock(block);
-    // In a chunk being read, or in one the stream has not reached (started now, out of order).
-    const streamed = this.prefetcher?.pending(mapBlock) ?? this.prefetcher?.demand(mapBlock);
+    // In a chunk being read, or in one the stream has not reached (a demand chunk, started now).
+    const streamed = this.prefetcher?.pending(block) ?? this.prefetcher?.demandChunk(block);
     if (!streamed) return undefined;
     // Its segment chunk is being read: take the block from the chunk, no second read.
     this.options.counters.hits++;
-    const at = block * this.blockSize - mapBlock * this.options.mapBlockSize;
-    return streamed.then((data) => (data ? data.subarray(at, at + this.blockSize) : this.refetch(block, space)));
+    return streamed.then((data) => data ?? this.refetch(block, space));
   }
 
   /**
-   * Sequential readahead: reads blocks [first, last] that are not cached, not
+   * The readahead: reads blocks [first, last] that are not cached, not
    * being read and not coming with the prefetch stream, in the background
    * (one storage request per contiguous run), into the cache as 'other'.
    */
-  private async fetchAhead(first: number, last: number): Promise<void> {
+  private async readahead(first: number, last: number): Promise<void> {
     const spaces = this.layered ? await this.ownerSpaces(first, last) : undefined;
     let runStart = -1;
     const flush = (end: number): void => {
@@ -375,9 +319,8 @@ export class ImageService {
     };
     for (let block = first; block <= last; block++) {
       const space = spaces?.[block - first] ?? this.space;
-      const mapBlock = this.toMapBlock(block);
       const skip = this.cache.has(space, block) || this.inFlight.has(flightKey(space, block)) ||
-        this.prefetcher?.ahead(mapBlock) === true || this.prefetcher?.pending(mapBlock) !== undefined;
+        this.prefetcher?.unstreamed(block) === true || this.prefetcher?.pending(block) !== undefined;
       if (skip) flush(block);
       else if (runStart < 0) runStart = block;
     }
@@ -389,9 +332,6 @@ export class ImageService {
     return this.inFlight.get(flightKey(space, block)) ?? this.fetchRun(block, 1, 'other', [space])[0]!;
   }
 
-  private toMapBlock(cacheBlock: number): number {
-    return Math.floor((cacheBlock * this.blockSize) / this.options.mapBlockSize);
-  }
 
   /**
    * Reads blocks [start, start+count) from storage in one request; one promise
@@ -411,7 +351,7 @@ export class ImageService {
     }
     const offset = start * bs;
     const end = Math.min(this.image.virtualSize, (start + count) * bs);
-    const read = (): Promise<Buffer> => this.readAhead(offset, end) ?? this.image.read(offset, end - offset);
+    const read = (): Promise<Buffer> => this.rankRead(offset, end) ?? this.image.read(offset, end - offset);
     const whole = this.fromStorage(read).then((data) => {
       // The last block of an image whose size is not a block multiple is zero-padded.
       if (data.length === count * bs) return data;
@@ -440,41 +380,33 @@ export class ImageService {
   }
 
   /**
-   * Guest bytes [offset, end) of a qcow2 image from its segment when every
-   * map block there is still ahead of the prefetch stream: one ranged read,
-   * checksums verified, no L2 table or compressed cluster read (see
-   * bench/results/2026-11-26-far-ahead.md; raw images gain nothing). Falls
-   * back to the image when the segment read fails or a checksum differs.
+   * A rank read: guest bytes [offset, end) of a qcow2 image read from its
+   * segment at their ranks when the stream has not reached any of their
+   * blocks: one ranged read, checksums verified, no L2 table or compressed
+   * cluster read (bench/results/far-ahead.md; raw images gain nothing).
+   * Falls back to the image when the segment read fails or a checksum differs.
    */
-  private readAhead(offset: number, end: number): Promise<Buffer> | undefined {
+  private rankRead(offset: number, end: number): Promise<Buffer> | undefined {
     const prefetcher = this.prefetcher;
     if (!prefetcher || this.image.format === 'raw') return undefined;
-    const mbs = this.options.mapBlockSize;
-    const first = Math.floor(offset / mbs);
-    const last = Math.floor((end - 1) / mbs);
-    for (let block = first; block <= last; block++) if (!prefetcher.ahead(block)) return undefined;
+    const bs = this.blockSize;
+    const first = Math.floor(offset / bs);
+    const last = Math.floor((end - 1) / bs);
+    for (let block = first; block <= last; block++) if (!prefetcher.unstreamed(block)) return undefined;
     return prefetcher
-      .readAhead(first, last - first + 1)
-      .then((data) => (data ? data.subarray(offset - first * mbs, end - first * mbs) : this.image.read(offset, end - offset)));
+      .rankRead(first, last - first + 1)
+      .then((data) => (data ? data.subarray(offset - first * bs, end - first * bs) : this.image.read(offset, end - offset)));
   }
 
-  /** Stores map blocks loaded by the prefetcher (split into cache blocks) as one cache batch per space. */
-  async storeMapBlocks(entries: readonly CacheEntry[]): Promise<void> {
-    const per = this.options.mapBlockSize / this.blockSize;
+  /** Stores blocks loaded by the prefetcher as one cache batch per space. */
+  async storeStreamed(entries: readonly CacheEntry[]): Promise<void> {
     const puts = new Map<string, CacheEntry[]>();
-    for (const { block: mapBlock, data, crc } of entries) {
-      for (let k = 0; k < per; k++) {
-        const block = mapBlock * per + k;
-        if (block * this.blockSize >= this.image.virtualSize) break;
-        const space = this.layered ? await this.ownerSpace(block) : this.space;
-        if (!this.cache.has(space, block)) {
-          let list = puts.get(space);
-          if (!list) puts.set(space, (list = []));
-          const part = data.subarray(k * this.blockSize, (k + 1) * this.blockSize);
-          // A map block's CRC is its cache block's only when they are the same bytes.
-          list.push(crc !== undefined && part.length === data.length ? { block, data: part, crc } : { block, data: part });
-        }
-      }
+    for (const entry of entries) {
+      const space = this.layered ? await this.ownerSpace(entry.block) : this.space;
+      if (this.cache.has(space, entry.block)) continue;
+      let list = puts.get(space);
+      if (!list) puts.set(space, (list = []));
+      list.push(entry);
     }
     // Settled, not fail-fast: the caller reuses the data's buffer once this returns, so no write may still read it.
     const results = await Promise.allSettled([...puts].map(([space, list]) => this.cache.putMany(space, list, 'boot')));
@@ -482,16 +414,10 @@ export class ImageService {
     if (failed) throw failed.reason;
   }
 
-  hasMapBlock(mapBlock: number): boolean {
-    const per = this.options.mapBlockSize / this.blockSize;
-    for (let k = 0; k < per; k++) {
-      const block = mapBlock * per + k;
-      if (block * this.blockSize >= this.image.virtualSize) break;
-      // Layered: a block whose owner is not known yet counts as missing (stored after a lookup).
-      const space = this.layered ? this.ownerMemo.get(block) : this.space;
-      if (space === undefined || !this.cache.has(space, block)) return false;
-    }
-    return true;
+  /** Whether `block` is cached (layered: a block whose owner is not known yet counts as missing; it is stored after a lookup). */
+  hasBlock(block: number): boolean {
+    const space = this.layered ? this.ownerMemo.get(block) : this.space;
+    return space !== undefined && this.cache.has(space, block);
   }
 }
 

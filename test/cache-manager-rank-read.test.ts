@@ -10,7 +10,7 @@ import { randomBytes } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
 import { memoryCache } from './helpers/memory-cache.js';
 import { BufferPool } from '../src/agent/buffer-pool.js';
-import { ImageService } from '../src/agent/image-service.js';
+import { CacheManager } from '../src/agent/cache-manager.js';
 import { Prefetcher } from '../src/agent/prefetcher.js';
 import { blockChecksum } from '../src/format/segment.js';
 import type { DiskImage } from '../src/image/types.js';
@@ -83,9 +83,8 @@ function setup(format: 'qcow2' | 'raw', options: SetupOptions = {}) {
     { chunkBytes: chunkBlocks * BS, depth: 1, demandDepth, ...(buffers ? { buffers } : {}) },
   );
   const { cache } = memoryCache(BS);
-  const service = new ImageService('disk', image, cache, {
+  const service = new CacheManager('disk', image, cache, {
     bootPolicy: { idleMs: 60_000, windowMs: 600_000, minReads: 1 },
-    mapBlockSize: BS,
     cacheMisses: true,
     counters: { hits: 0, misses: 0 },
     onBootEnd: () => undefined,
@@ -95,7 +94,7 @@ function setup(format: 'qcow2' | 'raw', options: SetupOptions = {}) {
   return { bytes, service, imageReads, segmentReads, prefetcher, streamed };
 }
 
-describe('far-ahead reads', () => {
+describe('rank reads (far ahead of the stream)', () => {
   it('reads qcow2 blocks ahead of the stream from the segment in one ranged read', async () => {
     const { bytes, service, imageReads, segmentReads } = setup('qcow2');
     const data = await service.readUnrecorded(3 * BS, 3 * BS);

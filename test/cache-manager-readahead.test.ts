@@ -8,7 +8,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { describe, expect, it } from 'vitest';
 import type { BlockCache } from '../src/agent/block-cache.js';
 import { memoryCache } from './helpers/memory-cache.js';
-import { ImageService } from '../src/agent/image-service.js';
+import { CacheManager } from '../src/agent/cache-manager.js';
 import { MissWriter } from '../src/agent/miss-writer.js';
 import type { DiskImage } from '../src/image/types.js';
 
@@ -36,9 +36,8 @@ function setup(readaheadBytes: number) {
   };
   const { cache, cached, batches } = memoryCache(BS);
   const counters = { hits: 0, misses: 0 };
-  const service = new ImageService('disk', image, cache, {
+  const service = new CacheManager('disk', image, cache, {
     bootPolicy: { idleMs: 60_000, windowMs: 600_000, minReads: 1 },
-    mapBlockSize: BS,
     cacheMisses: true,
     counters,
     readaheadBytes,
@@ -48,7 +47,7 @@ function setup(readaheadBytes: number) {
 }
 
 /** A boot loader's pattern: 16 KiB serial reads through 2 MiB. */
-async function serialReads(service: ImageService, bytes: Buffer, start: number, total: number): Promise<void> {
+async function serialReads(service: CacheManager, bytes: Buffer, start: number, total: number): Promise<void> {
   for (let off = start; off < start + total; off += 16 * 1024) {
     const got = await service.read(off, 16 * 1024);
     expect(got.equals(bytes.subarray(off, off + 16 * 1024))).toBe(true);

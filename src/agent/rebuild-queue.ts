@@ -1,0 +1,57 @@
+/**
+ * The segment rebuilds of one image, one after the other, and their state
+ * for `status`. A rebuild that fails leaves the queue usable: the next boot's
+ * rebuild runs as usual.
+ */
+export type RebuildState = 'idle' | 'running' | 'failed';
+
+export interface RebuildStatus {
+  state: RebuildState;
+  lastError?: string;
+  lastPublishedAt?: string;
+}
+
+export interface RebuildOutcome {
+  /** true: a map and segment were published; false: nothing to publish. */
+  published: boolean;
+}
+
+export class RebuildQueue {
+  private tail: Promise<void> = Promise.resolve();
+  private state: RebuildState = 'idle';
+  private lastError: string | undefined;
+  private lastPublishedAt: string | undefined;
+
+  /**
+   * Runs `rebuild` after the rebuilds queued before it; `done` hears how it
+   * ended (published, nothing to publish, or the error).
+   */
+  enqueue(rebuild: () => Promise<RebuildOutcome>, done: (outcome: RebuildOutcome | Error) => void): void {
+    this.tail = this.tail.then(async () => {
+      this.state = 'running';
+      try {
+        const outcome = await rebuild();
+        if (outcome.published) this.lastPublishedAt = new Date().toISOString();
+        this.state = 'idle';
+        done(outcome);
+      } catch (err) {
+        const error = err instanceof Error ? err : new Error(String(err));
+        this.state = 'failed';
+        this.lastError = error.message;
+        done(error);
+      }
+    });
+  }
+
+  /** Resolves when every rebuild queued so far has ended. */
+  settled(): Promise<void> {
+    return this.tail;
+  }
+
+  status(): RebuildStatus {
+    const s: RebuildStatus = { state: this.state };
+    if (this.lastError) s.lastError = this.lastError;
+    if (this.lastPublishedAt) s.lastPublishedAt = this.lastPublishedAt;
+    return s;
+  }
+}
