@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// Longer run of the qcow2 fuzz test (test/qcow2-fuzz.test.ts): mutants of
+// Longer run of the qcow2 fuzz test (test/integration/qcow2-fuzz.test.ts): mutants of
 // generated images, each read by bootcache and converted by qemu-img.
 // Usage: node scripts/fuzz.js [--count N] [--seed S|random] [--only i,j] [--verbose]
 //   --count N    mutants (default 5000; `npm test` runs 500)
@@ -45,5 +45,5 @@ if (only !== undefined) env.FUZZ_ONLY = only;
 if (args.includes('--verbose')) env.FUZZ_VERBOSE = '1';
 console.log(`fuzz: ${only ? `mutants ${only}` : `${count} mutants`}${seed !== undefined ? `, seed ${seed}` : ''}`);
 const vitest = join(root, 'node_modules', '.bin', 'vitest');
-const child = spawn(vitest, ['run', 'test/qcow2-fuzz.test.ts'], { cwd: root, env, stdio: 'inherit' });
+const child = spawn(vitest, ['run', 'test/integration/qcow2-fuzz.test.ts'], { cwd: root, env, stdio: 'inherit' });
 child.on('exit', (code, signal) => process.exit(code ?? (signal ? 1 : 0)));
