@@ -5,6 +5,7 @@
 //   (a) read a whole 2 GiB qcow2 (uncompressed, 64 KiB clusters) as guest data
 //       vs `qemu-img convert` to QEMU's null-co driver (reads, discards writes)
 //   (b) the same for a zlib-compressed qcow2
+//   (bz) the same for a zstd-compressed qcow2
 //   (c) build-segment for the boot trace's map (~94 MiB) vs qemu-io reading
 //       the same block runs (one `read` command per run, one invocation)
 //   (c4) the same with a map about 4x larger (peak RSS must not grow)
@@ -184,6 +185,7 @@ async function main() {
   const measurements = [
     readWhole('a', 'read whole 2 GiB qcow2, uncompressed, 64 KiB clusters', 0.8, fx.plain),
     readWhole('b', 'read whole 2 GiB qcow2, zlib-compressed, 64 KiB clusters', 0.5, fx.zlib),
+    readWhole('bz', 'read whole 2 GiB qcow2, zstd-compressed, 64 KiB clusters', 0.5, fx.zstd),
     buildSegment('c', `build-segment, boot trace map (${traceMiB} MiB), uncompressed image`, 0.8, fx.plain, 'plain'),
     buildSegment('cd', '(c) with the segment written to disk (informational: includes flushing it)', undefined, fx.plain, 'plain', diskOut),
     buildSegment(
@@ -200,7 +202,7 @@ async function main() {
   for (const m of measurements) {
     log(`warm-up ${m.id}`);
     await runTimed(m.peer.cmd, m.peer.args);
-    const warm = await runTimed(m.ours.cmd, m.id === 'a' || m.id === 'b' ? [...m.ours.args, '--sha256'] : m.ours.args);
+    const warm = await runTimed(m.ours.cmd, ['a', 'b', 'bz'].includes(m.id) ? [...m.ours.args, '--sha256'] : m.ours.args);
     const out = JSON.parse(warm.stdout);
     if (out.sha256 !== undefined && out.sha256 !== fx.sha256) {
       throw new Error(`${m.id}: guest data SHA-256 ${out.sha256} differs from the fixture's ${fx.sha256}`);
@@ -331,7 +333,7 @@ function markdown(r) {
     '',
   );
   lines.push('Fixtures: a 2 GiB disk of generated, non-zero data (1/4 random, 1/2 text, 1/4 record tables per 4 KiB block), converted with `qemu-img convert -O qcow2 -o cluster_size=65536` ' +
-    `(${f(r.fixtures.files['disk-64k.qcow2'].size / MiB, 0)} MiB) and with \`-c -o cluster_size=65536,compression_type=zlib\` (${f(r.fixtures.files['disk-64k-zlib.qcow2'].size / MiB, 0)} MiB). ` +
+    `(${f(r.fixtures.files['disk-64k.qcow2'].size / MiB, 0)} MiB) and with \`-c -o cluster_size=65536,compression_type=zlib\` (${f(r.fixtures.files['disk-64k-zlib.qcow2'].size / MiB, 0)} MiB) and \`compression_type=zstd\` (${f(r.fixtures.files['disk-64k-zstd.qcow2'].size / MiB, 0)} MiB). ` +
     'Maps: block runs from test/data/debian12-minbase-boot.csv (4 KiB blocks); the larger map adds shifted copies of the trace until it has 4x the blocks.', '');
   lines.push('| | measurement | ours | peer | ours MiB/s | peer MiB/s | ratio (target) | met | wall ratio | ours peak RSS | peer peak RSS |');
   lines.push('|---|---|---|---|---:|---:|---:|---|---:|---:|---:|');

@@ -1,8 +1,43 @@
 #!/usr/bin/env node
-// libuv's thread pool keeps its default 4 threads. Setting UV_THREADPOOL_SIZE
-// here would be too late anyway (the ES module loader has started the pool),
-// and 16 threads measured no better for the agent on 2 CPUs: four alternating
-// cold replays 27.15 / 26.99 / 26.70 / 26.50 s against 26.34 / 26.83 / 26.35 /
-// 26.63 s with 4 (docs/benchmarks-agent.md, "Seventh session").
-const { execute } = await import('@oclif/core');
-await execute({ dir: import.meta.url });
+// Under an address-space limit (ulimit -v), WebAssembly's trap handler makes
+// each wasm memory reserve 8 GiB, so libzstd (compressed qcow2 clusters)
+// could not start: the CLI runs itself again with the trap handler off. The
+// flag is process-wide and only takes effect at node's start. glibc's malloc
+// arenas (64 MiB of address space per thread) are capped for the same reason.
+import { spawn } from 'node:child_process';
+import { NO_WASM_TRAP_HANDLER, addressSpaceLimit } from '../dist/process/address-space.js';
+
+const hasFlag = process.execArgv.includes(NO_WASM_TRAP_HANDLER) || (process.env.NODE_OPTIONS ?? '').split(/\s+/).includes(NO_WASM_TRAP_HANDLER);
+
+const limit = addressSpaceLimit();
+// Node itself reserves about 700 MiB of address space before any work.
+const NODE_FLOOR = 1024 * 1024 * 1024;
+
+if (limit !== undefined && limit < NODE_FLOOR) {
+  process.stderr.write(
+    `bootcache: error: the address-space limit of ${Math.round(limit / 2 ** 20)} MiB (ulimit -v) is below the 1024 MiB that node needs [BC_RESOURCE_LIMIT]\n`,
+  );
+  process.exit(4);
+} else if (limit !== undefined && !hasFlag) {
+  const child = spawn(process.execPath, [...process.execArgv, NO_WASM_TRAP_HANDLER, ...process.argv.slice(1)], {
+    stdio: 'inherit',
+    env: { MALLOC_ARENA_MAX: '2', ...process.env },
+  });
+  const forward = (signal) => child.kill(signal);
+  for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP', 'SIGQUIT']) process.on(signal, forward);
+  child.on('error', (err) => {
+    process.stderr.write(`bootcache: error: cannot start node ${NO_WASM_TRAP_HANDLER}: ${err.message}\n`);
+    process.exit(70);
+  });
+  child.on('exit', (code, signal) => {
+    if (signal) {
+      process.removeAllListeners(signal);
+      process.kill(process.pid, signal);
+    } else {
+      process.exit(code ?? 70);
+    }
+  });
+} else {
+  const { execute } = await import('@oclif/core');
+  await execute({ dir: import.meta.url });
+}

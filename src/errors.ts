@@ -152,6 +152,12 @@ export class BootFailedError extends BootcacheError {
   readonly exitCode = ExitCode.BOOT_FAILED;
 }
 
+/** The host's limits (an address-space limit, `ulimit -v`) leave no room for the work. */
+export class ResourceLimitError extends BootcacheError {
+  readonly code = 'BC_RESOURCE_LIMIT';
+  readonly exitCode = ExitCode.IO;
+}
+
 /** Turns a Node system error (ENOENT, EACCES, ...) into a one-line bootcache error. */
 export function fromSystemError(err: unknown, file: string, doing: string): BootcacheError {
   if (err instanceof BootcacheError) return err;

@@ -1,7 +1,7 @@
 // Fixtures for bench/formats.js, cached outside the repository (default
 // /var/tmp/bootcache-bench/formats, or $BOOTCACHE_BENCH_DIR): a 2 GiB disk of
 // non-zero, partly compressible data as an uncompressed qcow2 (64 KiB
-// clusters) and as a zlib-compressed qcow2 (64 KiB clusters). A fixture is
+// clusters) and as zlib- and zstd-compressed qcow2s (64 KiB clusters). A fixture is
 // rebuilt when its recorded generator version, size or mtime no longer match.
 import { execFileSync } from 'node:child_process';
 import { createCipheriv, createHash } from 'node:crypto';
@@ -92,6 +92,7 @@ export async function ensureFixtures(dir, log) {
   const metaPath = join(dir, 'fixtures.json');
   const plain = join(dir, 'disk-64k.qcow2');
   const zlib = join(dir, 'disk-64k-zlib.qcow2');
+  const zstd = join(dir, 'disk-64k-zstd.qcow2');
   let meta;
   try {
     meta = JSON.parse(await readFile(metaPath, 'utf8'));
@@ -107,9 +108,9 @@ export async function ensureFixtures(dir, log) {
       return false;
     }
   };
-  if (meta?.version === GENERATOR_VERSION && (await fresh(plain)) && (await fresh(zlib))) {
+  if (meta?.version === GENERATOR_VERSION && (await fresh(plain)) && (await fresh(zlib)) && (await fresh(zstd))) {
     log(`reusing fixtures in ${dir}`);
-    return { plain, zlib, sha256: meta.sha256, files: meta.files };
+    return { plain, zlib, zstd, sha256: meta.sha256, files: meta.files };
   }
   const raw = join(dir, 'disk.raw');
   log(`writing ${DISK_SIZE / GiB} GiB of test data to ${raw}`);
@@ -120,12 +121,15 @@ export async function ensureFixtures(dir, log) {
   log('qemu-img convert -c -O qcow2 (64 KiB clusters, zlib)');
   await rm(zlib, { force: true });
   run('qemu-img', ['convert', '-c', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=65536,compression_type=zlib', raw, zlib]);
+  log('qemu-img convert -c -O qcow2 (64 KiB clusters, zstd)');
+  await rm(zstd, { force: true });
+  run('qemu-img', ['convert', '-c', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=65536,compression_type=zstd', raw, zstd]);
   await rm(raw, { force: true });
   const files = {};
-  for (const path of [plain, zlib]) {
+  for (const path of [plain, zlib, zstd]) {
     const st = await stat(path);
     files[basename(path)] = { size: st.size, mtimeMs: st.mtimeMs };
   }
   await writeFile(metaPath, `${JSON.stringify({ version: GENERATOR_VERSION, sha256, files }, null, 2)}\n`);
-  return { plain, zlib, sha256, files };
+  return { plain, zlib, zstd, sha256, files };
 }

@@ -12,6 +12,7 @@ import {
   writeBlockChecksums,
   type BlockChecksumAlgorithm,
 } from '../format/segment.js';
+import { HELPER_RESOURCE_LIMITS, helperThreadsThatFit } from '../process/address-space.js';
 
 /**
  * The worker: receives {id, data, offset, length, blockSize, algorithm},
@@ -123,9 +124,9 @@ const WORKER_MIN_BYTES = 16 * 1024 * 1024;
  * so on a busy host it is slower (measured on a loaded 2-core VM).
  */
 export function createChecksummer(totalBytes: number, useWorker = false): BlockChecksummer {
-  if (!useWorker || totalBytes < WORKER_MIN_BYTES) return inlineChecksummer;
+  if (!useWorker || totalBytes < WORKER_MIN_BYTES || helperThreadsThatFit(1) === 0) return inlineChecksummer;
   try {
-    return new WorkerChecksummer(new Worker(WORKER_SOURCE, { eval: true }));
+    return new WorkerChecksummer(new Worker(WORKER_SOURCE, { eval: true, resourceLimits: HELPER_RESOURCE_LIMITS }));
   } catch {
     return inlineChecksummer;
   }

@@ -805,8 +805,8 @@ describe('cluster decompression edge cases', () => {
 
   it('zstd: frames, skippable frames and trailing bytes, as QEMU accepts them', async () => {
     const { decodeZstdCluster } = await import('../../src/image/qcow2/zstd.js');
-    const fzstd = await import('fzstd');
-    const { ZstdPool } = await import('../../src/image/qcow2/zstd-pool.js');
+    const libzstd = await (await import('../../src/image/qcow2/libzstd.js')).loadLibzstd();
+    const { DecodePool } = await import('../../src/image/qcow2/decode-pool.js');
     const skippable = Buffer.concat([be32(0x184d2a53).reverse(), be32(5).reverse(), Buffer.from('hello')]);
     const good = [
       rawFrame(data),
@@ -822,7 +822,7 @@ describe('cluster decompression edge cases', () => {
       rawFrame(data, { windowExp: 20 }),
     ];
     const want = [data, data, data, Buffer.alloc(CLUSTER, 0x42), data];
-    good.forEach((src, i) => expect(Buffer.from(decodeZstdCluster(src, CLUSTER, fzstd)).equals(want[i]!)).toBe(true));
+    good.forEach((src, i) => expect(Buffer.from(decodeZstdCluster(src, CLUSTER, libzstd)).equals(want[i]!)).toBe(true));
     const bad: Array<[Buffer, RegExp]> = [
       [rawFrame(data.subarray(0, 32 * KiB)), /data ended after 32768 of 65536 bytes/],
       [rawFrame(Buffer.concat([data, data.subarray(0, 512)])), /more than one cluster/],
@@ -834,11 +834,11 @@ describe('cluster decompression edge cases', () => {
       [Buffer.concat([rawFrame(data).subarray(0, 10), Buffer.from([0x07, 0, 0]), Buffer.alloc(70000)]), /reserved block type/],
       [Buffer.alloc(600, 0xab), /bad frame magic/],
     ];
-    for (const [src, pattern] of bad) expect(() => decodeZstdCluster(src, CLUSTER, fzstd)).toThrow(pattern);
+    for (const [src, pattern] of bad) expect(() => decodeZstdCluster(src, CLUSTER, libzstd)).toThrow(pattern);
 
     // The same through worker threads and through the inline fallback (a pool of size 0).
-    for (const pool of [new ZstdPool(2), new ZstdPool(0)]) {
-      const results = await pool.decodeMany([...good, ...bad.map(([src]) => src)], CLUSTER);
+    for (const pool of [new DecodePool(2), new DecodePool(0)]) {
+      const results = await pool.decodeMany('zstd', [...good, ...bad.map(([src]) => src)], CLUSTER);
       results.forEach((r, i) => {
         if (i < good.length) expect(Buffer.isBuffer(r) && r.equals(want[i]!)).toBe(true);
         else expect((r as Error).message).toMatch(bad[i - good.length]![1]);

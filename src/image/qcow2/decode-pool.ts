@@ -7,17 +7,20 @@
  * over up to MAX_WORKERS workers (one per core). Input and output live in
  * SharedArrayBuffers the caller reuses, so nothing is copied on the way and
  * no fresh memory is faulted in per batch. Workers are unref'd while idle so
- * they never keep the process alive. If workers cannot be started, clusters
- * are decoded on the calling thread.
+ * they never keep the process alive. Under an address-space limit only as
+ * many workers start as the limit leaves room for (see address-space.ts);
+ * with none, or if workers cannot be started, clusters are decoded on the
+ * calling thread.
  */
-import { createRequire } from 'node:module';
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import * as zlib from 'node:zlib';
-import * as fzstd from 'fzstd';
 import { inflateQcow2Cluster } from './decompress.js';
+import { ResourceLimitError } from '../../errors.js';
+import { HELPER_RESOURCE_LIMITS, helperThreadsThatFit } from '../../process/address-space.js';
 import type { CompressionType } from './header.js';
-import { decodeZstdCluster } from './zstd.js';
+import { libzstdPaths, libzstdUnavailable, loadLibzstd, startLibzstd } from './libzstd.js';
+import { decodeZstdCluster, type LibzstdModule } from './zstd.js';
 
 const MAX_WORKERS = 4;
 
@@ -65,22 +68,25 @@ interface PoolWorker {
   pendingBytes: number;
 }
 
-function workerSource(fzstdPath: string): string {
+function workerSource(libzstd: { module: string; wasm: string }): string {
   return `'use strict';
 const { parentPort } = require('node:worker_threads');
 const zlib = require('node:zlib');
-const fzstd = require(${JSON.stringify(fzstdPath)});
+const startLibzstd = ${startLibzstd.toString()};
+let libzstdReady;
+const loadLibzstd = () => (libzstdReady ??= startLibzstd(require(${JSON.stringify(libzstd.module)}), require('node:fs').readFileSync(${JSON.stringify(libzstd.wasm)})));
 const decodeZstdCluster = ${decodeZstdCluster.toString()};
 const inflateQcow2Cluster = ${inflateQcow2Cluster.toString()};
 const decodeOne = ${decodeOne.toString()};
 parentPort.on('message', async (m) => {
+  const zstd = m.type === 'zstd' ? await loadLibzstd() : undefined;
   const input = new Uint8Array(m.input, m.inputOffset, m.inputLength);
   const output = new Uint8Array(m.output, m.outputOffset, m.outputLength);
   const errors = [];
   for (let k = 0; k < m.indexes.length; k++) {
     const i = m.indexes[k];
     const src = input.subarray(m.offsets[k], m.offsets[k] + m.lengths[k]);
-    errors.push(await decodeOne(m.type, src, m.clusterSize, output.subarray(i * m.clusterSize, (i + 1) * m.clusterSize), zlib, fzstd, decodeZstdCluster, inflateQcow2Cluster));
+    errors.push(await decodeOne(m.type, src, m.clusterSize, output.subarray(i * m.clusterSize, (i + 1) * m.clusterSize), zlib, zstd, decodeZstdCluster, inflateQcow2Cluster));
   }
   parentPort.postMessage({ id: m.id, errors });
 });
@@ -97,12 +103,12 @@ async function decodeOne(
   clusterSize: number,
   out: Uint8Array,
   z: typeof zlib,
-  zstd: typeof fzstd,
+  zstd: LibzstdModule | undefined,
   decodeZstd: typeof decodeZstdCluster,
   inflate: typeof inflateQcow2Cluster,
 ): Promise<string | null> {
   try {
-    if (type === 'zstd') decodeZstd(src, clusterSize, zstd, out);
+    if (type === 'zstd') decodeZstd(src, clusterSize, zstd!, out);
     else await inflate(z, src, clusterSize, out);
     return null;
   } catch (err) {
@@ -122,7 +128,8 @@ function sharedCopy(a: Uint8Array): Uint8Array {
 
 export class DecodePool {
   private readonly workers: PoolWorker[] = [];
-  private readonly size: number;
+  private size: number;
+  private sized = false;
   private nextId = 1;
   private disabled = false;
   private source: string | undefined;
@@ -140,6 +147,10 @@ export class DecodePool {
     if (count === 0) return [];
     if (batch.output.length < count * batch.clusterSize) {
       throw new RangeError(`output of ${batch.output.length} bytes for ${count} clusters of ${batch.clusterSize} bytes`);
+    }
+    if (batch.type === 'zstd') {
+      const unavailable = libzstdUnavailable();
+      if (unavailable !== undefined) throw new ResourceLimitError(unavailable);
     }
     const bytes = count * batch.clusterSize;
     const workers = bytes <= INLINE_MAX_BYTES ? [] : this.ensureWorkers();
@@ -201,10 +212,11 @@ export class DecodePool {
 
   private async decodeInline(batch: ClusterBatch): Promise<Array<string | null>> {
     const errors: Array<string | null> = [];
+    const zstd = batch.type === 'zstd' ? await loadLibzstd() : undefined;
     for (let i = 0; i < batch.offsets.length; i++) {
       const src = batch.input.subarray(batch.offsets[i]!, batch.offsets[i]! + batch.lengths[i]!);
       const out = batch.output.subarray(i * batch.clusterSize, (i + 1) * batch.clusterSize);
-      errors.push(await decodeOne(batch.type, src, batch.clusterSize, out, zlib, fzstd, decodeZstdCluster, inflateQcow2Cluster));
+      errors.push(await decodeOne(batch.type, src, batch.clusterSize, out, zlib, zstd, decodeZstdCluster, inflateQcow2Cluster));
     }
     return errors;
   }
@@ -220,9 +232,15 @@ export class DecodePool {
 
   private ensureWorkers(): PoolWorker[] {
     if (this.disabled) return [];
+    if (!this.sized) {
+      this.sized = true;
+      this.size = helperThreadsThatFit(this.size);
+      this.disabled = this.size === 0;
+      if (this.disabled) return [];
+    }
     while (this.workers.length < this.size) {
       try {
-        this.source ??= workerSource(createRequire(import.meta.url).resolve('fzstd'));
+        this.source ??= workerSource(libzstdPaths());
         this.workers.push(this.startWorker(this.source));
       } catch {
         this.disabled = this.workers.length === 0;
@@ -233,7 +251,7 @@ export class DecodePool {
   }
 
   private startWorker(source: string): PoolWorker {
-    const worker = new Worker(source, { eval: true });
+    const worker = new Worker(source, { eval: true, resourceLimits: HELPER_RESOURCE_LIMITS });
     const entry: PoolWorker = { worker, pending: new Map(), pendingBytes: 0 };
     worker.unref();
     worker.on('message', (reply: WorkerReply) => {

@@ -4,17 +4,22 @@
  * cluster is produced, the last frame must end exactly there, and bytes
  * after it (the rest of the last 512-byte sector) are ignored.
  *
- * decodeZstdCluster is serialised into the zstd worker threads (see
- * zstd-pool.ts), so it must stay self-contained: no imports, no references
- * to module-level names; fzstd comes in as a parameter.
+ * Each frame is decoded by libzstd (ZSTD_decompress, see libzstd.ts), as
+ * QEMU does: a frame that libzstd refuses, that would decode past the
+ * cluster, or whose size differs from its header's is an error.
+ *
+ * decodeZstdCluster is serialised into the decoder worker threads (see
+ * decode-pool.ts), so it must stay self-contained: no imports, no references
+ * to module-level names; libzstd comes in as a parameter.
  */
 
-/** The parts of fzstd we use: one-shot decoding, and the streaming decoder. */
-export interface ZstdDecoder {
-  decompress(dat: Uint8Array): Uint8Array;
-  Decompress: new (ondata: (chunk: Uint8Array, final?: boolean) => unknown) => {
-    push(chunk: Uint8Array, final?: boolean): unknown;
-  };
+/** The libzstd entry points used, from its emscripten module (WebAssembly memory in HEAPU8). */
+export interface LibzstdModule {
+  _malloc(size: number): number;
+  _free(ptr: number): void;
+  _ZSTD_decompress(dst: number, dstCapacity: number, src: number, srcSize: number): number;
+  _ZSTD_isError(code: number): number;
+  readonly HEAPU8: Uint8Array;
 }
 
 /** Errors from decodeZstdCluster carry this prefix so callers can tell them apart. */
@@ -28,16 +33,37 @@ export const ZSTD_ERROR_PREFIX = 'zstd: ';
 export function decodeZstdCluster(
   src: Uint8Array,
   clusterSize: number,
-  zstd: ZstdDecoder,
+  zstd: LibzstdModule,
   out: Uint8Array = new Uint8Array(clusterSize),
 ): Uint8Array {
   const fail = (message: string): never => {
     throw new Error(`zstd: ${message}`);
   };
-  // Frames without a content size are streamed through a window buffer of the
-  // declared size. QEMU compresses one cluster (at most 2 MiB) per frame, so a
-  // larger window only serves to make the decoder allocate; it is refused.
-  const maxStreamWindow = 8 * 1024 * 1024;
+  // QEMU compresses one cluster (at most 2 MiB) per frame and declares its
+  // size; a frame without a size and a larger window is refused.
+  const maxWindow = 8 * 1024 * 1024;
+  // One frame through libzstd, into at most `capacity` bytes (ZSTD_decompress
+  // fails with dstSize_tooSmall past it).
+  const decodeFrame = (frame: Uint8Array, capacity: number): Uint8Array => {
+    const src = zstd._malloc(frame.length);
+    const dst = zstd._malloc(Math.max(1, capacity));
+    if (src === 0 || dst === 0) {
+      zstd._free(src);
+      zstd._free(dst);
+      throw new Error('zstd: out of decoder memory');
+    }
+    try {
+      zstd.HEAPU8.set(frame, src);
+      const n = zstd._ZSTD_decompress(dst, capacity, src, frame.length);
+      // zstd_errors.h: ZSTD_error_dstSize_tooSmall = 70 (an error is -code as a size_t).
+      if (zstd._ZSTD_isError(n) && -n === 70) throw new Error(`zstd: data decompresses to more than one cluster (${clusterSize} bytes)`);
+      if (zstd._ZSTD_isError(n)) throw new Error(`zstd: invalid data (libzstd refused the frame, error ${-n})`);
+      return zstd.HEAPU8.slice(dst, dst + (n >>> 0));
+    } finally {
+      zstd._free(src);
+      zstd._free(dst);
+    }
+  };
   if (out.length !== clusterSize) throw new RangeError(`output buffer of ${out.length} bytes for a ${clusterSize}-byte cluster`);
   let produced = 0;
   let pos = 0;
@@ -96,26 +122,11 @@ export function decodeZstdCluster(
     const frame = src.subarray(pos, p);
     const room = clusterSize - produced;
     if (fcsBytes > 0 && contentSize > room) fail(`data decompresses to more than one cluster (${clusterSize} bytes)`);
-    try {
-      if (fcsBytes > 0 && contentSize > 0) {
-        // Known size: fzstd decodes into a buffer of exactly that size (the fast path).
-        const data = zstd.decompress(frame);
-        if (data.length !== contentSize) fail(`frame decoded to ${data.length} bytes, its header says ${contentSize}`);
-        out.set(data, produced);
-        produced += data.length;
-      } else {
-        // Unknown size: stream, refusing output past the cluster as it comes.
-        if (windowSize > maxStreamWindow) fail(`window of ${windowSize} bytes is too large`);
-        new zstd.Decompress((chunk: Uint8Array) => {
-          if (chunk.length > clusterSize - produced) fail(`data decompresses to more than one cluster (${clusterSize} bytes)`);
-          out.set(chunk, produced);
-          produced += chunk.length;
-        }).push(frame, true);
-      }
-    } catch (err) {
-      const message = err instanceof Error ? err.message : String(err);
-      throw new Error(message.startsWith('zstd: ') ? message : `zstd: invalid data: ${message}`);
-    }
+    if (fcsBytes === 0 && windowSize > maxWindow) fail(`window of ${windowSize} bytes is too large`);
+    const data = decodeFrame(frame, room);
+    if (fcsBytes > 0 && data.length !== contentSize) fail(`frame decoded to ${data.length} bytes, its header says ${contentSize}`);
+    out.set(data, produced);
+    produced += data.length;
     pos = p;
   }
   return out;
