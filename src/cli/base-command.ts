@@ -1,5 +1,6 @@
 import { Command, Flags, type Interfaces } from '@oclif/core';
 import { BootcacheError, ExitCode, type ExitCodeValue } from '../errors.js';
+import { isCI } from './ci.js';
 import { usageWords, type UsageCommand } from './usage.js';
 
 /** The usage line (without `bootcache COMMAND`) of a command class: `static override usage = commandUsage(this)`, after its flags. */
@@ -109,9 +110,9 @@ export abstract class BaseCommand<T extends typeof Command> extends Command {
     this.args = args as typeof this.args;
   }
 
-  /** True when progress may be drawn: a TTY and no --json. */
+  /** True when progress may be drawn: a TTY, not in CI, and no --json. */
   protected get interactive(): boolean {
-    return !this.jsonEnabled() && process.stdout.isTTY === true;
+    return !this.jsonEnabled() && process.stdout.isTTY === true && !isCI();
   }
 
   public override async catch(err: Error & { exitCode?: number }): Promise<unknown> {
