@@ -1,8 +1,8 @@
 /** Fatal boot lines (src/profile/fatal-lines.ts) through the console matcher and the end-of-boot detector. */
 import { describe, expect, it } from 'vitest';
-import { ConsoleMatcher, parseUntil } from '../src/profile/console.js';
-import { DEFAULT_UNTIL, EndOfBootDetector } from '../src/profile/end-of-boot.js';
-import { isFatalBootLine } from '../src/profile/fatal-lines.js';
+import { ConsoleMatcher, parseUntil } from '../../src/profile/console.js';
+import { DEFAULT_UNTIL, EndOfBootDetector } from '../../src/profile/end-of-boot.js';
+import { isFatalBootLine } from '../../src/profile/fatal-lines.js';
 
 const policy = { until: parseUntil(DEFAULT_UNTIL), idleMs: 0, timeoutMs: 300_000, minReads: 64 };
 

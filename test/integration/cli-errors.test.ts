@@ -10,8 +10,8 @@ import { copyFile, mkdtemp, open, readFile, readdir, rm, stat, writeFile } from 
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { isTempName } from '../src/format/atomic-write.js';
-import { cli } from './helpers/cli.js';
+import { isTempName } from '../../src/format/atomic-write.js';
+import { cli } from '../helpers/cli.js';
 
 const MiB = 1024 * 1024;
 let dir: string;

@@ -7,7 +7,7 @@ import { execFileSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 
-const root = fileURLToPath(new URL('..', import.meta.url));
+const root = fileURLToPath(new URL('../..', import.meta.url));
 const ESC = '\x1b[';
 
 /** Runs a shell command under a pseudo-terminal; its output as the terminal saw it. */
@@ -35,7 +35,7 @@ describe('colour', () => {
   });
 
   it('the test log has no colour codes with CI=true, even on a terminal', () => {
-    const run = 'npx vitest run test/profile-fatal-lines.test.ts';
+    const run = 'npx vitest run test/unit/profile-fatal-lines.test.ts';
     expect(onTerminal(run, {})).toContain(ESC);
     const ci = onTerminal(run, { CI: 'true' });
     expect(ci).toMatch(/Tests\s+3 passed/);
