@@ -38,6 +38,9 @@ if (limit !== undefined && limit < NODE_FLOOR) {
     }
   });
 } else {
+  // Colour is decided before oclif and listr2 load (src/cli/ci.ts).
+  const { disableColourUnlessTerminal } = await import('../dist/cli/ci.js');
+  disableColourUnlessTerminal();
   const { execute } = await import('@oclif/core');
   await execute({ dir: import.meta.url });
 }

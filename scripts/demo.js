@@ -1,10 +1,11 @@
 #!/usr/bin/env node
 // bootcache demo on a built-in default: a 2 GiB qcow2 image holding data
-// wherever the real Debian 12 boot trace (test/data/) reads, then the offline
-// pipeline: build-map -> build-segment -> verify -> inspect.
+// wherever the real Debian 12 boot trace (test/data/) reads, the offline
+// pipeline (build-map -> build-segment -> verify -> inspect), then the boot
+// replayed through the agent over slow storage. `--help` says what it does.
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { createReadStream } from 'node:fs';
-import { mkdir, open, rename, rm, stat } from 'node:fs/promises';
+import { mkdir, open, readdir, rename, rm, stat } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
@@ -14,18 +15,75 @@ const trace = join(root, 'test/data/debian12-minbase-boot-timed.csv');
 const work = process.env.BOOTCACHE_DEMO_DIR ?? '/tmp/bootcache-demo';
 const bin = join(root, 'bin/run.js');
 const GiB = 1024 ** 3;
+const DELAY_MS = 2;
+
+const HELP = `Usage: node scripts/demo.js [--keep] [--help]   (bash scripts/demo.sh [--keep] installs and builds first)
+
+The bootcache demo, on the real boot trace of a Debian 12 guest in test/data/
+(4,060 reads, 97 MiB):
+  1. makes a 2 GiB qcow2 image with data wherever that boot reads;
+  2. builds the boot workload map from the trace;
+  3. builds the boot segment;
+  4. verifies every block of the segment against the image;
+  5. inspects image, map and segment;
+  6. replays the boot through the agent over storage delayed by ${DELAY_MS} ms per
+     request, twice: first with no map or segment (the agent records the boot
+     and publishes them), then on a cold cache with the segment prefetched;
+     prints both times and storage reads, and verifies the published segment.
+
+It writes about 490 MiB (image, maps, segments, two agent caches) under
+${work}
+(BOOTCACHE_DEMO_DIR sets another directory) and removes it at the end, also
+when a step fails.
+
+  --keep   keep the files
+  --help   show this text`;
+
+const args = process.argv.slice(2);
+if (args.includes('--help') || args.includes('-h')) {
+  console.log(HELP);
+  process.exit(0);
+}
+const unknown = args.filter((a) => a !== '--keep');
+if (unknown.length > 0) {
+  console.error(`demo: unknown argument ${unknown[0]}\n\n${HELP}`);
+  process.exit(2);
+}
+const keep = args.includes('--keep');
+const ci = process.env.CI !== undefined && !['', '0', 'false'].includes(process.env.CI);
+const bold = process.stdout.isTTY && !ci && process.env.NO_COLOR === undefined;
 
 function step(title) {
-  console.log(`\n\x1b[1m== ${title}\x1b[0m`);
+  console.log(bold ? `\n\x1b[1m== ${title}\x1b[0m` : `\n== ${title}`);
 }
+
+/** Bytes the files under `dir` take on disk (allocated blocks: the image is sparse). */
+async function diskUsage(dir) {
+  let total = 0;
+  for (const entry of await readdir(dir, { withFileTypes: true, recursive: true })) {
+    if (entry.isFile()) total += (await stat(join(entry.parentPath ?? entry.path, entry.name))).blocks * 512;
+  }
+  return total;
+}
+
+/** Removes the demo's files unless --keep, saying how much they took. */
+async function finish(failed) {
+  const used = await diskUsage(work).catch(() => 0);
+  const size = `${Math.round(used / 2 ** 20)} MiB`;
+  if (keep) {
+    console.log(`\n${failed ? 'Failed' : 'Done'}. Files (${size}) are in ${work}.`);
+    return;
+  }
+  await rm(work, { recursive: true, force: true });
+  console.log(`\n${failed ? 'Failed' : 'Done'}. Removed ${work} (${size}); --keep keeps it.`);
+}
+
+class StepFailed extends Error {}
 
 function bootcache(...args) {
   console.log(`$ bootcache ${args.join(' ')}`);
   const r = spawnSync(process.execPath, [bin, ...args], { stdio: 'inherit' });
-  if (r.status !== 0) {
-    console.error(`demo: bootcache ${args[0]} exited with ${r.status}`);
-    process.exit(r.status ?? 1);
-  }
+  if (r.status !== 0) throw new StepFailed(`bootcache ${args[0]} exited with ${r.status}`);
 }
 
 /** Deterministic pseudo-random bytes for one 4 KiB block (xorshift). */
@@ -41,6 +99,16 @@ function blockData(block) {
 
 await rm(work, { recursive: true, force: true });
 await mkdir(work, { recursive: true });
+try {
+  await demo();
+  await finish(false);
+} catch (err) {
+  console.error(`demo: ${err instanceof StepFailed ? err.message : err?.stack ?? err}`);
+  await finish(true);
+  process.exit(1);
+}
+
+async function demo() {
 const raw = join(work, 'guest.raw');
 const image = join(work, 'debian12.qcow2');
 
@@ -79,8 +147,7 @@ bootcache('inspect', image);
 bootcache('inspect', `${image}.bcmap`);
 bootcache('inspect', `${image}.bcseg`);
 
-step('6. Boot through the agent over slow storage (2 ms per request), without and with the segment');
-const DELAY_MS = 2;
+step(`6. Replay the boot through the agent over slow storage (${DELAY_MS} ms per request), without and with the segment`);
 function runJson(...args) {
   const r = spawnSync(process.execPath, [bin, ...args, '--json'], { encoding: 'utf8' });
   if (r.status !== 0) throw new Error(`bootcache ${args[0]} failed: ${r.stderr || r.stdout}`);
@@ -133,5 +200,4 @@ console.log('');
 console.log(row('first boot (records, no segment)', first));
 console.log(row('cold host (segment prefetched)', cold));
 bootcache('verify', image);
-
-console.log(`\nDone. Files are in ${work}.`);
+}

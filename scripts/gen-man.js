@@ -6,6 +6,8 @@ import { Config } from '@oclif/core';
 import { readFile, writeFile, mkdir, readdir, rm } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+// Built by tsc before this script runs (npm run build): the usage line --help shows.
+import { flagLabel, usageWords } from '../dist/cli/usage.js';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const manDir = join(root, 'man');
@@ -21,11 +23,13 @@ function roff(text) {
     .join('\n');
 }
 
-function flagSynopsis(name, flag) {
-  const dash = `\\-\\-${roff(name)}`;
-  if (flag.type === 'boolean') return `[\\fB${dash}\\fR]`;
-  const value = roff(flag.helpValue ?? (flag.options ? flag.options.join('|') : name.toUpperCase()));
-  return flag.required ? `\\fB${dash}\\fR \\fI${value}\\fR` : `[\\fB${dash}\\fR \\fI${value}\\fR]`;
+/** One word of the usage line (src/cli/usage.ts) in roff: flag names bold, values italic. */
+function synopsisWord(word) {
+  const optional = word.startsWith('[') && word.endsWith(']');
+  const inner = optional ? word.slice(1, -1) : word;
+  const m = inner.match(/^(--\S+)(?: (.+))?$/);
+  const text = m ? `\\fB${roff(m[1])}\\fR${m[2] ? ` \\fI${roff(m[2])}\\fR` : ''}` : `\\fI${roff(inner)}\\fR`;
+  return optional ? `[${text}]` : text;
 }
 
 function page(cmd, version) {
@@ -38,10 +42,8 @@ function page(cmd, version) {
   out.push('.SH NAME');
   out.push(`${roff(name)} \\- ${roff(cmd.summary ?? (cmd.description ?? '').split('\n')[0])}`);
   out.push('.SH SYNOPSIS');
-  const synopsis = [`\\fB${roff(name)}\\fR`];
-  for (const [argName, arg] of args) synopsis.push(arg.required ? `\\fI${roff(argName.toUpperCase())}\\fR` : `[\\fI${roff(argName.toUpperCase())}\\fR]`);
-  for (const [flagName, flag] of flags) synopsis.push(flagSynopsis(flagName, flag));
-  out.push(synopsis.join(' '));
+  // The cached command's flags include --json and the base flags.
+  out.push([`\\fB${roff(name)}\\fR`, ...usageWords({ args: cmd.args, flags: cmd.flags }).map(synopsisWord)].join(' '));
   if (cmd.description) {
     out.push('.SH DESCRIPTION');
     for (const para of cmd.description.split(/\n\s*\n/)) {
@@ -57,10 +59,11 @@ function page(cmd, version) {
     out.push('.SH OPTIONS');
     for (const [flagName, flag] of flags.sort(([a], [b]) => a.localeCompare(b))) {
       const short = flag.char ? `\\fB\\-${flag.char}\\fR, ` : '';
-      const value = flag.type === 'boolean' ? '' : ` \\fI${roff(flag.helpValue ?? (flag.options ? flag.options.join('|') : flagName.toUpperCase()))}\\fR`;
+      const [dashName, value] = flagLabel(flagName, flag).split(/ (.*)/);
       let text = roff(flag.description ?? '');
+      // A boolean's default is in its description ("default on").
       if (flag.default !== undefined && typeof flag.default !== 'function' && flag.type !== 'boolean') text += ` (default: ${roff(flag.default)})`;
-      out.push('.TP', `${short}\\fB\\-\\-${roff(flagName)}\\fR${value}`, text);
+      out.push('.TP', `${short}\\fB${roff(dashName)}\\fR${value ? ` \\fI${roff(value)}\\fR` : ''}`, text);
     }
   }
   const exitCodes = (cmd.description ?? '').split(/\n\s*\n/).find((p) => /^EXIT CODES/.test(p));

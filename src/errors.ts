@@ -5,6 +5,8 @@
  * Exit codes are part of the CLI contract; see README "Exit codes".
  */
 
+import { dirname } from 'node:path';
+
 export const ExitCode = {
   OK: 0,
   /** verify found a mismatch (data, checksum, identity or digest). */
@@ -174,5 +176,45 @@ export function fromSystemError(err: unknown, file: string, doing: string): Boot
       return new StorageIOError(`no space left on device (while ${doing})`, { file, cause: err });
     default:
       return new StorageIOError(`${e?.message ?? String(err)} (while ${doing})`, { file, cause: err });
+  }
+}
+
+// --- CLI inputs and outputs (exit codes as in the README table) ---
+
+/** An input path that exists but is not a regular file (a directory, a socket, a device). */
+export class NotAFileError extends BootcacheError {
+  readonly code = 'BC_NOT_A_FILE';
+  readonly exitCode = ExitCode.BAD_INPUT;
+}
+
+/**
+ * An output that cannot be written (its directory is missing or read-only,
+ * it is a directory, the disk is full): exit 4, whatever the errno.
+ */
+export class OutputError extends StorageIOError {
+  /** Turns a system error met while writing `file` into a one-line OutputError; bootcache errors pass through. */
+  static from(err: unknown, file: string, doing: string): BootcacheError {
+    if (err instanceof BootcacheError) return err;
+    const e = err as NodeJS.ErrnoException;
+    const why = ((): string => {
+      switch (e?.code) {
+        case 'ENOENT':
+          return `directory ${dirname(file)} does not exist`;
+        case 'ENOTDIR':
+          return `a parent of it is not a directory`;
+        case 'EISDIR':
+          return 'is a directory';
+        case 'EACCES':
+        case 'EPERM':
+          return 'permission denied';
+        case 'EROFS':
+          return 'read-only file system';
+        case 'ENOSPC':
+          return 'no space left on device';
+        default:
+          return e?.message ?? String(err);
+      }
+    })();
+    return new OutputError(`cannot write: ${why} (while ${doing})`, { file, cause: err });
   }
 }

@@ -1,9 +1,14 @@
 import { Args, Flags } from '@oclif/core';
-import { BaseCommand, EXIT_CODES_HELP } from '../cli/base-command.js';
+import { BaseCommand, commandUsage, exitCodesHelp } from '../cli/base-command.js';
+import { ExitCode } from '../errors.js';
 import { imageFlags, withImage } from '../cli/image-flags.js';
+import { checkInput } from '../cli/inputs.js';
 import { formatBytes } from '../cli/progress.js';
 import { buildMapFromTraceFile } from '../core/build-map.js';
 import { saveMap } from '../format/map.js';
+
+
+const EXIT_CODES = exitCodesHelp([ExitCode.BAD_INPUT, ExitCode.IO]);
 
 export interface BuildMapCommandResult {
   map: string;
@@ -23,7 +28,7 @@ export default class BuildMap extends BaseCommand<typeof BuildMap> {
   static override summary = 'Build a boot workload map from a boot trace.';
   static override description = `Reads a trace (CSV: t_us,op,offset,length with an optional fifth column done_us) and sets every block that a read touches. Other operations are ignored. The map records the image's identity, so it only matches this version of the image.
 
-${EXIT_CODES_HELP}`;
+${EXIT_CODES}`;
 
   static override examples = [
     '<%= config.bin %> <%= command.id %> debian12.qcow2 --trace boot.csv --out debian12.qcow2.bcmap',
@@ -41,9 +46,13 @@ ${EXIT_CODES_HELP}`;
     out: Flags.string({ description: 'Map file to write (default: IMAGE.bcmap).', helpValue: 'MAP' }),
   };
 
+  static override usage = commandUsage(this);
+
   async run(): Promise<BuildMapCommandResult> {
     const { image: imagePath } = this.args;
     const out = this.flags.out ?? `${imagePath}.bcmap`;
+    await checkInput(imagePath, 'image');
+    await checkInput(this.flags.trace, 'trace');
     const result = await withImage(imagePath, this.flags, async (image) => {
       const built = await buildMapFromTraceFile(image, this.flags.trace, { blockSize: this.flags['block-size'] });
       await saveMap(out, built.map);

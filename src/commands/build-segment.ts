@@ -1,9 +1,16 @@
 import { Args, Flags } from '@oclif/core';
-import { BaseCommand, EXIT_CODES_HELP } from '../cli/base-command.js';
+import { BaseCommand, commandUsage, exitCodesHelp } from '../cli/base-command.js';
+import { ExitCode } from '../errors.js';
 import { imageFlags, withImage } from '../cli/image-flags.js';
+import { checkInput } from '../cli/inputs.js';
 import { formatBytes, runTasks } from '../cli/progress.js';
 import { buildSegment, type BuildSegmentResult } from '../core/build-segment.js';
 import { loadMap } from '../format/map.js';
+
+
+const EXIT_CODES = exitCodesHelp([ExitCode.VERIFY_FAILED, ExitCode.BAD_INPUT, ExitCode.IO], {
+  [ExitCode.VERIFY_FAILED]: 'the map does not belong to this image (identity or size)',
+});
 
 export type BuildSegmentCommandResult = BuildSegmentResult & { image: string; map: string };
 
@@ -13,7 +20,7 @@ export default class BuildSegment extends BaseCommand<typeof BuildSegment> {
 
 The --json result includes blocks, bytes and dataSha256 (SHA-256 of the concatenated block data in segment order).
 
-${EXIT_CODES_HELP}`;
+${EXIT_CODES}`;
 
   static override examples = [
     '<%= config.bin %> <%= command.id %> debian12.qcow2',
@@ -30,12 +37,17 @@ ${EXIT_CODES_HELP}`;
     out: Flags.string({ description: 'Segment file to write (default: IMAGE.bcseg).', helpValue: 'SEG' }),
   };
 
+  static override usage = commandUsage(this);
+
   async run(): Promise<BuildSegmentCommandResult> {
     const { image: imagePath } = this.args;
     const mapPath = this.flags.map ?? `${imagePath}.bcmap`;
     const out = this.flags.out ?? `${imagePath}.bcseg`;
-    const map = await loadMap(mapPath);
+    // The image first: an error about IMAGE.bcmap when IMAGE itself is missing would mislead.
+    await checkInput(imagePath, 'image');
+    await checkInput(mapPath, 'map');
     const built = await withImage(imagePath, this.flags, async (image) => {
+      const map = await loadMap(mapPath);
       const ctx: { result?: BuildSegmentResult } = {};
       await runTasks(
         [

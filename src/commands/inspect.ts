@@ -1,9 +1,14 @@
 import { Args, Flags } from '@oclif/core';
-import { BaseCommand, EXIT_CODES_HELP } from '../cli/base-command.js';
+import { BaseCommand, commandUsage, exitCodesHelp } from '../cli/base-command.js';
+import { ExitCode } from '../errors.js';
 import { imageFlags, withImage } from '../cli/image-flags.js';
+import { checkInput } from '../cli/inputs.js';
 import { formatBytes } from '../cli/progress.js';
 import { inspectImage, type ImageInspection } from '../core/inspect-image.js';
 import { detectFileKind, inspectMap, inspectSegment, type MapInspection, type SegmentInspection } from '../core/inspect.js';
+
+
+const EXIT_CODES = exitCodesHelp([ExitCode.BAD_INPUT, ExitCode.IO], { [ExitCode.IO]: 'I/O failure reading the file' });
 
 export type InspectResult = ImageInspection | MapInspection | SegmentInspection;
 
@@ -14,7 +19,7 @@ export default class Inspect extends BaseCommand<typeof Inspect> {
 - map: blockSize, blocksSet, bytes, runs (contiguous runs of blocks), boots merged;
 - segment: blocks, bytes, block checksum algorithm, identity, dataSha256.
 
-${EXIT_CODES_HELP}`;
+${EXIT_CODES}`;
 
   static override examples = [
     '<%= config.bin %> <%= command.id %> debian12.qcow2',
@@ -28,11 +33,14 @@ ${EXIT_CODES_HELP}`;
 
   static override flags = {
     ...imageFlags,
-    kind: Flags.string({ description: 'Treat the file as this kind instead of detecting it.', options: ['image', 'map', 'segment'] }),
+    kind: Flags.option({ description: 'Treat the file as this kind instead of detecting it.', options: ['image', 'map', 'segment'] as const })(),
   };
+
+  static override usage = commandUsage(this);
 
   async run(): Promise<InspectResult> {
     const path = this.args.file;
+    await checkInput(path, this.flags.kind);
     const kind = this.flags.kind ?? (await detectFileKind(path));
     if (kind === 'map') {
       const m = await inspectMap(path);

@@ -1,9 +1,10 @@
 import { Args, Flags } from '@oclif/core';
 import type { ListrTask } from 'listr2';
-import { BaseCommand, EXIT_CODES_HELP } from '../cli/base-command.js';
+import { BaseCommand, commandUsage, exitCodesHelp } from '../cli/base-command.js';
 import { imageFlags, openImageFromFlags } from '../cli/image-flags.js';
+import { checkInput } from '../cli/inputs.js';
 import { formatBytes, runTasks } from '../cli/progress.js';
-import { UsageError } from '../errors.js';
+import { ExitCode, UsageError } from '../errors.js';
 import { isValidBlockSize } from '../format/binary.js';
 import type { Accel } from '../profile/accel.js';
 import { parseUntil } from '../profile/console.js';
@@ -22,6 +23,11 @@ import {
   type ProfileRunResult,
 } from '../profile/profile.js';
 import { DEFAULT_QEMU } from '../profile/qemu.js';
+
+
+const EXIT_CODES = exitCodesHelp([ExitCode.VERIFY_FAILED, ExitCode.BAD_INPUT, ExitCode.IO, ExitCode.BOOT_TIMEOUT, ExitCode.BOOT_FAILED], {
+  [ExitCode.VERIFY_FAILED]: 'the segment built from the boot does not verify against the image',
+});
 
 export interface ProfileCommandResult {
   image: string;
@@ -82,7 +88,7 @@ Outputs: the map (IMAGE.bcmap), the trace (IMAGE.trace.csv) and, unless --no-seg
 
 See docs/profile.md.
 
-${EXIT_CODES_HELP}`;
+${EXIT_CODES}`;
 
   static override examples = [
     '<%= config.bin %> <%= command.id %> debian12.qcow2',
@@ -117,7 +123,7 @@ ${EXIT_CODES_HELP}`;
     'out-map': Flags.string({ description: 'Map to write (default: IMAGE.bcmap).', helpValue: 'MAP' }),
     'out-segment': Flags.string({ description: 'Segment to write (default: IMAGE.bcseg).', helpValue: 'SEG' }),
     'out-trace': Flags.string({ description: 'Trace CSV to write (default: IMAGE.trace.csv).', helpValue: 'CSV' }),
-    segment: Flags.boolean({ description: 'Build and verify the segment (--no-segment: map and trace only).', default: true, allowNo: true }),
+    segment: Flags.boolean({ description: 'Build and verify the segment (default on; --no-segment: map and trace only).', default: true, allowNo: true }),
     'console-log': Flags.string({ description: 'Serial console log (default: IMAGE.console.log next to the map).', helpValue: 'FILE' }),
     'block-size': Flags.integer({ description: 'Map block size in bytes (a power of two, 512 B to 2 MiB).', default: 4096, helpValue: 'BYTES' }),
     memory: Flags.integer({ description: 'Guest memory in MiB.', default: 1024, min: 16, helpValue: 'MB' }),
@@ -136,6 +142,8 @@ ${EXIT_CODES_HELP}`;
       helpValue: 'ARG',
     }),
   };
+
+  static override usage = commandUsage(this);
 
   async run(): Promise<ProfileCommandResult> {
     const controller = new AbortController();
@@ -174,6 +182,7 @@ ${EXIT_CODES_HELP}`;
     const hooks = hooksFromEnv(process.env);
     const defaults = defaultPaths(imagePath, f['out-map']);
     const outSegment = f.segment ? (f['out-segment'] ?? defaults.segment) : null;
+    await checkInput(imagePath, 'image');
     const image = await openImageFromFlags(imagePath, f);
     const interactive = this.interactive;
     const notices: string[] = [];

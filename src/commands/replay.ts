@@ -1,7 +1,8 @@
 import { Args, Flags } from '@oclif/core';
-import { BaseCommand, EXIT_CODES_HELP } from '../cli/base-command.js';
-import { fromSystemError } from '../errors.js';
+import { BaseCommand, commandUsage, exitCodesHelp } from '../cli/base-command.js';
+import { ExitCode, fromSystemError } from '../errors.js';
 import { writeFileAtomic } from '../format/atomic-write.js';
+import { checkInput } from '../cli/inputs.js';
 import { runTasks } from '../cli/progress.js';
 import { DEFAULT_ASSUMED_SERVICE_US } from '../replay/plan.js';
 import { formatReplayReport } from '../replay/format.js';
@@ -14,6 +15,12 @@ interface ReplayContext {
   result?: ReplayResult;
 }
 
+
+const EXIT_CODES = exitCodesHelp([ExitCode.BAD_INPUT, ExitCode.IO], {
+  [ExitCode.BAD_INPUT]: 'the trace is unreadable or malformed, or the export does not exist',
+  [ExitCode.IO]: 'the NBD server cannot be reached or fails a read, or --reads-csv cannot be written',
+});
+
 export default class Replay extends BaseCommand<typeof Replay> {
   static override summary = 'Replay a recorded VM boot against an NBD server.';
 
@@ -21,7 +28,7 @@ export default class Replay extends BaseCommand<typeof Replay> {
 
 With done_us, a read waits for every read that had completed when it was issued in the recording, then for its recorded think time. Without done_us, each read waits for the previous one (serial fallback). --no-think-time drops think times, so the replay is bound by storage alone. See docs/replay.md.
 
-${EXIT_CODES_HELP}`;
+${EXIT_CODES}`;
 
   static override examples = [
     {
@@ -44,12 +51,12 @@ ${EXIT_CODES_HELP}`;
       required: true,
     }),
     'think-time': Flags.boolean({
-      description: 'Keep the guest\'s recorded think time (--no-think-time: issue each read as soon as its dependencies complete)',
+      description: 'Keep the guest\'s recorded think time (default on; --no-think-time: issue each read as soon as its dependencies complete)',
       default: true,
       allowNo: true,
     }),
     warmup: Flags.boolean({
-      description: 'Before the timed run, replay the trace once against an in-process zero export, so the timed run starts with optimised code (--no-warmup: time a fresh process)',
+      description: 'Before the timed run, replay the trace once against an in-process zero export, so the timed run starts with optimised code (default on; --no-warmup: time a fresh process)',
       default: true,
       allowNo: true,
     }),
@@ -72,9 +79,12 @@ ${EXIT_CODES_HELP}`;
     }),
   };
 
+  static override usage = commandUsage(this);
+
   public async run(): Promise<ReplayResult> {
     const { args, flags } = this;
     const ctx: ReplayContext = {};
+    await checkInput(args.trace, 'trace');
     try {
       await this.replay(ctx, args.trace, flags);
     } finally {

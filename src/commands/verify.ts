@@ -1,22 +1,33 @@
 import { Args, Flags } from '@oclif/core';
-import { BaseCommand, EXIT_CODES_HELP } from '../cli/base-command.js';
+import { BaseCommand, commandUsage, exitCodesHelp } from '../cli/base-command.js';
 import { imageFlags, withImage } from '../cli/image-flags.js';
+import { checkInput } from '../cli/inputs.js';
 import { runTasks } from '../cli/progress.js';
+import { adoptForImage, type AdoptResult } from '../core/adopt.js';
 import { verifySegment, type VerifyReport } from '../core/verify.js';
+import { shortHex } from '../format/binary.js';
 import { ExitCode } from '../errors.js';
 import { loadMap } from '../format/map.js';
 
-export type VerifyCommandResult = VerifyReport & { image: string; map: string };
+
+const EXIT_CODES = exitCodesHelp([ExitCode.VERIFY_FAILED, ExitCode.BAD_INPUT, ExitCode.IO], {
+  [ExitCode.IO]: 'I/O failure reading the files, or (--adopt) the map or segment cannot be written',
+});
+
+export type VerifyCommandResult = VerifyReport & { image: string; map: string; adopted?: AdoptResult };
 
 export default class Verify extends BaseCommand<typeof Verify> {
   static override summary = 'Check a boot segment against its map and image.';
-  static override description = `Checks the segment header, that image, map and segment belong together (image identity, map digest, block count), each block's checksum, and every block against the image data at the offset computed from the map (select over the bitmap). Exits 1 and names the first mismatching blocks (rank and image offset) when anything differs.
+  static override description = `Checks the segment header, that image, map and segment belong together (image identity, map digest, block count), each block's checksum, and every block against the image data at the offset computed from the map (select over the bitmap). Exits 1 and names the first mismatching blocks (rank and image offset) when anything differs; a file that is not a well-formed image, map or segment (truncated, the wrong kind) is exit 3.
 
-${EXIT_CODES_HELP}`;
+After a copy that did not keep the image's mtime (plain cp; cp -p and rsync -a keep it), the identity differs while the data and checksums all match: verify says so, and --adopt then re-stamps the map and segment for the copy.
+
+${EXIT_CODES}`;
 
   static override examples = [
     '<%= config.bin %> <%= command.id %> debian12.qcow2',
     '<%= config.bin %> <%= command.id %> debian12.qcow2 --map debian12.qcow2.bcmap --segment debian12.qcow2.bcseg --json',
+    '<%= config.bin %> <%= command.id %> copy.qcow2 --map copy.qcow2.bcmap --segment copy.qcow2.bcseg --adopt',
   ];
 
   static override args = {
@@ -27,14 +38,25 @@ ${EXIT_CODES_HELP}`;
     ...imageFlags,
     map: Flags.string({ description: 'Boot workload map (default: IMAGE.bcmap).', helpValue: 'MAP' }),
     segment: Flags.string({ description: 'Boot segment (default: IMAGE.bcseg).', helpValue: 'SEG' }),
+    adopt: Flags.boolean({
+      description:
+        'When only the image identity differs (a copy without its mtime) and every block matched, re-stamp the map and segment for this image (atomically).',
+      default: false,
+    }),
   };
+
+  static override usage = commandUsage(this);
 
   async run(): Promise<VerifyCommandResult> {
     const { image: imagePath } = this.args;
     const mapPath = this.flags.map ?? `${imagePath}.bcmap`;
     const segmentPath = this.flags.segment ?? `${imagePath}.bcseg`;
-    const map = await loadMap(mapPath);
-    const report = await withImage(imagePath, this.flags, async (image) => {
+    // The image first: "IMAGE.bcmap does not exist" would mislead when IMAGE itself is missing.
+    await checkInput(imagePath, 'image');
+    await checkInput(mapPath, 'map');
+    await checkInput(segmentPath, 'segment');
+    const { report, adopted } = await withImage(imagePath, this.flags, async (image) => {
+      const map = await loadMap(mapPath);
       const ctx: { report?: VerifyReport } = {};
       await runTasks(
         [
@@ -52,11 +74,20 @@ ${EXIT_CODES_HELP}`;
         ctx,
         this.interactive,
       );
-      return ctx.report!;
+      const verified = ctx.report!;
+      const adoption = this.flags.adopt && verified.adoptable ? await adoptForImage(image, map, mapPath, segmentPath, verified) : undefined;
+      return { report: verified, adopted: adoption };
     });
-    const result = { ...report, image: imagePath, map: mapPath };
+    const result: VerifyCommandResult = { ...report, image: imagePath, map: mapPath, ...(adopted ? { adopted } : {}) };
     if (report.ok) {
       this.log(`${segmentPath}: OK (${report.blocksChecked} blocks checked against ${imagePath})`);
+      return result;
+    }
+    if (adopted) {
+      this.log(
+        `${segmentPath}: adopted for ${imagePath}: all ${report.blocksChecked} blocks and their checksums matched; ` +
+          `re-stamped ${adopted.rewritten.join(' and ')} with identity ${shortHex(adopted.identity)}`,
+      );
       return result;
     }
     process.exitCode = ExitCode.VERIFY_FAILED;
@@ -66,6 +97,7 @@ ${EXIT_CODES_HELP}`;
       for (const m of report.mismatches) {
         process.stderr.write(`  block rank ${m.rank} (image offset ${m.imageOffset ?? '?'}): ${m.reason} mismatch\n`);
       }
+      if (this.flags.adopt) process.stderr.write('  not adopted: --adopt re-stamps only when the identity is the one difference\n');
     }
     return result;
   }

@@ -1,14 +1,16 @@
 /**
- * verify: checks a segment against its map and image. Every check that can
- * run does run, so one report says everything that is wrong:
- * - header:    the segment parses (magic, version, sizes, header checksum, table hash)
+ * verify: checks a segment against its map and image. A segment that does
+ * not parse (magic, version, sizes, header checksum, table hash) is a
+ * malformed input: SegmentReader's InvalidSegmentError, not a report. On a
+ * well-formed segment every check that can run does run, so one report says
+ * everything that is wrong:
+ * - header:    the segment parses (always pass in a report)
  * - identity:  segment, map and image all carry the image's identity
  * - mapDigest: the segment was laid out from this map (digest, block size, block count)
  * - checksums: each block matches its table checksum; the data matches dataSha256
  * - data:      each block equals the image data at select(rank) × blockSize
  */
 import { createHash } from 'node:crypto';
-import { InvalidSegmentError } from '../errors.js';
 import { hasUsableReadInto } from '../image/file-source.js';
 import type { ByteSource, DiskImage } from '../image/types.js';
 import { shortHex } from '../format/binary.js';
@@ -66,6 +68,12 @@ export interface VerifyReport {
   mismatches: VerifyMismatch[];
   /** One line per failed or skipped check. */
   problems: string[];
+  /**
+   * Only the identity differs: the image holds the data the map and segment
+   * were made from (every block compared), as after a copy that did not keep
+   * the mtime. `verify --adopt` re-stamps them for this image.
+   */
+  adoptable: boolean;
 }
 
 export interface VerifyOptions {
@@ -78,30 +86,14 @@ export interface VerifyOptions {
   checksumWorker?: boolean;
 }
 
-/** Opens `segmentPath` and verifies it; an unparseable segment is a failed header check. */
+/** Opens `segmentPath` and verifies it; a segment that does not parse throws InvalidSegmentError. */
 export async function verifySegment(
   image: DiskImage,
   map: BootMap,
   segmentPath: string,
   options: VerifyOptions = {},
 ): Promise<VerifyReport> {
-  let reader: SegmentReader;
-  try {
-    reader = await SegmentReader.open(segmentPath);
-  } catch (err) {
-    if (!(err instanceof InvalidSegmentError)) throw err;
-    return {
-      ok: false,
-      segment: segmentPath,
-      checks: { header: 'fail', identity: 'skip', mapDigest: 'skip', checksums: 'skip', data: 'skip' },
-      blocksChecked: 0,
-      blockCount: 0,
-      checksumMismatches: 0,
-      dataMismatches: 0,
-      mismatches: [],
-      problems: [err.message],
-    };
-  }
+  const reader = await SegmentReader.open(segmentPath);
   try {
     return await verifySegmentReader(image, map, reader, options);
   } finally {
@@ -286,8 +278,19 @@ export async function verifySegmentReader(
     checks.data = 'fail';
     problems.push(`${dataMismatches} of ${totalBlocks} blocks differ from the image`);
   }
+  const adoptable =
+    checks.identity === 'fail' &&
+    (['header', 'mapDigest', 'checksums', 'data'] as const).every((c) => checks[c] === 'pass');
+  if (adoptable) {
+    problems.push(
+      `data and checksums of all ${totalBlocks} blocks matched ${image.name}: it holds the same data, but its identity ` +
+        '(file size and mtime, or metadata) differs, as after a copy that did not keep the mtime (cp -p and rsync -a keep it); ' +
+        '`bootcache verify --adopt` re-stamps the map and segment for it',
+    );
+  }
   return {
     ok: Object.values(checks).every((c) => c === 'pass'),
+    adoptable,
     segment: reader.name,
     checks,
     blocksChecked,

@@ -7,7 +7,7 @@
 import { randomBytes } from 'node:crypto';
 import { open, rename, unlink, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
-import { fromSystemError } from '../errors.js';
+import { OutputError } from '../errors.js';
 
 /** Temp files are named `.<target name>.tmp-<pid>-<random>` next to the target. */
 export function tempPathFor(target: string): string {
@@ -39,7 +39,7 @@ export class AtomicFile {
     try {
       handle = await open(tempPath, 'wx', 0o644);
     } catch (err) {
-      throw fromSystemError(err, target, 'creating a temporary file next to it');
+      throw OutputError.from(err, target, 'creating a temporary file next to it');
     }
     return new AtomicFile(target, tempPath, handle);
   }
@@ -54,7 +54,7 @@ export class AtomicFile {
         done += bytesWritten;
       }
     } catch (err) {
-      throw fromSystemError(err, this.target, `writing at offset ${position}`);
+      throw OutputError.from(err, this.target, `writing at offset ${position}`);
     }
   }
 
@@ -67,7 +67,7 @@ export class AtomicFile {
       const { bytesWritten } = await this.handle.writev(buffers as Uint8Array[], position);
       if (bytesWritten === total) return;
     } catch (err) {
-      throw fromSystemError(err, this.target, `writing at offset ${position}`);
+      throw OutputError.from(err, this.target, `writing at offset ${position}`);
     }
     // Short vectored write: fall back to one write per buffer (rare).
     let offset = position;
@@ -102,7 +102,7 @@ export class AtomicFile {
       await this.handle.sync();
     } catch (err) {
       await this.abort();
-      throw fromSystemError(err, this.target, 'flushing to disk');
+      throw OutputError.from(err, this.target, 'flushing to disk');
     }
     this.state = 'committed';
     try {
@@ -110,7 +110,7 @@ export class AtomicFile {
       await rename(this.tempPath, this.target);
     } catch (err) {
       await unlink(this.tempPath).catch(() => undefined);
-      throw fromSystemError(err, this.target, 'replacing the file');
+      throw OutputError.from(err, this.target, 'replacing the file');
     }
     await syncDirectory(dirname(this.target));
   }
@@ -168,7 +168,7 @@ async function syncDirectory(dir: string): Promise<void> {
     const code = (err as NodeJS.ErrnoException).code;
     // Some file systems cannot fsync directories; the rename itself has happened.
     if (code !== 'EINVAL' && code !== 'ENOTSUP' && code !== 'EISDIR') {
-      throw fromSystemError(err, dir, 'flushing the directory to disk');
+      throw OutputError.from(err, dir, 'flushing the directory to disk');
     }
   } finally {
     await handle?.close().catch(() => undefined);

@@ -1,10 +1,11 @@
 /**
- * One boot attempt: starts QEMU, follows its serial console and the reads
- * the NBD server records, feeds both to the end-of-boot detector (and to the
- * KVM stall watch under probation), and stops QEMU when the boot is over,
- * failed or was interrupted, whatever happens.
+ * One boot attempt: starts QEMU, follows its serial console, its firmware
+ * debug console and the reads the NBD server records, feeds them to the
+ * end-of-boot detector (and to the KVM stall watch under probation), and
+ * stops QEMU when the boot is over, failed or was interrupted, whatever
+ * happens.
  */
-import { open, stat, writeFile, type FileHandle } from 'node:fs/promises';
+import { open, writeFile, type FileHandle } from 'node:fs/promises';
 import { StringDecoder } from 'node:string_decoder';
 import { fromSystemError } from '../errors.js';
 import type { KvmProbation } from './accel.js';
@@ -15,6 +16,7 @@ import type { BootRecording } from './recording.js';
 
 export type BootOutcome =
   | { kind: 'ended'; end: EndOfBoot }
+  | { kind: 'fatal'; end: EndOfBoot }
   | { kind: 'timeout'; end: EndOfBoot }
   | { kind: 'exited'; exit: QemuExit; atMs: number; stderr: string }
   | { kind: 'stalled'; atMs: number; reason: string }
@@ -80,14 +82,6 @@ class FileTail {
   }
 }
 
-async function fileSize(path: string): Promise<number> {
-  try {
-    return (await stat(path)).size;
-  } catch {
-    return 0;
-  }
-}
-
 export class BootAttempt {
   readonly detector: EndOfBootDetector;
   private qemu: QemuProcess | undefined;
@@ -136,6 +130,7 @@ export class BootAttempt {
       });
     }
     const consoleTail = new FileTail(o.consoleLog);
+    const firmwareTail = new FileTail(o.debugconLog);
     const pollMs = o.pollMs ?? 50;
     let settle!: (outcome: BootOutcome) => void;
     const done = new Promise<BootOutcome>((resolve) => {
@@ -150,7 +145,10 @@ export class BootAttempt {
     };
     const now = (): number => o.recording.elapsedMs();
     const fromEnd = (end: EndOfBoot | undefined): void => {
-      if (end) finish(end.reason === 'timeout' ? { kind: 'timeout', end } : { kind: 'ended', end });
+      if (!end) return;
+      if (end.reason === 'timeout') finish({ kind: 'timeout', end });
+      else if (end.reason === 'fatal') finish({ kind: 'fatal', end });
+      else finish({ kind: 'ended', end });
     };
 
     o.recording.onRead = (atMs, newBlocks) => {
@@ -164,7 +162,6 @@ export class BootAttempt {
     o.signal?.addEventListener('abort', onAbort, { once: true });
 
     let timer: NodeJS.Timeout | undefined;
-    let debugconSize = 0;
     try {
       o.recording.start();
       const qemu = QemuProcess.start(o.qemuBinary, o.qemuArgs, o.env);
@@ -172,8 +169,10 @@ export class BootAttempt {
       void qemu.exited.then(async (exit) => {
         // The console may hold the matching line QEMU wrote just before it exited.
         const text = await consoleTail.read().catch(() => '');
+        const firmware = await firmwareTail.read().catch(() => '');
         const at = now();
         if (text) fromEnd(this.detector.onConsole(text, at));
+        if (firmware) fromEnd(this.detector.onFirmware(firmware, at));
         finish({ kind: 'exited', exit, atMs: at, stderr: qemu.lastStderrLine() });
       });
 
@@ -185,12 +184,10 @@ export class BootAttempt {
           o.probation?.onProgress(at);
           fromEnd(this.detector.onConsole(text, at));
         }
-        if (o.probation) {
-          const size = await fileSize(o.debugconLog);
-          if (size > debugconSize) {
-            debugconSize = size;
-            o.probation.onProgress(at);
-          }
+        const firmware = await firmwareTail.read();
+        if (firmware.length > 0) {
+          o.probation?.onProgress(at);
+          fromEnd(this.detector.onFirmware(firmware, at));
         }
         fromEnd(this.detector.check(at));
         if (!outcome && o.probation?.hung(at)) finish({ kind: 'stalled', atMs: at, reason: o.probation.describe(at) });
@@ -208,6 +205,7 @@ export class BootAttempt {
       o.recording.stop();
       await this.qemu?.stop();
       await consoleTail.close();
+      await firmwareTail.close();
     }
   }
 }

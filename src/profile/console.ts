@@ -5,6 +5,7 @@
  * written counts too, so a login prompt (printed without a newline) matches.
  */
 import { UsageError } from '../errors.js';
+import { isFatalBootLine } from './fatal-lines.js';
 
 /** A line longer than this without a newline is taken as a line of its own. */
 export const MAX_CONSOLE_LINE = 4096;
@@ -40,7 +41,11 @@ export function parseUntil(text: string): RegExp {
   }
 }
 
-/** Splits console output into clean lines and finds the first one matching `until`. */
+/**
+ * Splits console output into clean lines and finds the first one matching
+ * `until`; with `watchFatal`, also the first fatal line (fatal-lines.ts) that
+ * does not match `until`.
+ */
 export class ConsoleMatcher {
   /** Complete lines seen so far. */
   lines = 0;
@@ -49,8 +54,17 @@ export class ConsoleMatcher {
   private pending = '';
   private lastCompleteLine = '';
   private matchedLine: string | undefined;
+  private fatalLine: string | undefined;
 
-  constructor(readonly until: RegExp | undefined) {}
+  constructor(
+    readonly until: RegExp | undefined,
+    private readonly watchFatal = false,
+  ) {}
+
+  /** The first fatal line, once one has come (watchFatal only). */
+  get fatal(): string | undefined {
+    return this.fatalLine;
+  }
 
   /** The line that matched, once one has. */
   get matched(): string | undefined {
@@ -84,7 +98,11 @@ export class ConsoleMatcher {
       found ??= this.completeLine(this.pending.slice(0, MAX_CONSOLE_LINE));
       this.pending = this.pending.slice(MAX_CONSOLE_LINE);
     }
-    if (found === undefined && this.pending.length > 0) found = this.test(cleanConsoleLine(this.pending));
+    if (found === undefined && this.pending.length > 0) {
+      const partial = cleanConsoleLine(this.pending);
+      found = this.test(partial);
+      if (found === undefined) this.testFatal(partial, false);
+    }
     return found;
   }
 
@@ -92,7 +110,15 @@ export class ConsoleMatcher {
     this.lines++;
     const line = cleanConsoleLine(raw);
     if (line.trim().length > 0) this.lastCompleteLine = line;
-    return this.test(line);
+    const found = this.test(line);
+    if (found === undefined) this.testFatal(line, true);
+    return found;
+  }
+
+  private testFatal(line: string, complete: boolean): void {
+    if (!this.watchFatal || this.fatalLine !== undefined || this.matchedLine !== undefined) return;
+    if (this.until?.test(line)) return;
+    if (isFatalBootLine(line, complete)) this.fatalLine = line.trim();
   }
 
   private test(line: string): string | undefined {

@@ -6,6 +6,8 @@
  * - idle:    no read of a new block for `idleMs`, once `minReads` reads were
  *            seen (so firmware poking at a disk it cannot boot from is not a
  *            finished boot); the boot ended at its last new block;
+ * - fatal:   a console or firmware line says the boot cannot go on
+ *            (fatal-lines.ts). A failure for the caller.
  * - timeout: `timeoutMs` passed first. This one is a failure for the caller.
  *
  * The default idle gap comes from real Debian 12 boots under TCG. In the
@@ -19,7 +21,7 @@
  */
 import { ConsoleMatcher } from './console.js';
 
-export type EndReason = 'until' | 'idle' | 'timeout';
+export type EndReason = 'until' | 'idle' | 'fatal' | 'timeout';
 
 export interface EndOfBootPolicy {
   /** Console line pattern; undefined: the console never ends the boot. */
@@ -45,12 +47,16 @@ export interface EndOfBoot {
   atMs: number;
   /** When the end was noticed (idle: atMs + idleMs). */
   detectedAtMs: number;
-  /** The console line that matched (until only). */
+  /** The line that matched (until) or the fatal line (fatal). */
   line?: string;
+  /** Where the fatal line came from: the serial console or the firmware's debug console. */
+  source?: 'console' | 'firmware';
 }
 
 export class EndOfBootDetector {
   readonly console: ConsoleMatcher;
+  /** The firmware's debug console: watched for fatal lines only. */
+  readonly firmware = new ConsoleMatcher(undefined, true);
   reads = 0;
   /** Time of the last read that touched a block not read before. */
   lastNewBlockAtMs: number | undefined;
@@ -60,7 +66,7 @@ export class EndOfBootDetector {
   constructor(readonly policy: EndOfBootPolicy) {
     if (!(policy.timeoutMs > 0)) throw new RangeError(`timeout ${policy.timeoutMs} ms must be positive`);
     if (!(policy.idleMs >= 0)) throw new RangeError(`idle gap ${policy.idleMs} ms must not be negative`);
-    this.console = new ConsoleMatcher(policy.until);
+    this.console = new ConsoleMatcher(policy.until, true);
   }
 
   /** The end of boot, once decided. Nothing changes after that. */
@@ -82,6 +88,19 @@ export class EndOfBootDetector {
     if (this.check(atMs)) return this.result;
     const line = this.console.feed(text);
     if (line !== undefined) this.result = { reason: 'until', atMs, detectedAtMs: atMs, line };
+    else if (this.console.fatal !== undefined) {
+      this.result = { reason: 'fatal', atMs, detectedAtMs: atMs, line: this.console.fatal, source: 'console' };
+    }
+    return this.result;
+  }
+
+  /** Firmware debug console text that arrived at `atMs`. */
+  onFirmware(text: string, atMs: number): EndOfBoot | undefined {
+    if (this.check(atMs)) return this.result;
+    this.firmware.feed(text);
+    if (this.firmware.fatal !== undefined) {
+      this.result = { reason: 'fatal', atMs, detectedAtMs: atMs, line: this.firmware.fatal, source: 'firmware' };
+    }
     return this.result;
   }
 

@@ -5,7 +5,7 @@
  * command can show each as a task.
  */
 import { constants, rmSync } from 'node:fs';
-import { access, mkdtemp, rm, stat } from 'node:fs/promises';
+import { access, mkdtemp, rename, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { basename, dirname, extname, join, resolve } from 'node:path';
 import { buildSegment, type BuildSegmentResult } from '../core/build-segment.js';
@@ -13,7 +13,7 @@ import { verifySegment, type VerifyReport } from '../core/verify.js';
 import {
   BootFailedError,
   BootTimeoutError,
-  BootcacheError,
+  OutputError,
   UsageError,
   VerificationError,
   fromSystemError,
@@ -70,7 +70,7 @@ export interface ProfileRunResult {
   accel: Accel;
   /** Seconds from QEMU's start to the end of boot (the matching line, or the last new block). */
   bootSeconds: number;
-  endReason: Exclude<EndReason, 'timeout'>;
+  endReason: Exclude<EndReason, 'timeout' | 'fatal'>;
   /** The console line that ended the boot (until). */
   endLine?: string;
   reads: number;
@@ -108,6 +108,17 @@ export function runPath(path: string, run: number, runs: number): string {
   return ext ? `${path.slice(0, -ext.length)}.run${run}${ext}` : `${path}.run${run}`;
 }
 
+/**
+ * Console logs of one run: QEMU writes `live` while the VM runs; at the end
+ * it becomes `ok` (the boot ended well) or `failed`, so a failed run never
+ * replaces the log of the last good one, and the last failure is kept too.
+ */
+export function consoleLogPaths(path: string): { live: string; ok: string; failed: string } {
+  const ext = extname(path);
+  const failed = ext ? `${path.slice(0, -ext.length)}.failed${ext}` : `${path}.failed`;
+  return { live: `${path}.partial`, ok: path, failed };
+}
+
 /** Blocks in all and in any of the bitmaps. */
 export function agreement(bitmaps: readonly Bitmap[]): Agreement {
   if (bitmaps.length === 0) return { runs: 0, blocksInAll: 0, blocksInAny: 0, ratio: 1 };
@@ -133,18 +144,24 @@ function mib(bytes: number): string {
   return `${(bytes / MiB).toFixed(1)} MiB`;
 }
 
-/** Checks that `path` can be written (its directory exists and is writable) and is not the image. */
+/**
+ * Checks that `path` can be written (its directory exists and is writable,
+ * it is not a directory) and is not the image; an output that cannot be
+ * written is exit 4.
+ */
 async function checkOutput(path: string, imagePath: string, what: string): Promise<void> {
   if (resolve(path) === resolve(imagePath)) throw new UsageError(`${what} ${path} is the image itself`);
   const dir = dirname(resolve(path));
+  const doing = `checking where to write the ${what}`;
   try {
     const s = await stat(dir);
-    if (!s.isDirectory()) throw new UsageError(`${what} ${path}: ${dir} is not a directory`);
+    if (!s.isDirectory()) throw new OutputError(`cannot write: ${dir} is not a directory (while ${doing})`, { file: path });
     await access(dir, constants.W_OK);
   } catch (err) {
-    if (err instanceof BootcacheError) throw err;
-    throw fromSystemError(err, dir, `checking where to write the ${what}`);
+    throw OutputError.from(err, path, doing);
   }
+  const target = await stat(path).catch(() => undefined);
+  if (target?.isDirectory()) throw new OutputError(`cannot write: is a directory (while ${doing})`, { file: path });
 }
 
 export class Profiler {
@@ -223,7 +240,7 @@ export class Profiler {
   async boot(run: number, signal?: AbortSignal): Promise<ProfileRunResult> {
     const o = this.options;
     this.currentRun = run;
-    const consoleLog = runPath(o.consoleLog, run, o.runs);
+    const logs = consoleLogPaths(runPath(o.consoleLog, run, o.runs));
     const trace = runPath(o.outTrace, run, o.runs);
     for (;;) {
       const probation = this.accelChoice.probation && this.currentAccel === 'kvm';
@@ -235,7 +252,7 @@ export class Profiler {
         cpus: o.cpus,
         uefi: this.uefi,
         nbdUri: `nbd+unix:///${this.provider!.name}?socket=${this.socket.split('/').map(encodeURIComponent).join('/')}`,
-        consoleLog,
+        consoleLog: logs.live,
         debugconLog: join(this.tmpDir!, 'debugcon.log'),
         extraArgs: probation ? [...o.qemuArgs, ...(o.hooks?.probeExtraArgs ?? [])] : o.qemuArgs,
       });
@@ -244,7 +261,7 @@ export class Profiler {
         qemuArgs: args,
         // snapshot=on puts its overlay in TMPDIR: keep it in our temp dir.
         env: { ...process.env, TMPDIR: this.tmpDir! },
-        consoleLog,
+        consoleLog: logs.live,
         debugconLog: join(this.tmpDir!, 'debugcon.log'),
         policy: o.policy,
         recording,
@@ -271,7 +288,11 @@ export class Profiler {
         this.onNotice(notice);
         continue;
       }
-      const result = await this.outcomeToResult(outcome, attempt, run, consoleLog, trace);
+      const kept = outcome.kind === 'ended' ? logs.ok : logs.failed;
+      await rename(logs.live, kept).catch((err: unknown) => {
+        throw OutputError.from(err, kept, 'keeping the console log');
+      });
+      const result = await this.outcomeToResult(outcome, attempt, run, kept, trace);
       await this.writeTrace(recording, trace);
       this.runs.push(result);
       this.bitmaps.push(recording.bitmap);
@@ -316,6 +337,14 @@ export class Profiler {
           trace,
           consoleLog,
         };
+      case 'fatal': {
+        const where = outcome.end.source === 'firmware' ? 'the firmware printed' : 'the console printed';
+        throw new BootFailedError(
+          `${o.imagePath}: the boot failed after ${seconds(outcome.end.atMs)} s under ${this.currentAccel}` +
+            `${o.runs > 1 ? ` (run ${run} of ${o.runs})` : ''}: ${where} ${JSON.stringify((outcome.end.line ?? '').slice(0, 160))}: ` +
+            (await this.howFar(attempt, consoleLog)),
+        );
+      }
       case 'timeout':
         throw new BootTimeoutError(
           `${o.imagePath}: the boot did not finish within ${seconds(o.policy.timeoutMs)} s (--timeout) under ${this.currentAccel}` +

@@ -39,6 +39,14 @@ const READER_CODE =
 const RESET_CODE =
   'fa31c08ed8be1a7cbaf803ac84c07403eeebf8b0fee664f4ebfd424f4f54534543544f523a20726573657474696e6720746865206d616368696e650d0a';
 
+/**
+ * Prints `text` on COM1, then halts: RESET_CODE with the reset (mov al,0xfe;
+ * out 0x64,al) replaced by four NOPs, so the string stays at offset 0x1a.
+ */
+function printAndHalt(text: string): string {
+  return `fa31c08ed8be1a7cbaf803ac84c07403eeebf890909090f4ebfd${Buffer.from(`${text}\0`, 'latin1').toString('hex')}`;
+}
+
 function bootSector(hex: string): Buffer {
   const sector = Buffer.alloc(512);
   Buffer.from(hex, 'hex').copy(sector);
@@ -137,6 +145,8 @@ let raw: string;
 let qcow2: string;
 let zero: string;
 let reset: string;
+let panic: string;
+let rescue: string;
 /** TMPDIR for the CLI, to check that it leaves nothing behind. */
 let cliTmp: string;
 
@@ -159,6 +169,10 @@ beforeAll(async () => {
   await zh.close();
   reset = join(dir, 'reset.raw');
   await writeFile(reset, Buffer.concat([bootSector(RESET_CODE), Buffer.alloc(16 * MiB - 512)]));
+  panic = join(dir, 'panic.raw');
+  await writeFile(panic, Buffer.concat([bootSector(printAndHalt('Kernel panic - not syncing: VFS: Unable to mount root fs\r\n')), Buffer.alloc(16 * MiB - 512)]));
+  rescue = join(dir, 'rescue.raw');
+  await writeFile(rescue, Buffer.concat([bootSector(printAndHalt('error: unknown filesystem.\r\nEntering rescue mode...\r\ngrub rescue> ')), Buffer.alloc(16 * MiB - 512)]));
 });
 
 afterAll(async () => {
@@ -352,18 +366,59 @@ describe('bootcache profile failures: one line, the right exit code, the console
     expect(notExec.stderr).toContain('is not executable');
   });
 
-  it('a disk that does not boot: --timeout is exit 5 and says how far the boot got', async () => {
-    const started = Date.now();
-    const r = await profile([zero, '--accel', 'tcg', '--timeout', '15'], { TMPDIR: cliTmp });
-    expect(r.status).toBe(5);
-    expect(Date.now() - started).toBeLessThan(40_000);
+  it('a disk that does not boot: exit 6 at the firmware\'s fatal line, not at --timeout; the failed log is kept apart', async () => {
+    // A good boot first, logging where the failed one will.
+    const logs = join(dir, 'logs');
+    await mkdir(logs);
+    const good = await profile([raw, '--accel', 'tcg', '--no-segment', '--out-map', join(logs, 'm.bcmap'), '--out-trace', join(logs, 't.csv'), '--console-log', join(logs, 'c.log')]);
+    expect(good.status, good.stderr).toBe(0);
+    const goodLog = await readFile(join(logs, 'c.log'), 'utf8');
+    expect(goodLog).toContain('BOOTSECTOR: read 100 blocks');
+
+    // The default --timeout (300 s) would fail the test's own timeout: the fatal line must end it.
+    const r = await profile([zero, '--accel', 'tcg', '--console-log', join(logs, 'c.log')], { TMPDIR: cliTmp });
+    expect(r.status).toBe(6);
     const lines = r.stderr.trim().split('\n');
     expect(lines).toHaveLength(1);
-    expect(lines[0]).toMatch(/^bootcache profile: error: .*zero\.raw: the boot did not finish within 15 s \(--timeout\) under tcg: \d+ reads \(0\.0 MiB, 1 blocks\), last read at [\d.]+ s; last console line: none \(no console output\); last firmware line: "No bootable device\."; console log: .*zero\.raw\.console\.log \[BC_BOOT_TIMEOUT\]$/);
-    expect(existsSync(join(dir, 'zero.raw.console.log'))).toBe(true);
+    expect(lines[0]).toMatch(
+      /^bootcache profile: error: .*zero\.raw: the boot failed after [\d.]+ s under tcg: the firmware printed "(Boot failed: not a bootable disk|No bootable device\.)": \d+ reads \(0\.0 MiB, 1 blocks\).*; console log: .*c\.failed\.log \[BC_BOOT_FAILED\]$/,
+    );
+    expect(existsSync(join(logs, 'c.failed.log'))).toBe(true);
+    expect(await readFile(join(logs, 'c.log'), 'utf8')).toBe(goodLog); // the good boot's log is still there
+    expect(existsSync(join(logs, 'c.log.partial'))).toBe(false);
     expect(existsSync(`${zero}.bcmap`)).toBe(false); // no outputs from a failed boot
     expect(qemuProcessesMentioning(dir)).toEqual([]);
     expect(readdirSync(cliTmp)).toEqual([]);
+  });
+
+  it('a kernel panic or GRUB\'s rescue prompt on the console: exit 6 quoting the line; --until may still claim it', async () => {
+    const p = await profile([panic, '--accel', 'tcg', '--json']);
+    expect(p.status).toBe(6);
+    const message = (p.json as { error: { message: string } }).error.message;
+    expect(message).toContain('the console printed "Kernel panic - not syncing: VFS: Unable to mount root fs"');
+    expect(message).toContain(`console log: ${join(dir, 'panic.raw.console.failed.log')}`);
+
+    const g = await profile([rescue, '--accel', 'tcg']);
+    expect(g.status).toBe(6);
+    expect(g.stderr).toContain('the console printed "grub rescue>"');
+
+    // A line matching --until ends the boot well, fatal or not.
+    const until = await profile([panic, '--accel', 'tcg', '--until', 'Kernel panic', '--json']);
+    expect(until.status, until.stderr).toBe(0);
+    expect(until.json).toMatchObject({ endReason: 'until', endLine: 'Kernel panic - not syncing: VFS: Unable to mount root fs' });
+  });
+
+  it('a boot that never ends: --timeout is exit 5 and says how far the boot got', async () => {
+    const started = Date.now();
+    const r = await profile([raw, '--accel', 'tcg', '--until', 'never printed', '--idle', '0', '--timeout', '8', '--no-segment',
+      '--out-map', join(dir, 'to.bcmap'), '--out-trace', join(dir, 'to.csv'), '--console-log', join(dir, 'to.log')], { TMPDIR: cliTmp });
+    expect(r.status).toBe(5);
+    expect(Date.now() - started).toBeLessThan(60_000);
+    const lines = r.stderr.trim().split('\n');
+    expect(lines).toHaveLength(1);
+    expect(lines[0]).toMatch(/^bootcache profile: error: .*reader\.raw: the boot did not finish within 8 s \(--timeout\) under tcg: \d+ reads \([\d.]+ MiB, 101 blocks\), last read at [\d.]+ s; last console line: "bootsector login:".*; console log: .*to\.failed\.log \[BC_BOOT_TIMEOUT\]$/);
+    expect(existsSync(join(dir, 'to.bcmap'))).toBe(false);
+    expect(qemuProcessesMentioning(dir)).toEqual([]);
   });
 
   it('a guest that resets (QEMU exits early): exit 6 with the last console line and the console log', async () => {
@@ -372,14 +427,14 @@ describe('bootcache profile failures: one line, the right exit code, the console
     const message = (r.json as { error: { message: string; code: string } }).error.message;
     expect(message).toMatch(/reset\.raw: QEMU exited with status 0 after [\d.]+ s, before the end of boot \(the guest reset or powered off; QEMU runs with -no-reboot\)/);
     expect(message).toContain('last console line: "BOOTSECTOR: resetting the machine"');
-    expect(message).toContain(`console log: ${join(dir, 'reset.raw.console.log')}`);
+    expect(message).toContain(`console log: ${join(dir, 'reset.raw.console.failed.log')}`);
   });
 
   it('QEMU refusing its arguments: exit 6 with QEMU\'s last stderr line', async () => {
     const r = await profile([raw, '--accel', 'tcg', '--qemu-arg', '-kernel', '--qemu-arg', join(dir, 'no-such-kernel'), '--console-log', join(dir, 'k.log')]);
     expect(r.status).toBe(6);
     expect(r.stderr).toMatch(/QEMU exited with status 1 after [\d.]+ s, before the end of boot; QEMU said: ".*could not (open|load) kernel.*no-such-kernel.*"/);
-    expect(r.stderr).toContain(`console log: ${join(dir, 'k.log')}`);
+    expect(r.stderr).toContain(`console log: ${join(dir, 'k.failed.log')}`);
     expect(r.stderr.trim().split('\n')).toHaveLength(1);
   });
 
@@ -390,13 +445,13 @@ describe('bootcache profile failures: one line, the right exit code, the console
     const badBlock = await profile([raw, '--block-size', '1000']);
     expect(badBlock.status).toBe(2);
     const noDir = await profile([raw, '--out-map', join(dir, 'missing', 'm.bcmap')]);
-    expect(noDir.status).toBe(3);
+    expect(noDir.status).toBe(4); // an output that cannot be written
     expect(noDir.stderr).toContain(join(dir, 'missing'));
     const noImage = await profile([join(dir, 'nope.raw')]);
     expect(noImage.status).toBe(3);
     const consoleIsDir = await profile([raw, '--accel', 'tcg', '--console-log', dir]);
-    expect(consoleIsDir.status).toBe(3);
-    expect(consoleIsDir.stderr).toBe(`bootcache profile: error: ${dir}: is a directory, expected a file (while creating the console log) [BC_NOT_FOUND]\n`);
+    expect(consoleIsDir.status).toBe(4);
+    expect(consoleIsDir.stderr).toBe(`bootcache profile: error: ${dir}: cannot write: is a directory (while checking where to write the console log) [BC_IO]\n`);
     const self = await profile([raw, '--out-trace', raw]);
     expect(self.status).toBe(2);
     expect(self.stderr).toContain('is the image itself');
@@ -413,7 +468,7 @@ describe('bootcache profile failures: one line, the right exit code, the console
     process.kill(pid, 'SIGTERM');
     const r = await running;
     expect(r.signal).toBe('SIGTERM');
-    expect(r.stderr).toMatch(/interrupted after [\d.]+ s; console log: .*sig\.log; the VM was stopped/);
+    expect(r.stderr).toMatch(/interrupted after [\d.]+ s; console log: .*sig\.failed\.log; the VM was stopped/);
     expect(qemuProcessesMentioning(dir)).toEqual([]);
     expect(readdirSync(cliTmp)).toEqual([]);
   });

@@ -356,20 +356,18 @@ describe('verifySegment', () => {
     }
   });
 
-  it('reports a damaged header or table as a failed header check', async () => {
+  it('refuses a damaged header or table as a malformed segment (InvalidSegmentError), not a report', async () => {
     const image = await openRaw();
     try {
       const map = randomMap(image, 19);
       const out = join(dir, 'badheader.bcseg');
       await buildSegment(image, map, out);
       await flipByte(out, 60);
-      const report = await verifySegment(image, map, out);
-      expect(report.ok).toBe(false);
-      expect(report.checks).toEqual({ header: 'fail', identity: 'skip', mapDigest: 'skip', checksums: 'skip', data: 'skip' });
-      expect(report.problems[0]).toMatch(/header checksum mismatch/);
+      await expect(verifySegment(image, map, out)).rejects.toThrow(InvalidSegmentError);
+      await expect(verifySegment(image, map, out)).rejects.toThrow(/header checksum mismatch/);
       await flipByte(out, 60);
       await flipByte(out, 300); // in the checksum table
-      expect((await verifySegment(image, map, out)).problems[0]).toMatch(/table is corrupted/);
+      await expect(verifySegment(image, map, out)).rejects.toThrow(/table is corrupted/);
       await expect(verifySegment(image, map, join(dir, 'missing.bcseg'))).rejects.toThrow(FileNotFoundError);
     } finally {
       await image.close();

@@ -4,7 +4,15 @@ import { Agent, type AgentStatus } from '../../agent/agent.js';
 import {
   CONFIG_DEFAULTS, DEFAULT_CONTROL, DEFAULT_NBD_PORT, DEFAULT_SOCKET, loadConfigFile, resolveConfig,
 } from '../../agent/config.js';
-import { BaseCommand, EXIT_CODES_HELP } from '../../cli/base-command.js';
+import { BaseCommand, commandUsage, exitCodesHelp } from '../../cli/base-command.js';
+import { ExitCode } from '../../errors.js';
+
+
+const EXIT_CODES = exitCodesHelp([ExitCode.BAD_INPUT, ExitCode.IO, ExitCode.AGENT], {
+  [ExitCode.BAD_INPUT]: 'the config file or the storage root is missing or unreadable',
+  [ExitCode.IO]: 'the cache or the storage fails',
+  [ExitCode.AGENT]: 'the agent cannot start (socket in use, bad config, cache locked)',
+});
 
 export type AgentRunResult = Pick<AgentStatus, 'counters' | 'uptimeSeconds'>;
 
@@ -16,7 +24,7 @@ Runs in the foreground until SIGTERM or SIGINT: it then stops accepting, finishe
 
 Settings come from flags or a JSON config file (--config); flags win. Config keys: storage, cache, socket, listen, control, cacheSize, cacheMisses, storageDelayMs, storageErrorRate, storageRetries, storageRetryDelayMs, boot {idleMs, windowMs, minReads, maxShare, maxShareFloor}, merge {minSeen, window}, prefetchChunk, prefetchDepth, readahead, blockSize, maintenance, maxConnections, maxConnectionsPerClient, maxBuffered, socketMode, socketGroup, logLevel, warmup.
 
-${EXIT_CODES_HELP}`;
+${EXIT_CODES}`;
 
   static override examples = [
     '<%= config.bin %> <%= command.id %> --storage /srv/images --cache /var/cache/bootcache --socket /run/bootcache/nbd.sock',
@@ -37,7 +45,7 @@ ${EXIT_CODES_HELP}`;
     'max-connections-per-client': Flags.integer({ description: 'NBD connections at once from one client (a unix socket peer\'s uid, a TCP peer\'s address); more are refused (default half of --max-connections).', helpValue: 'N' }),
     'max-buffered': Flags.string({ description: `Reply buffers the NBD server holds over all connections, e.g. 512M; connections wanting more stop being read until replies drain (default ${CONFIG_DEFAULTS.maxBuffered / 1024 ** 2}M, at least 64M).`, helpValue: 'BYTES' }),
     'cache-size': Flags.string({ description: `Cache capacity, e.g. 8G (default ${CONFIG_DEFAULTS.cacheSize / 1024 ** 3}G).`, helpValue: 'BYTES' }),
-    'cache-misses': Flags.boolean({ description: 'Cache blocks read on a miss, not only prefetched ones.', allowNo: true }),
+    'cache-misses': Flags.boolean({ description: `Cache blocks read on a miss, not only prefetched ones (default ${CONFIG_DEFAULTS.cacheMisses ? 'on' : 'off'}).`, allowNo: true }),
     'storage-delay': Flags.integer({ description: 'Test/benchmark: delay every storage read by MS milliseconds.', helpValue: 'MS' }),
     'storage-error-rate': Flags.string({ description: 'Test/benchmark: fail this fraction of storage reads.', helpValue: 'FRACTION' }),
     'storage-retries': Flags.integer({ description: `Send a storage read that failed with an I/O error again up to N times, with exponential backoff, before the guest gets EIO (default ${CONFIG_DEFAULTS.storageRetries}).`, helpValue: 'N' }),
@@ -54,8 +62,10 @@ ${EXIT_CODES_HELP}`;
     readahead: Flags.string({ description: 'Largest sequential readahead on cache misses, e.g. 2M; 0 turns it off (default 2M).', helpValue: 'BYTES' }),
     'log-level': Flags.string({ description: 'pino log level.', options: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] }),
     maintenance: Flags.string({ description: 'Cron schedule for maintenance (cache index compaction), or "off".', helpValue: 'CRON' }),
-    warmup: Flags.boolean({ description: 'Before listening, boot a scratch image through a private agent (about 2 s) so the first real boot runs on optimised code (default on).', allowNo: true }),
+    warmup: Flags.boolean({ description: `Before listening, boot a scratch image through a private agent (about 2 s) so the first real boot runs on optimised code (default ${CONFIG_DEFAULTS.warmup ? 'on' : 'off'}).`, allowNo: true }),
   };
+
+  static override usage = commandUsage(this);
 
   async run(): Promise<AgentRunResult> {
     const f = this.flags;

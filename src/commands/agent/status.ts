@@ -2,20 +2,26 @@ import { Flags } from '@oclif/core';
 import type { AgentStatus } from '../../agent/agent.js';
 import { DEFAULT_CONTROL } from '../../agent/config.js';
 import { controlRequest } from '../../agent/control.js';
-import { BaseCommand, EXIT_CODES_HELP } from '../../cli/base-command.js';
+import { BaseCommand, commandUsage, exitCodesHelp } from '../../cli/base-command.js';
+import { ExitCode } from '../../errors.js';
 import { formatBytes } from '../../cli/progress.js';
+
+
+const EXIT_CODES = exitCodesHelp([ExitCode.AGENT], { [ExitCode.AGENT]: 'the control socket is unreachable' });
 
 export default class AgentStatusCommand extends BaseCommand<typeof AgentStatusCommand> {
   static override summary = "Show a running agent's exports, cache, prefetch progress and counters.";
   static override description = `Asks the agent on its control socket. The --json result has "exports" (name, size, connections, prefetch progress, last boot: state recording/complete/discarded, reads, duration, endReason, discardReason), "cache" (capacity and use; "disk": the cache filesystem's room, a warning when it cannot hold --cache-size, and "shrunk" once a full disk shrank the cache), "prefetchBuffers" (the chunk buffers the agent keeps: bufferBytes, maxIdle, idle, allocated), "nbd" (activeConnections, totalConnections, rejectedConnections refused when full, droppedConnections still negotiating and dropped to make room, rejectedPerClient refused at --max-connections-per-client, bufferedBytes and peakBufferedBytes of reply buffers held within maxBufferedBytes, pausedConnections not read while that budget is spent, requestBufferedBytes, handshakes, requests, requestsInFlight, bytesRead, readErrors, protocolErrors) and "counters": {"storage": {"readRequests", "readBytes"}, "cache": {"hits", "misses"}, "prefetch": {"bytes", "unusedBytes"}, "boots": {"recorded", "skipped", "failed", "discarded"}}.
 
-${EXIT_CODES_HELP}`;
+${EXIT_CODES}`;
 
   static override examples = ['<%= config.bin %> <%= command.id %> --json', '<%= config.bin %> <%= command.id %> --control /tmp/agent.ctl'];
 
   static override flags = {
-    control: Flags.string({ description: `The agent's control socket (default ${DEFAULT_CONTROL}).`, helpValue: 'PATH', default: DEFAULT_CONTROL }),
+    control: Flags.string({ description: "The agent's control socket.", helpValue: 'PATH', default: DEFAULT_CONTROL }),
   };
+
+  static override usage = commandUsage(this);
 
   async run(): Promise<AgentStatus> {
     const status = await controlRequest<AgentStatus>(this.flags.control, 'GET', '/status');
