@@ -64,7 +64,7 @@ describe('atomic writes', () => {
   it('fails cleanly when the directory does not exist', async () => {
     const err = await writeFileAtomic(join(dir, 'no', 'such', 'x.bin'), Buffer.from('x')).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(BootcacheError);
-    expect((err as Error).message).toMatch(/no such file/);
+    expect((err as Error).message).toMatch(/directory .* does not exist/);
   });
 
   it('refuses use after commit or abort', async () => {
