@@ -13,7 +13,7 @@ import { AgentError, BootcacheError } from '../errors.js';
 import { openImageFromSource } from '../image/open.js';
 import type { DiskImage, SourceOpener } from '../image/types.js';
 import { CountingStorage, FaultyStorage, RetryingStorage, type RetryCounters } from '../storage/filters.js';
-import { LocalDirStorage } from '../storage/local.js';
+import { openStorage } from '../storage/open.js';
 import type { Storage } from '../storage/types.js';
 import { BufferPool } from './buffer-pool.js';
 import { CacheDevice } from './cache/cache-device.js';
@@ -152,7 +152,20 @@ export class Agent implements ExportProvider {
     const c = this.config;
     // Before anything is opened or created: an unknown group is a configuration error.
     const gid = c.socketGroup === undefined ? undefined : await resolveGroup(c.socketGroup, undefined, c.socketGroupLabel);
-    let storage: Storage = await LocalDirStorage.open(c.storage).catch((err: unknown) => {
+    let storage: Storage = await openStorage(c.storage, {
+      endpoint: c.s3Endpoint,
+      pathStyle: c.s3PathStyle,
+      region: c.s3Region,
+      // Prefetch reads in flight, plus misses and readahead of several VMs.
+      maxSockets: c.prefetchDepth + 32,
+      requestTimeoutMs: Math.min(c.storageTimeoutMs, 10_000),
+      // The S3 client retries each request (5xx, SlowDown, timeouts) with jittered backoff;
+      // RetryingStorage below retries reads again, within --storage-timeout.
+      maxAttempts: 3,
+    }).catch((err: unknown) => {
+      throw startupError('storage', err);
+    });
+    await storage.ready?.().catch((err: unknown) => {
       throw startupError('storage', err);
     });
     if (c.storageDelayMs > 0 || c.storageErrorRate > 0) {
@@ -164,6 +177,7 @@ export class Agent implements ExportProvider {
     const retrying = new RetryingStorage(this.counting, {
       retries: c.storageRetries,
       baseDelayMs: c.storageRetryDelayMs,
+      deadlineMs: c.storageTimeoutMs,
       onRetry: (key, attempt, delayMs, err) => this.log.debug({ key, attempt, delayMs: Math.round(delayMs), err: err.message }, 'storage read failed; retrying'),
       onGiveUp: (key, attempts, err) => this.log.warn({ key, attempts, err: err.message }, 'storage read failed after its last retry'),
     });

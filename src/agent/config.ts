@@ -33,6 +33,14 @@ export interface AgentConfig {
   storageRetries: number;
   /** Delay before the first retry, ms; doubled for each further one (with jitter). */
   storageRetryDelayMs: number;
+  /** A read that needs storage gets EIO once this long has passed (its retries included), ms. */
+  storageTimeoutMs: number;
+  /** S3 endpoint URL (Ceph RGW, MinIO) for s3:// storage; else AWS_ENDPOINT_URL, else AWS. */
+  s3Endpoint?: string;
+  /** Path-style S3 requests (needed by Ceph RGW and MinIO). */
+  s3PathStyle: boolean;
+  /** S3 region; else AWS_REGION, AWS_DEFAULT_REGION, else us-east-1. */
+  s3Region?: string;
   boot: BootPolicy;
   merge: MergePolicy;
   /** Segment bytes per sequential prefetch read. */
@@ -78,10 +86,12 @@ export const CONFIG_DEFAULTS: Omit<AgentConfig, 'storage' | 'cache'> = {
   // 750 ms of waits; at one failed request in twenty, one read in 3 million does.
   storageRetries: 4,
   storageRetryDelayMs: 50,
+  storageTimeoutMs: 30_000,
+  s3PathStyle: false,
   boot: DEFAULT_BOOT_POLICY,
   merge: DEFAULT_MERGE_POLICY,
-  // 8 MiB ranged reads, as object stores recommend; 4 in flight keep the 32 MiB
-  // buffer of 8 x 4 MiB with half the requests (bench/results/2026-11-27-agent.md).
+  // 8 MiB ranged reads, as object stores recommend; 4 in flight fill the 32 MiB
+  // buffer of 8 x 4 MiB with half the requests (docs/benchmarks-agent.md).
   prefetchChunk: 8 * 1024 * 1024,
   prefetchDepth: 4,
   readahead: DEFAULT_READAHEAD.maxBytes,
@@ -126,6 +136,7 @@ const KNOWN_KEYS = new Set([
   'storage', 'cache', 'socket', 'listen', 'control', 'cacheSize', 'cacheMisses', 'storageDelayMs',
   'storageErrorRate', 'storageRetries', 'storageRetryDelayMs', 'boot', 'merge', 'prefetchChunk', 'prefetchDepth', 'readahead', 'blockSize', 'maintenance',
   'maxConnections', 'socketMode', 'socketGroup', 'logLevel', 'warmup', 'maxConnectionsPerClient', 'maxBuffered',
+  'storageTimeoutMs', 's3Endpoint', 's3PathStyle', 's3Region',
 ]);
 const KNOWN_BOOT_KEYS = new Set(['idleMs', 'windowMs', 'minReads', 'maxShare', 'maxShareFloor']);
 const KNOWN_MERGE_KEYS = new Set(['minSeen', 'window']);
@@ -170,6 +181,10 @@ export const FLAG_FOR_KEY: Readonly<Record<string, { flag: string; scale?: numbe
   storageErrorRate: { flag: 'storage-error-rate' },
   storageRetries: { flag: 'storage-retries' },
   storageRetryDelayMs: { flag: 'storage-retry-delay' },
+  storageTimeoutMs: { flag: 'storage-timeout', scale: 1000, unit: 'seconds' },
+  s3Endpoint: { flag: 's3-endpoint' },
+  s3PathStyle: { flag: 's3-path-style' },
+  s3Region: { flag: 's3-region' },
   'boot.idleMs': { flag: 'boot-idle', scale: 1000, unit: 'seconds' },
   'boot.windowMs': { flag: 'boot-window', scale: 1000, unit: 'seconds' },
   'boot.minReads': { flag: 'boot-min-reads' },
@@ -322,6 +337,8 @@ export function resolveConfig(fromFile: Raw, overrides: Raw = {}, fromFlags: Raw
     storageErrorRate: num('storageErrorRate', 0, 1),
     storageRetries: int('storageRetries', 0, 10),
     storageRetryDelayMs: num('storageRetryDelayMs', 1, 10_000),
+    storageTimeoutMs: num('storageTimeoutMs', 100, 3_600_000),
+    s3PathStyle: bool('s3PathStyle'),
     boot,
     merge,
     prefetchChunk: size('prefetchChunk', 64 * 1024, 256 * 1024 * 1024, 'from 64K to 256M'),
@@ -348,6 +365,15 @@ export function resolveConfig(fromFile: Raw, overrides: Raw = {}, fromFlags: Raw
     }
     config.socketGroup = group.value;
     config.socketGroupLabel = group.label;
+  }
+  for (const key of ['s3Endpoint', 's3Region'] as const) {
+    const { value, label } = setting(key);
+    if (value === undefined) continue;
+    if (typeof value !== 'string' || value.length === 0) throw new UsageError(`${label} must be a non-empty string, got ${JSON.stringify(value)}`);
+    config[key] = value;
+  }
+  if (config.s3Endpoint !== undefined && !/^https?:\/\/[^/]/.test(config.s3Endpoint)) {
+    throw new UsageError(`${setting('s3Endpoint').label} must be an http:// or https:// URL, got ${JSON.stringify(config.s3Endpoint)}`);
   }
   const listen = setting('listen');
   if (listen.value !== undefined) {

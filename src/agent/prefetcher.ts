@@ -12,6 +12,7 @@ import { readSourceInto } from '../image/file-source.js';
 import type { ByteSource } from '../image/types.js';
 import type { Storage } from '../storage/types.js';
 import { BufferPool } from './buffer-pool.js';
+import { ImageChangedError } from '../errors.js';
 
 /** What the prefetcher needs of a map: rank/select over its bitmap. */
 export interface PrefetchMap {
@@ -30,6 +31,13 @@ export interface PrefetchSegment {
   readonly blockSize: number;
   readonly blockCount: number;
   readonly dataOffset: number;
+  /**
+   * The storage version of the segment whose header was checked against the
+   * map (ObjectStat.version); the stream reads only that version, so a
+   * segment republished meanwhile (by another host) is never streamed for
+   * this map. Undefined: any version (tests).
+   */
+  readonly version?: string;
   /** True when `data` (one segment block) matches the checksum stored for `rank`. */
   checkBlock(rank: number, data: Buffer): boolean;
   /**
@@ -153,7 +161,14 @@ export class Prefetcher {
     if (!this.finished) {
       this.state = 'streaming';
       this.startedAt = performance.now();
-      this.source = this.storage.openSource(this.segment.key);
+      const expected = this.segment.version;
+      this.source = this.storage.openSource(this.segment.key).then(async (source) => {
+        if (expected !== undefined && source.version !== expected) {
+          await source.close();
+          throw new ImageChangedError('segment was republished since its map was read; not streaming it', { file: this.segment.key });
+        }
+        return source;
+      });
       this.source.catch(() => undefined); // its failure fails the stream in run()
       this.finished = this.run();
     }
@@ -243,7 +258,9 @@ export class Prefetcher {
     const bs = this.segment.blockSize;
     let data: Buffer;
     try {
-      data = await this.storage.read(this.segment.key, this.segment.dataOffset + rank * bs, count * bs);
+      // Through the stream's source: the segment version checked against the map.
+      const source = await (this.source ?? Promise.reject(new Error('not streaming')));
+      data = await source.read(this.segment.dataOffset + rank * bs, count * bs);
     } catch {
       return undefined;
     }

@@ -61,11 +61,12 @@ export class SidecarStore {
     if (!(await this.storage.stat(segKey))) return undefined;
     const map = await this.currentMap(name, image);
     if (!map) return undefined;
-    const reader = await this.publishedSegment(name, image, map);
-    if (!(reader instanceof SegmentReader)) {
-      this.log.warn({ export: name, ...(reader.err === undefined ? {} : { err: reader.err }) }, reader.message);
+    const published = await this.publishedSegment(name, image, map);
+    if (!('reader' in published)) {
+      this.log.warn({ export: name, ...(published.err === undefined ? {} : { err: published.err }) }, published.message);
       return undefined;
     }
+    const { reader, version } = published;
     const index = map.index;
     return {
       map,
@@ -82,6 +83,7 @@ export class SidecarStore {
         blockSize: reader.blockSize,
         blockCount: reader.blockCount,
         dataOffset: reader.dataOffset,
+        version,
         checkBlock: (rank, data) => reader.verifyBlock(rank, data),
         storedCrc32: (rank) => reader.storedCrc32(rank),
       },
@@ -93,8 +95,13 @@ export class SidecarStore {
    * version (header, table and size checked; block data is checked as it is
    * read), else why not.
    */
-  private async publishedSegment(name: string, image: DiskImage, map: BootMap): Promise<SegmentReader | { message: string; err?: string }> {
+  private async publishedSegment(
+    name: string,
+    image: DiskImage,
+    map: BootMap,
+  ): Promise<{ reader: SegmentReader; version: string } | { message: string; err?: string }> {
     const source = await this.storage.openSource(name + SEGMENT_SUFFIX);
+    const version = source.version;
     let reader: SegmentReader;
     try {
       reader = await SegmentReader.fromSource(source);
@@ -109,7 +116,7 @@ export class SidecarStore {
     if (reader.mapDigest !== map.mapDigest() || reader.blockCount !== map.blocksSet || reader.blockSize !== map.blockSize) {
       return { message: 'segment was not built from the current map (digest mismatch); not prefetching' };
     }
-    return reader;
+    return { reader, version };
   }
 
   /**
@@ -136,7 +143,7 @@ export class SidecarStore {
     // history needs the new map alone, when the published segment still matches it.
     if (previous && merged.mapDigest() === previous.mapDigest() && (await this.storage.stat(name + SEGMENT_SUFFIX))) {
       const published = await this.publishedSegment(name, image, merged).catch(() => undefined);
-      if (published instanceof SegmentReader) {
+      if (published !== undefined && 'reader' in published) {
         await this.storage.put(name + MAP_SUFFIX, merged.serialize());
         this.log.info({ export: name, boots: merged.boots, blocks: merged.blocksSet, bootBlocks: boot.blocks }, 'published map (segment unchanged)');
         return true;

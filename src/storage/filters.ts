@@ -120,6 +120,8 @@ export interface RetryOptions {
   baseDelayMs: number;
   /** Largest delay between two attempts, ms. */
   maxDelayMs?: number;
+  /** No retry starts later than this after the first attempt, ms. */
+  deadlineMs?: number;
   /** Random source in [0, 1), for reproducible tests. */
   random?: () => number;
   /** Called before each retry (for logs). */
@@ -156,6 +158,7 @@ export class RetryingStorage extends StorageFilter {
   }
 
   protected async readHook<T>(key: string, _bytes: number, doRead: () => Promise<T>): Promise<T> {
+    const started = Date.now();
     for (let attempt = 0; ; attempt++) {
       try {
         const result = await doRead();
@@ -163,13 +166,14 @@ export class RetryingStorage extends StorageFilter {
         return result;
       } catch (err) {
         if (!(err instanceof StorageReadError)) throw err;
-        if (attempt >= this.options.retries) {
+        const step = Math.min(this.maxDelayMs, this.options.baseDelayMs * 2 ** attempt);
+        const delayMs = step / 2 + (this.random() * step) / 2;
+        const late = this.options.deadlineMs !== undefined && Date.now() + delayMs - started > this.options.deadlineMs;
+        if (attempt >= this.options.retries || late) {
           this.counters.failed++;
           this.options.onGiveUp?.(key, attempt + 1, err);
           throw err;
         }
-        const step = Math.min(this.maxDelayMs, this.options.baseDelayMs * 2 ** attempt);
-        const delayMs = step / 2 + (this.random() * step) / 2;
         this.counters.retries++;
         this.options.onRetry?.(key, attempt + 1, delayMs, err);
         await sleep(delayMs);

@@ -45,6 +45,11 @@ export interface Storage {
    * object changes, its reads fail with ImageChangedError.
    */
   openSource(key: string): Promise<ByteSource>;
+  /**
+   * Optional: checks at start that the storage can be used at all (the
+   * bucket exists, the credentials are accepted); throws a one-line error.
+   */
+  ready?(): Promise<void>;
   /** Opens `name` relative to the directory of `fromKey` (qcow2 backing files). */
   resolveRelative(fromKey: string, name: string): string;
 }

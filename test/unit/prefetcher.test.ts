@@ -23,7 +23,7 @@ const blockOf = (rank: number): number => rank * 2;
  * (storedCrc32) and checkBlock must not be needed; `damagedRank`: that
  * block's data is flipped after its checksum was taken.
  */
-function stream(sink: PrefetchSink, options: { crcTable?: boolean; damagedRank?: number } = {}): Prefetcher {
+function stream(sink: PrefetchSink, options: { crcTable?: boolean; damagedRank?: number; checkedVersion?: string } = {}): Prefetcher {
   const segment = randomBytes(RANKS * BS);
   const checksums = Array.from({ length: RANKS }, (_, r) => blockChecksum(segment.subarray(r * BS, (r + 1) * BS)));
   if (options.damagedRank !== undefined) segment[options.damagedRank * BS + 7]! ^= 0x10;
@@ -32,6 +32,7 @@ function stream(sink: PrefetchSink, options: { crcTable?: boolean; damagedRank?:
     blockSize: BS,
     blockCount: RANKS,
     dataOffset: DATA_OFFSET,
+    ...(options.checkedVersion === undefined ? {} : { version: options.checkedVersion }),
     checkBlock: (r, d) => {
       if (options.crcTable) throw new Error('checkBlock called on a CRC-32 segment');
       return blockChecksum(d).equals(checksums[r]!);
@@ -44,7 +45,7 @@ function stream(sink: PrefetchSink, options: { crcTable?: boolean; damagedRank?:
   };
   const storage = {
     read: async (_key: string, offset: number, length: number) => read(offset, length),
-    openSource: async () => ({ name: 'disk.bcseg', size: DATA_OFFSET + segment.length, stamp: '1:1', read, close: async () => undefined }),
+    openSource: async () => ({ name: 'disk.bcseg', size: DATA_OFFSET + segment.length, stamp: '1:1', version: 'v2', read, close: async () => undefined }),
   } as unknown as Storage;
   return new Prefetcher(
     storage,
@@ -120,5 +121,23 @@ describe('prefetch stream stores', () => {
     const chunkOf = (block: number): number => Math.floor(block / 2 / 256);
     const failedChunk = chunkOf(calls[1]!);
     expect(calls.slice(2).filter((block) => chunkOf(block) === failedChunk)).toEqual([]);
+  });
+
+  it('streams nothing from a segment republished since its map was read (another version on storage)', async () => {
+    const stored = new Set<number>();
+    const sink: PrefetchSink = {
+      has: (block) => stored.has(block),
+      storeMany: async (entries) => {
+        for (const { block } of entries) stored.add(block);
+      },
+    };
+    const stale = stream(sink, { checkedVersion: 'v1' });
+    await stale.start();
+    expect(stale.progress()).toMatchObject({ state: 'failed', error: 'disk.bcseg: segment was republished since its map was read; not streaming it' });
+    expect(stored.size).toBe(0);
+    expect(await stale.rankRead(blockOf(5), 1)).toBeUndefined();
+    const current = stream(sink, { checkedVersion: 'v2' });
+    await current.start();
+    expect(current.progress()).toMatchObject({ state: 'done', blocksLoaded: RANKS });
   });
 });

@@ -128,14 +128,12 @@ type ReadDone = (err: NodeJS.ErrnoException | null, bytesRead: number) => void;
 const MISS: Promise<undefined> = Promise.resolve(undefined);
 /**
  * Synchronous hit reads are judged by their time beyond what a page-cache
- * copy takes: 50 µs plus 1 ms per MiB (measured on the reference host: 4 µs
- * for 4 KiB, 144 µs for 1 MiB into a reused buffer, several times that into
- * a fresh one, which page-faults as it is filled). A moving average of
- * that excess, each sample capped at 2 ms and weighted 1/8, above
- * SLOW_SYNC_READ_MS means the reads come from the disk (three 5 ms reads in
- * a row): hits then go through the thread pool for ASYNC_AFTER_SLOW_READ_MS.
- * One or two outliers (a preempted vCPU: 0.1% of page-cache reads take over
- * 1 ms here) do not count.
+ * copy takes (50 µs plus 1 ms per MiB, generous for a copy from memory). A
+ * moving average of that excess, each sample capped at 2 ms and weighted
+ * 1/8, above SLOW_SYNC_READ_MS means the reads come from the disk (three
+ * 5 ms reads in a row): hits then go through the thread pool for
+ * ASYNC_AFTER_SLOW_READ_MS. One or two outliers (a preempted vCPU) do not
+ * count. The figures behind these constants are in docs/benchmarks-agent.md.
  */
 const PAGE_CACHE_READ_MS = (bytes: number): number => 0.05 + bytes / 1048576;
 const SLOW_SYNC_READ_MS = 0.5;

@@ -34,7 +34,7 @@ ${EXIT_CODES}`;
 
   static override flags = {
     config: Flags.string({ description: 'JSON config file.', helpValue: 'FILE' }),
-    storage: Flags.string({ description: 'Storage root holding the images (a local directory or an NFS mount).', helpValue: 'DIR' }),
+    storage: Flags.string({ description: 'Storage root holding the images: a local directory (or an NFS mount), or s3://BUCKET/PREFIX.', helpValue: 'DIR|s3://BUCKET/PREFIX' }),
     cache: Flags.string({ description: 'Cache directory (the local cache device).', helpValue: 'DIR' }),
     socket: Flags.string({ description: `NBD unix socket (default ${DEFAULT_SOCKET}).`, helpValue: 'PATH' }),
     listen: Flags.string({ description: `Also listen on TCP HOST:PORT (default port ${DEFAULT_NBD_PORT}).`, helpValue: 'HOST:PORT' }),
@@ -50,6 +50,10 @@ ${EXIT_CODES}`;
     'storage-error-rate': Flags.string({ description: 'Test/benchmark: fail this fraction of storage reads.', helpValue: 'FRACTION' }),
     'storage-retries': Flags.integer({ description: `Send a storage read that failed with an I/O error again up to N times, with exponential backoff, before the guest gets EIO (default ${CONFIG_DEFAULTS.storageRetries}).`, helpValue: 'N' }),
     'storage-retry-delay': Flags.integer({ description: `Delay before the first storage retry in ms, doubled for each further one, with jitter (default ${CONFIG_DEFAULTS.storageRetryDelayMs}).`, helpValue: 'MS' }),
+    'storage-timeout': Flags.string({ description: `A guest read that needs storage gets EIO once this many seconds have passed, its retries included; each request gets at most 10 s of it (default ${CONFIG_DEFAULTS.storageTimeoutMs / 1000}).`, helpValue: 'SECONDS' }),
+    's3-endpoint': Flags.string({ description: 'S3 endpoint for s3:// storage, e.g. http://rgw.example:7480 (default AWS_ENDPOINT_URL, else AWS). Credentials come from the AWS chain: environment, shared config and credentials files, AWS_PROFILE.', helpValue: 'URL' }),
+    's3-path-style': Flags.boolean({ description: 'Path-style S3 requests (http://host/BUCKET/KEY), as Ceph RGW and MinIO need (default off).', allowNo: true }),
+    's3-region': Flags.string({ description: 'S3 region (default AWS_REGION, else us-east-1).', helpValue: 'REGION' }),
     'boot-idle': Flags.string({ description: 'End of boot: seconds with no new block read (default 20).', helpValue: 'SECONDS' }),
     'boot-window': Flags.string({ description: 'End of boot: maximum seconds of recording (default 300).', helpValue: 'SECONDS' }),
     'boot-min-reads': Flags.integer({ description: 'Reads before an idle gap may end the boot, and below which a recording is a probe, not a boot (default 64).', helpValue: 'N' }),
