@@ -16,6 +16,9 @@ set -euo pipefail
 DIR=${BOOTCACHE_CEPH_DIR:-/var/tmp/bootcache-ceph}
 RGW_PORT=${BOOTCACHE_RGW_PORT:-7480}
 MON_PORT=${BOOTCACHE_CEPH_MON_PORT:-13300}
+for port in "$RGW_PORT" "$MON_PORT"; do
+  [[ $port =~ ^[0-9]+$ ]] && ((port > 0 && port < 65536)) || { echo "rgw.sh: bad port: $port" >&2; exit 1; }
+done
 CONF=$DIR/ceph.conf
 KEYRING=$DIR/keyring
 ENDPOINT=http://127.0.0.1:$RGW_PORT
@@ -41,8 +44,8 @@ pid_of() { # prints the live pid of daemon $1, or fails
   [ -s "$f" ] || return 1
   pid=$(cat "$f")
   kill -0 "$pid" 2>/dev/null || return 1
-  # The pid must still be a ceph daemon, not a reused number.
-  grep -q -e ceph-mon -e ceph-osd -e radosgw "/proc/$pid/cmdline" 2>/dev/null || return 1
+  # The pid must still be our daemon (run with our config), not a reused number.
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "-c $CONF " || return 1
   echo "$pid"
 }
 
@@ -192,7 +195,6 @@ create_cluster() {
 
 start_mon() {
   pid_of mon.a >/dev/null && return
-  port_busy "$MON_PORT" && die "127.0.0.1:$MON_PORT is in use by another program (set BOOTCACHE_CEPH_MON_PORT)"
   ceph-mon -c "$CONF" -i a 9>&- || fail "ceph-mon did not start"
   ceph_cli mon stat >/dev/null || fail "ceph-mon does not answer on 127.0.0.1:$MON_PORT"
 }
@@ -203,7 +205,6 @@ start_daemons() {
     ceph-osd -c "$CONF" -i 0 9>&- || fail "ceph-osd did not start"
   fi
   if ! pid_of client.rgw.a >/dev/null; then
-    port_busy "$RGW_PORT" && die "127.0.0.1:$RGW_PORT is in use by another program (set BOOTCACHE_RGW_PORT)"
     radosgw -c "$CONF" -n client.rgw.a 9>&- || fail "radosgw did not start"
   fi
   local i
@@ -237,15 +238,20 @@ cmd_start() {
   flock -w 300 9 || die "another rgw.sh start holds $DIR.lock"
   if running; then return; fi
   local t0=$SECONDS
+  stop_daemons # a partly running cluster starts again from the top
+  port_busy "$MON_PORT" && die "127.0.0.1:$MON_PORT is in use by another program (set BOOTCACHE_CEPH_MON_PORT)"
+  port_busy "$RGW_PORT" && die "127.0.0.1:$RGW_PORT is in use by another program (set BOOTCACHE_RGW_PORT)"
+  # A failed start leaves nothing running.
+  trap '[ $? = 0 ] || stop_daemons' EXIT
   if [ "$(cat "$DIR/cluster.done" 2>/dev/null)" != "$MON_PORT" ]; then
     create_cluster
   else
-    stop_daemons # a partly running cluster starts again from the top
     # The config is rewritten on every start so a new RGW port takes effect.
     write_conf "$(sed -n 's/^fsid = //p' "$CONF")"
   fi
   start_daemons
   create_user
+  trap - EXIT
   echo "rgw.sh: Ceph RGW answering on $ENDPOINT (state in $DIR, started in $((SECONDS - t0))s)" >&2
 }
 
