@@ -257,6 +257,8 @@ cmd_start() {
 
 cmd_stop() {
   [ -d "$DIR" ] || return 0
+  exec 9>"$DIR.lock"
+  flock -w 300 9 || die "an rgw.sh start holds $DIR.lock"
   stop_daemons
 }
 
