@@ -10,18 +10,25 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v nbdkit >/dev/null || need+=(nbdkit)
 command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 command -v fio >/dev/null || need+=(fio)
-command -v curl >/dev/null || need+=(curl)
-# A single-node Ceph with an RGW for the object-store tests (scripts/ceph/rgw.sh).
+# A single-node Ceph 16 with an S3 gateway for the tests (scripts/ceph/rgw.sh);
+# ceph-base comes with ceph-mon, ceph-common has ceph, radosgw-admin and
+# ceph-authtool. No ceph-mgr: the tests' cluster works without one.
 command -v ceph-mon >/dev/null || need+=(ceph-mon)
 command -v ceph-osd >/dev/null || need+=(ceph-osd)
 command -v radosgw >/dev/null || need+=(radosgw)
-command -v ceph >/dev/null || need+=(ceph-common)
+command -v radosgw-admin >/dev/null || need+=(ceph-common)
+command -v curl >/dev/null || need+=(curl)
+command -v uuidgen >/dev/null || need+=(uuid-runtime)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need[*]}"
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+# A symlinked node_modules (a git worktree sharing another checkout's) is left
+# alone: npm ci would empty the directory it points to and then replace the link.
+if [ -L node_modules ]; then
+  echo "node_modules links to $(readlink node_modules): not running npm ci here"
+elif [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   npm ci --no-audit --no-fund
 fi

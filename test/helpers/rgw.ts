@@ -1,12 +1,18 @@
 /**
- * The real Ceph RGW the object-store tests run against, started by
- * scripts/ceph/rgw.sh (idempotent: the first test file starts it, the others
- * find it answering). Without Ceph installed the tests skip, except under CI
- * or BOOTCACHE_E2E=1, where a missing RGW fails them.
+ * A real Ceph RGW (S3) for tests: scripts/ceph/rgw.sh starts a single-node
+ * cluster (idempotent, shared by every test file and run), and its `env`
+ * command gives the endpoint and credentials.
  */
 import { execFile } from 'node:child_process';
+import { accessSync, constants } from 'node:fs';
+import { delimiter, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
 import { S3Client } from '@aws-sdk/client-s3';
+
+const execFileAsync = promisify(execFile);
+const script = fileURLToPath(new URL('../../scripts/ceph/rgw.sh', import.meta.url));
+const CEPH_BINARIES = ['ceph', 'ceph-mon', 'ceph-osd', 'radosgw', 'radosgw-admin', 'ceph-authtool', 'monmaptool'];
 
 export interface RgwCredentials {
   endpoint: string;
@@ -15,41 +21,69 @@ export interface RgwCredentials {
   region: string;
 }
 
-const script = fileURLToPath(new URL('../../scripts/ceph/rgw.sh', import.meta.url));
-
-function sh(args: string[]): Promise<{ status: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    execFile('bash', [script, ...args], { encoding: 'utf8', timeout: 300_000 }, (error, stdout, stderr) => {
-      resolve({ status: error ? (typeof error.code === 'number' ? error.code : -1) : 0, stdout, stderr });
-    });
-  });
+function onPath(name: string): boolean {
+  for (const dir of (process.env.PATH ?? '').split(delimiter)) {
+    if (!dir) continue;
+    try {
+      accessSync(join(dir, name), constants.X_OK);
+      return true;
+    } catch {
+      // not in this directory
+    }
+  }
+  return false;
 }
 
-const required = (): boolean => (process.env.CI !== undefined && !['', '0', 'false'].includes(process.env.CI)) || process.env.BOOTCACHE_E2E === '1';
-
-async function cephInstalled(): Promise<boolean> {
-  return new Promise((resolve) => execFile('sh', ['-c', 'command -v radosgw && command -v ceph-mon && command -v ceph-osd'], (err) => resolve(!err)));
+/** CI, or BOOTCACHE_E2E=1, demands a real RGW: a missing one is a failure, not a skip. */
+function demanded(): boolean {
+  const ci = process.env.CI;
+  return (ci !== undefined && !['', '0', 'false'].includes(ci)) || process.env.BOOTCACHE_E2E === '1';
 }
 
-/** Starts (or finds) the RGW; undefined when Ceph is not installed and not required. */
+async function rgwScript(command: 'start' | 'env'): Promise<string> {
+  try {
+    const { stdout } = await execFileAsync('bash', [script, command], { encoding: 'utf8', timeout: 300_000, maxBuffer: 16 * 1024 * 1024 });
+    return stdout;
+  } catch (err) {
+    const e = err as { stderr?: string; message?: string };
+    throw new Error(`scripts/ceph/rgw.sh ${command} failed: ${(e.stderr || e.message || '').trim()}`);
+  }
+}
+
+/**
+ * Starts the test RGW (or finds it running) and returns its credentials.
+ * Undefined when Ceph is not installed, unless CI or BOOTCACHE_E2E=1 is set:
+ * then it throws.
+ */
 export async function ensureRgw(): Promise<RgwCredentials | undefined> {
-  if (!(await cephInstalled())) {
-    if (required()) throw new Error('Ceph (ceph-mon, ceph-osd, radosgw) is not installed: run bash scripts/install-deps.sh');
+  const missing = CEPH_BINARIES.filter((b) => !onPath(b));
+  if (missing.length > 0) {
+    if (demanded()) {
+      throw new Error(`Ceph RGW is required (CI or BOOTCACHE_E2E=1) but ${missing.join(', ')} not installed: run scripts/install-deps.sh`);
+    }
     return undefined;
   }
-  const started = await sh(['start']);
-  if (started.status !== 0) throw new Error(`scripts/ceph/rgw.sh start failed:\n${started.stderr}`);
-  const env = await sh(['env']);
-  const vars = Object.fromEntries([...env.stdout.matchAll(/^export (\w+)=(.*)$/gm)].map((m) => [m[1]!, m[2]!]));
+  await rgwScript('start');
+  const vars = new Map<string, string>();
+  for (const m of (await rgwScript('env')).matchAll(/^export (\w+)=(.*)$/gm)) vars.set(m[1]!, m[2]!);
+  const get = (name: string): string => {
+    const v = vars.get(name);
+    if (!v) throw new Error(`scripts/ceph/rgw.sh env did not print ${name}`);
+    return v;
+  };
   return {
-    endpoint: vars.AWS_ENDPOINT_URL!,
-    accessKeyId: vars.AWS_ACCESS_KEY_ID!,
-    secretAccessKey: vars.AWS_SECRET_ACCESS_KEY!,
-    region: vars.AWS_REGION!,
+    endpoint: get('AWS_ENDPOINT_URL'),
+    accessKeyId: get('AWS_ACCESS_KEY_ID'),
+    secretAccessKey: get('AWS_SECRET_ACCESS_KEY'),
+    region: get('AWS_REGION'),
   };
 }
 
-/** An SDK client for the RGW, configured as RGW needs (path style; checksums only where required). */
+/**
+ * An S3 client for the test RGW: path-style addressing (no bucket DNS), and
+ * checksums only where S3 requires them, since Ceph 16 answers the SDK's
+ * default streaming (aws-chunked) checksums with 411 MissingContentLength.
+ */
 export function s3Client(creds: RgwCredentials): S3Client {
   return new S3Client({
     endpoint: creds.endpoint,
