@@ -154,6 +154,16 @@ export class BootFailedError extends BootcacheError {
   readonly exitCode = ExitCode.BOOT_FAILED;
 }
 
+/**
+ * A conditional put lost a race: the object is no longer the version the
+ * writer read (or exists where it expected none). The writer re-reads and
+ * tries again.
+ */
+export class ConflictError extends BootcacheError {
+  readonly code = 'BC_CONFLICT';
+  readonly exitCode = ExitCode.IO;
+}
+
 /** The host's limits (an address-space limit, `ulimit -v`) leave no room for the work. */
 export class ResourceLimitError extends BootcacheError {
   readonly code = 'BC_RESOURCE_LIMIT';

@@ -27,7 +27,7 @@ import { RebuildQueue, type RebuildStatus } from './rebuild-queue.js';
 import { ExportNotFoundError, type ExportDescription, type ExportProvider, type NbdExport } from './nbd/export.js';
 import { NbdServer, type NbdServerStats } from './nbd/server.js';
 import { Prefetcher } from './prefetcher.js';
-import { SidecarStore, SIDECAR_SUFFIXES } from './sidecars.js';
+import { SidecarStore, SIDECAR_SUFFIXES, type PublishCounters } from './sidecars.js';
 import { warmUp, type WarmupReport } from './warmup.js';
 
 /**
@@ -46,6 +46,8 @@ export interface AgentCounters {
   prefetch: { bytes: number; unusedBytes: number };
   /** recorded: merged and published; skipped: empty or a probe; discarded: a whole-disk read (boot.maxShare). */
   boots: { recorded: number; skipped: number; failed: number; discarded: number };
+  /** Maps and segments this host put, and the races with other hosts it lost (see SidecarStore.publishBoot). */
+  publish: PublishCounters;
 }
 
 export interface ExportStatus {
@@ -104,6 +106,7 @@ export class Agent implements ExportProvider {
     cache: { hits: 0, misses: 0 },
     prefetch: { bytes: 0, unusedBytes: 0 },
     boots: { recorded: 0, skipped: 0, failed: 0, discarded: 0 },
+    publish: { maps: 0, segments: 0, segmentsKept: 0, conflicts: 0, repairs: 0 },
   };
   private readonly services = new Map<string, ServiceEntry>();
   /** Services of older versions, kept for the connections still open on them. */
@@ -183,7 +186,7 @@ export class Agent implements ExportProvider {
     });
     this.counters.storageRetries = retrying.counters;
     this.storage = retrying;
-    this.sidecars = new SidecarStore(this.storage, c.blockSize, c.merge, this.log);
+    this.sidecars = new SidecarStore(this.storage, c.blockSize, c.merge, this.log, this.counters.publish);
     // Start-up steps; between two of them, a stop() meanwhile ends the start
     // (it must not leave an agent listening on a closed cache).
     const steps: Array<() => Promise<void> | void> = [

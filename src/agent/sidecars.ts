@@ -8,6 +8,9 @@ import { mkdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { buildSegment } from '../core/build-segment.js';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { ConflictError, FileNotFoundError, ImageChangedError, StorageIOError } from '../errors.js';
+import type { Bitmap } from '../format/bitmap.js';
 import { BootMap, mergeBoots, parseMap, type MergePolicy } from '../format/map.js';
 import { SegmentReader } from '../format/segment.js';
 import type { DiskImage } from '../image/types.js';
@@ -32,24 +35,58 @@ export class SidecarStore {
     private readonly blockSize: number,
     private readonly policy: MergePolicy,
     private readonly log: Logger,
+    /** What this host published, and the races it lost (status `counters.publish`). */
+    readonly counters: PublishCounters = { maps: 0, segments: 0, segmentsKept: 0, conflicts: 0, repairs: 0 },
   ) {}
 
   /** The current map of an image, if it exists and belongs to this image version. */
   async currentMap(name: string, image: DiskImage): Promise<BootMap | undefined> {
+    return (await this.readMap(name, image)).map;
+  }
+
+  /**
+   * The map on storage with the version read (null: there is none). `map` is
+   * undefined when it is unreadable or for another image version: the version
+   * still lets a publisher replace it conditionally.
+   */
+  private async readMap(name: string, image: DiskImage): Promise<{ map: BootMap | undefined; version: string | null; ageMs: number }> {
+    // Another host may replace the map between its stat and its read: read the new one.
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.readMapOnce(name, image);
+      } catch (err) {
+        if (!(err instanceof ImageChangedError) || attempt >= PUBLISH_ATTEMPTS) throw err;
+      }
+    }
+  }
+
+  private async readMapOnce(name: string, image: DiskImage): Promise<{ map: BootMap | undefined; version: string | null; ageMs: number }> {
     const key = name + MAP_SUFFIX;
-    if (!(await this.storage.stat(key))) return undefined;
+    const st = await this.storage.stat(key);
+    if (!st) return { map: undefined, version: null, ageMs: Infinity };
+    const ageMs = st.modifiedMs === undefined ? 0 : Math.max(0, Date.now() - st.modifiedMs);
+    let source;
+    try {
+      source = await this.storage.openSource(key);
+    } catch (err) {
+      if (err instanceof FileNotFoundError) return { map: undefined, version: null, ageMs: Infinity };
+      throw err;
+    }
     let map: BootMap;
     try {
-      map = parseMap(await this.storage.get(key), key);
+      map = parseMap(await source.read(0, source.size), key);
     } catch (err) {
+      if (err instanceof StorageIOError || err instanceof ImageChangedError) throw err;
       this.log.warn({ export: name, err: (err as Error).message }, 'map unreadable; ignoring it');
-      return undefined;
+      return { map: undefined, version: source.version, ageMs };
+    } finally {
+      await source.close();
     }
     if (map.identity !== image.identity || map.virtualSize !== image.virtualSize) {
       this.log.warn({ export: name }, 'map is for another version of the image (identity mismatch); ignoring it');
-      return undefined;
+      return { map: undefined, version: source.version, ageMs };
     }
-    return map;
+    return { map, version: source.version, ageMs };
   }
 
   /**
@@ -120,37 +157,150 @@ export class SidecarStore {
   }
 
   /**
-   * Merges a finished boot into the image's map and publishes the new map and
-   * segment. Returns false (publishing nothing) when the merged map is empty.
-   * The segment is built locally from the image (through the cache), checked,
-   * then put to storage before the map: a prefetcher that sees the new map
-   * with the old segment finds the digest mismatch and skips.
+   * Merges a finished boot into the image's map and publishes the new map
+   * and, when the boot set changed materially, a new segment. Returns false
+   * (publishing nothing) when the merged map is empty. The protocol, for
+   * many hosts on one bucket (docs/agent.md, "Publishing from many hosts"):
+   * - the map is put only if it is still the version this boot was merged
+   *   into (a conditional put); a host that loses the race re-reads the map,
+   *   merges its boot into the winner's and tries again, so no boot is lost;
+   * - the map goes first, then its segment: a reader that sees the new map
+   *   with the old segment finds the digest mismatch and does not prefetch;
+   * - a host that finds the published segment not (yet) matching the map
+   *   waits for the map's writer to put it before deciding whether its own
+   *   boot needs a new segment, so a storm of boots uploads one segment;
+   * - at the end, the host checks that the bucket's map and segment belong
+   *   together, and puts the right segment when another host's upload
+   *   replaced it (or its writer never finished).
    */
   async publishBoot(service: CacheManager, boot: BootRecorder, tmpDir: string): Promise<boolean> {
     const name = service.name;
     const image = service.image;
-    const previous = await this.currentMap(name, image);
-    const merged = mergeBoots(
-      previous?.blockSize === this.blockSize ? previous : undefined,
-      { blockSize: this.blockSize, virtualSize: image.virtualSize, identity: image.identity, bitmap: boot.bitmap },
-      this.policy,
-    );
-    if (merged.blocksSet === 0) {
-      this.log.warn({ export: name }, 'merged map is empty; keeping the current map and segment');
-      return false;
-    }
-    // The segment depends only on the bitmap (the map digest); a boot that changed just the
-    // history needs the new map alone, when the published segment still matches it.
-    if (previous && merged.mapDigest() === previous.mapDigest() && (await this.storage.stat(name + SEGMENT_SUFFIX))) {
-      const published = await this.publishedSegment(name, image, merged).catch(() => undefined);
-      if (published !== undefined && 'reader' in published) {
-        await this.storage.put(name + MAP_SUFFIX, merged.serialize());
-        this.log.info({ export: name, boots: merged.boots, blocks: merged.blocksSet, bootBlocks: boot.blocks }, 'published map (segment unchanged)');
+    const built = new Map<string, string>();
+    try {
+      for (let attempt = 1; ; attempt++) {
+        const current = await this.readMap(name, image);
+        const previous = current.map?.blockSize === this.blockSize ? current.map : undefined;
+        const merged = mergeBoots(
+          previous,
+          { blockSize: this.blockSize, virtualSize: image.virtualSize, identity: image.identity, bitmap: boot.bitmap },
+          this.policy,
+        );
+        if (merged.blocksSet === 0) {
+          this.log.warn({ export: name }, 'merged map is empty; keeping the current map and segment');
+          return false;
+        }
+        // A map written moments ago may still be waiting for its writer's segment.
+        const waitMs = Math.max(0, SEGMENT_WAIT_MS - current.ageMs);
+        const kept = previous === undefined ? undefined : await this.keepSegment(name, image, previous, merged, waitMs);
+        const toPublish = kept ?? merged;
+        // Built before the map goes in: a map whose segment cannot be built is not published.
+        if (!kept && !built.has(merged.mapDigest())) built.set(merged.mapDigest(), await this.buildChecked(service, merged, tmpDir));
+        try {
+          await this.storage.put(name + MAP_SUFFIX, toPublish.serialize(), { ifVersion: current.version });
+        } catch (err) {
+          if (!(err instanceof ConflictError) || attempt >= PUBLISH_ATTEMPTS) throw err;
+          this.counters.conflicts++;
+          this.log.debug({ export: name, attempt }, 'the map changed while this boot was merged into it; merging again');
+          await sleep(PUBLISH_RETRY_MS * attempt * (0.5 + Math.random()));
+          continue;
+        }
+        this.counters.maps++;
+        if (kept) {
+          this.counters.segmentsKept++;
+          this.log.info({ export: name, boots: toPublish.boots, blocks: toPublish.blocksSet, bootBlocks: boot.blocks }, 'published map (segment unchanged)');
+          return true;
+        }
+        await this.putSegment(name, built.get(merged.mapDigest())!);
+        this.log.info({ export: name, boots: merged.boots, blocks: merged.blocksSet, bootBlocks: boot.blocks }, 'published map and segment');
+        await this.settle(service, built, tmpDir);
         return true;
       }
+    } finally {
+      for (const path of built.values()) await rm(path, { force: true });
     }
+  }
+
+  private async putSegment(name: string, path: string): Promise<void> {
+    await this.storage.put(name + SEGMENT_SUFFIX, createReadStream(path, { highWaterMark: 4 * 1024 * 1024 }));
+    this.counters.segments++;
+  }
+
+  /**
+   * Waits until the bucket's map and segment belong together. While they do
+   * not, another host is between its map put and its segment put; when that
+   * lasts past SEGMENT_WAIT_MS (the host died, or this host's upload replaced
+   * its segment), this host puts the segment of the current map itself.
+   */
+  private async settle(service: CacheManager, built: Map<string, string>, tmpDir: string): Promise<void> {
+    const name = service.name;
+    const image = service.image;
+    for (let round = 0; round < PUBLISH_ATTEMPTS; round++) {
+      const { map, ageMs } = await this.readMap(name, image);
+      if (!map || map.blockSize !== this.blockSize) return;
+      if (await this.segmentMatches(name, image, map)) return;
+      const mine = built.get(map.mapDigest());
+      if (mine === undefined && ageMs < SEGMENT_WAIT_MS) {
+        await this.waitForSegment(name, image, map, SEGMENT_WAIT_MS - ageMs);
+        continue;
+      }
+      this.counters.repairs++;
+      this.log.info({ export: name }, 'the published segment does not belong to the published map; putting the right one');
+      if (mine !== undefined) await this.putSegment(name, mine);
+      else {
+        const path = await this.buildChecked(service, map, tmpDir);
+        built.set(map.mapDigest(), path);
+        await this.putSegment(name, path);
+      }
+    }
+  }
+
+  /** Whether the published segment was built from `map` for this image version. */
+  private async segmentMatches(name: string, image: DiskImage, map: BootMap): Promise<boolean> {
+    if (!(await this.storage.stat(name + SEGMENT_SUFFIX))) return false;
+    const published = await this.publishedSegment(name, image, map).catch(() => undefined);
+    return published !== undefined && 'reader' in published;
+  }
+
+  /** Polls until the segment of `map` is published or `ms` passed (or the map changed); true when it is. */
+  private async waitForSegment(name: string, image: DiskImage, map: BootMap, ms: number): Promise<boolean> {
+    const until = Date.now() + ms;
+    while (Date.now() < until) {
+      if (await this.segmentMatches(name, image, map)) return true;
+      const now = await this.currentMap(name, image);
+      if (!now || now.mapDigest() !== map.mapDigest()) return false;
+      await sleep(SEGMENT_POLL_MS);
+    }
+    return false;
+  }
+
+  /**
+   * The map to publish without a new segment, when the published segment
+   * belongs to `previous` and `merged` does not differ from it materially:
+   * `merged`'s boot history with `previous`'s block set (so the segment
+   * still matches it). Undefined when a new segment is needed.
+   */
+  private async keepSegment(name: string, image: DiskImage, previous: BootMap, merged: BootMap, waitMs: number): Promise<BootMap | undefined> {
+    // Another host may be between its map put and its segment put: wait up to `waitMs` for its segment.
+    if (!(await this.segmentMatches(name, image, previous)) && !(await this.waitForSegment(name, image, previous, waitMs))) return undefined;
+    if (merged.mapDigest() === previous.mapDigest()) return merged;
+    if (materialChange(previous.bitmap, merged.bitmap)) return undefined;
+    return new BootMap({
+      blockSize: merged.blockSize,
+      virtualSize: merged.virtualSize,
+      identity: merged.identity,
+      boots: merged.boots,
+      bitmap: previous.bitmap,
+      ...(merged.history === undefined ? {} : { history: merged.history }),
+      heldSet: true,
+    });
+  }
+
+  /** Builds `map`'s segment into a file under tmpDir through the cache manager, and checks what was written. */
+  private async buildChecked(service: CacheManager, map: BootMap, tmpDir: string): Promise<string> {
+    const image = service.image;
     await mkdir(tmpDir, { recursive: true });
-    const tmpSegment = join(tmpDir, `${process.pid}-${Date.now()}-${Math.random().toString(36).slice(2)}.bcseg`);
+    const path = join(tmpDir, `${process.pid}-${Date.now()}-${Math.random().toString(36).slice(2)}.bcseg`);
     try {
       // Build through the cache manager's read path: the boot's blocks are mostly cached.
       const view: DiskImage = {
@@ -165,28 +315,69 @@ export class SidecarStore {
         owner: (offset, length) => image.owner(offset, length),
         close: async () => undefined,
       };
-      const built = await buildSegment(view, merged, tmpSegment);
-      if (built.blocks !== merged.blocksSet) {
-        throw new Error(`built segment holds ${built.blocks} blocks, the map ${merged.blocksSet}; not publishing`);
+      const built = await buildSegment(view, map, path);
+      if (built.blocks !== map.blocksSet) {
+        throw new Error(`built segment holds ${built.blocks} blocks, the map ${map.blocksSet}; not publishing`);
       }
       // Re-open what was written: a truncated or corrupt file never replaces a good segment.
-      const check = await SegmentReader.open(tmpSegment);
+      const check = await SegmentReader.open(path);
       try {
-        if (check.blockCount !== merged.blocksSet || check.mapDigest !== merged.mapDigest()) {
+        if (check.blockCount !== map.blocksSet || check.mapDigest !== map.mapDigest()) {
           throw new Error('built segment does not match its map; not publishing');
         }
       } finally {
         await check.close();
       }
-      await this.storage.put(name + SEGMENT_SUFFIX, createReadStream(tmpSegment, { highWaterMark: 4 * 1024 * 1024 }));
-      await this.storage.put(name + MAP_SUFFIX, merged.serialize());
-      this.log.info(
-        { export: name, boots: merged.boots, blocks: merged.blocksSet, bytes: built.bytes, bootBlocks: boot.blocks },
-        'published map and segment',
-      );
-      return true;
-    } finally {
-      await rm(tmpSegment, { force: true });
+      return path;
+    } catch (err) {
+      await rm(path, { force: true });
+      throw err;
     }
   }
+
+}
+
+/** Publish counters of one agent. */
+export interface PublishCounters {
+  /** Maps put. */
+  maps: number;
+  /** Segments uploaded (repairs included). */
+  segments: number;
+  /** Maps put without a new segment: the boot set did not change materially. */
+  segmentsKept: number;
+  /** Map puts that lost a race with another host, then merged again. */
+  conflicts: number;
+  /** Segments put because the bucket's segment did not belong to its map (another host's upload replaced it, or its writer never put it). */
+  repairs: number;
+}
+
+/** A map put that lost a race is merged and tried again this many times in all. */
+const PUBLISH_ATTEMPTS = 8;
+/** Base wait before merging again after a lost race; it grows with the attempt, with jitter. */
+const PUBLISH_RETRY_MS = 200;
+/** How long a host waits for another host's segment to follow its map before putting one itself. */
+const SEGMENT_WAIT_MS = 30_000;
+const SEGMENT_POLL_MS = 250;
+
+/**
+ * Material change of a boot set, which needs a new segment: more than 0.5%
+ * of the new set's blocks (at least 16) are missing from the published
+ * segment (each one a storage read on a cold host), or more than 5% of the
+ * segment's blocks are no longer in the set (prefetched for nothing).
+ * Smaller drifts keep the segment and publish the map's history alone.
+ */
+export function materialChange(segment: Bitmap, next: Bitmap): boolean {
+  let missing = 0;
+  let nextCount = 0;
+  for (const run of next.runs()) {
+    for (let b = run.start; b < run.start + run.length; b++) if (!segment.get(b)) missing++;
+    nextCount += run.length;
+  }
+  let waste = 0;
+  let segmentCount = 0;
+  for (const run of segment.runs()) {
+    for (let b = run.start; b < run.start + run.length; b++) if (!next.get(b)) waste++;
+    segmentCount += run.length;
+  }
+  return missing > Math.max(16, 0.005 * nextCount) || waste > 0.05 * segmentCount;
 }

@@ -1,8 +1,8 @@
 import { Args, Flags } from '@oclif/core';
 import { BaseCommand, commandUsage, exitCodesHelp } from '../cli/base-command.js';
 import { ExitCode } from '../errors.js';
-import { imageFlags, withImage } from '../cli/image-flags.js';
-import { checkInput } from '../cli/inputs.js';
+import { imageFlags } from '../cli/image-flags.js';
+import { s3Flags, withLocations, type Locations } from '../cli/locations.js';
 import { formatBytes } from '../cli/progress.js';
 import { buildMapFromTraceFile } from '../core/build-map.js';
 import { saveMap } from '../format/map.js';
@@ -41,6 +41,7 @@ ${EXIT_CODES}`;
 
   static override flags = {
     ...imageFlags,
+    ...s3Flags,
     trace: Flags.string({ description: 'Boot trace CSV (t_us,op,offset,length[,done_us]).', required: true, helpValue: 'FILE' }),
     'block-size': Flags.integer({ description: 'Map block size in bytes: a power of two from 512 to 2097152.', default: 4096, helpValue: 'N' }),
     out: Flags.string({ description: 'Map file to write (default: IMAGE.bcmap).', helpValue: 'MAP' }),
@@ -49,13 +50,18 @@ ${EXIT_CODES}`;
   static override usage = commandUsage(this);
 
   async run(): Promise<BuildMapCommandResult> {
+    return withLocations(this.flags, (loc) => this.build(loc));
+  }
+
+  private async build(loc: Locations): Promise<BuildMapCommandResult> {
     const { image: imagePath } = this.args;
+    const { trace } = this.flags;
     const out = this.flags.out ?? `${imagePath}.bcmap`;
-    await checkInput(imagePath, 'image');
-    await checkInput(this.flags.trace, 'trace');
-    const result = await withImage(imagePath, this.flags, async (image) => {
-      const built = await buildMapFromTraceFile(image, this.flags.trace, { blockSize: this.flags['block-size'] });
-      await saveMap(out, built.map);
+    await loc.check(imagePath, 'image');
+    await loc.check(trace, 'trace');
+    const result = await loc.withImage(imagePath, this.flags, async (image) => {
+      const built = await loc.read(trace, (path) => buildMapFromTraceFile(image, path, { blockSize: this.flags['block-size'] }));
+      await loc.output(out, (path) => saveMap(path, built.map));
       return {
         map: out,
         image: imagePath,

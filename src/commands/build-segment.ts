@@ -1,8 +1,8 @@
 import { Args, Flags } from '@oclif/core';
 import { BaseCommand, commandUsage, exitCodesHelp } from '../cli/base-command.js';
 import { ExitCode } from '../errors.js';
-import { imageFlags, withImage } from '../cli/image-flags.js';
-import { checkInput } from '../cli/inputs.js';
+import { imageFlags } from '../cli/image-flags.js';
+import { s3Flags, withLocations, type Locations } from '../cli/locations.js';
 import { formatBytes, runTasks } from '../cli/progress.js';
 import { buildSegment, type BuildSegmentResult } from '../core/build-segment.js';
 import { loadMap } from '../format/map.js';
@@ -33,6 +33,7 @@ ${EXIT_CODES}`;
 
   static override flags = {
     ...imageFlags,
+    ...s3Flags,
     map: Flags.string({ description: 'Boot workload map (default: IMAGE.bcmap).', helpValue: 'MAP' }),
     out: Flags.string({ description: 'Segment file to write (default: IMAGE.bcseg).', helpValue: 'SEG' }),
   };
@@ -40,25 +41,31 @@ ${EXIT_CODES}`;
   static override usage = commandUsage(this);
 
   async run(): Promise<BuildSegmentCommandResult> {
+    return withLocations(this.flags, (loc) => this.build(loc));
+  }
+
+  private async build(loc: Locations): Promise<BuildSegmentCommandResult> {
     const { image: imagePath } = this.args;
     const mapPath = this.flags.map ?? `${imagePath}.bcmap`;
     const out = this.flags.out ?? `${imagePath}.bcseg`;
     // The image first: an error about IMAGE.bcmap when IMAGE itself is missing would mislead.
-    await checkInput(imagePath, 'image');
-    await checkInput(mapPath, 'map');
-    const built = await withImage(imagePath, this.flags, async (image) => {
-      const map = await loadMap(mapPath);
+    await loc.check(imagePath, 'image');
+    await loc.check(mapPath, 'map');
+    const built = await loc.withImage(imagePath, this.flags, async (image) => {
+      const map = await loc.read(mapPath, loadMap);
       const ctx: { result?: BuildSegmentResult } = {};
       await runTasks(
         [
           {
             title: `Building ${out} (${map.blocksSet} blocks, ${formatBytes(map.blocksSet * map.blockSize)})`,
             task: async (c, task) => {
-              c.result = await buildSegment(image, map, out, {
-                onProgress: (done, total) => {
-                  task.output = `${done}/${total} blocks`;
-                },
-              });
+              c.result = await loc.output(out, (path) =>
+                buildSegment(image, map, path, {
+                  onProgress: (done, total) => {
+                    task.output = `${done}/${total} blocks`;
+                  },
+                }),
+              );
             },
           },
         ],
@@ -68,6 +75,6 @@ ${EXIT_CODES}`;
       return ctx.result!;
     });
     this.log(`${out}: ${built.blocks} blocks, ${formatBytes(built.bytes)}, dataSha256 ${built.dataSha256}`);
-    return { ...built, image: imagePath, map: mapPath };
+    return { ...built, path: out, image: imagePath, map: mapPath };
   }
 }

@@ -1,11 +1,11 @@
 import { Args, Flags } from '@oclif/core';
 import { BaseCommand, commandUsage, exitCodesHelp } from '../cli/base-command.js';
 import { ExitCode } from '../errors.js';
-import { imageFlags, withImage } from '../cli/image-flags.js';
-import { checkInput } from '../cli/inputs.js';
+import { imageFlags } from '../cli/image-flags.js';
+import { s3Flags, withLocations, type Locations } from '../cli/locations.js';
 import { formatBytes } from '../cli/progress.js';
 import { inspectImage, type ImageInspection } from '../core/inspect-image.js';
-import { detectFileKind, inspectMap, inspectSegment, type MapInspection, type SegmentInspection } from '../core/inspect.js';
+import { inspectMap, inspectSegment, type MapInspection, type SegmentInspection } from '../core/inspect.js';
 
 
 const EXIT_CODES = exitCodesHelp([ExitCode.BAD_INPUT, ExitCode.IO], { [ExitCode.IO]: 'I/O failure reading the file' });
@@ -33,17 +33,22 @@ ${EXIT_CODES}`;
 
   static override flags = {
     ...imageFlags,
+    ...s3Flags,
     kind: Flags.option({ description: 'Treat the file as this kind instead of detecting it.', options: ['image', 'map', 'segment'] as const })(),
   };
 
   static override usage = commandUsage(this);
 
   async run(): Promise<InspectResult> {
+    return withLocations(this.flags, (loc) => this.inspect(loc));
+  }
+
+  private async inspect(loc: Locations): Promise<InspectResult> {
     const path = this.args.file;
-    await checkInput(path, this.flags.kind);
-    const kind = this.flags.kind ?? (await detectFileKind(path));
+    await loc.check(path, this.flags.kind);
+    const kind = this.flags.kind ?? (await loc.kind(path));
     if (kind === 'map') {
-      const m = await inspectMap(path);
+      const m = await loc.read(path, inspectMap);
       this.log(`${path}: boot workload map v${m.version}`);
       this.log(`  block size ${m.blockSize} B, virtual size ${formatBytes(m.virtualSize)}`);
       this.log(`  ${m.blocksSet} blocks set (${formatBytes(m.bytes)}) in ${m.runs} runs, ${m.boots} boot(s) merged`);
@@ -51,7 +56,7 @@ ${EXIT_CODES}`;
       return m;
     }
     if (kind === 'segment') {
-      const s = await inspectSegment(path);
+      const s = await loc.read(path, inspectSegment);
       this.log(`${path}: boot segment v${s.version}`);
       this.log(`  ${s.blocks} blocks of ${s.blockSize} B (${formatBytes(s.bytes)}), block checksums ${s.blockChecksum}`);
       this.log(`  image identity ${s.identity}`);
@@ -59,7 +64,7 @@ ${EXIT_CODES}`;
       this.log(`  dataSha256 ${s.dataSha256}`);
       return s;
     }
-    const info = await withImage(path, this.flags, (image) => inspectImage(image));
+    const info = await loc.withImage(path, this.flags, (image) => inspectImage(image));
     this.log(`${path}: ${info.format}, virtual size ${formatBytes(info.virtualSize)} (${info.virtualSize} bytes)`);
     if (info.clusterSize !== undefined) this.log(`  cluster size ${formatBytes(info.clusterSize)}`);
     this.log(`  allocated ${formatBytes(info.allocatedBytes)}, guest data ${formatBytes(info.dataBytes)}`);

@@ -1,12 +1,13 @@
 import { Args, Flags } from '@oclif/core';
 import { BaseCommand, commandUsage, exitCodesHelp } from '../cli/base-command.js';
-import { imageFlags, withImage } from '../cli/image-flags.js';
-import { checkInput } from '../cli/inputs.js';
+import { imageFlags } from '../cli/image-flags.js';
+import { s3Flags, withLocations, type Locations } from '../cli/locations.js';
 import { runTasks } from '../cli/progress.js';
 import { adoptForImage, type AdoptResult } from '../core/adopt.js';
 import { verifySegment, type VerifyReport } from '../core/verify.js';
 import { shortHex } from '../format/binary.js';
-import { ExitCode } from '../errors.js';
+import { ExitCode, UsageError } from '../errors.js';
+import { isS3Url } from '../storage/s3.js';
 import { loadMap } from '../format/map.js';
 
 
@@ -36,6 +37,7 @@ ${EXIT_CODES}`;
 
   static override flags = {
     ...imageFlags,
+    ...s3Flags,
     map: Flags.string({ description: 'Boot workload map (default: IMAGE.bcmap).', helpValue: 'MAP' }),
     segment: Flags.string({ description: 'Boot segment (default: IMAGE.bcseg).', helpValue: 'SEG' }),
     adopt: Flags.boolean({
@@ -48,26 +50,35 @@ ${EXIT_CODES}`;
   static override usage = commandUsage(this);
 
   async run(): Promise<VerifyCommandResult> {
+    return withLocations(this.flags, (loc) => this.verify(loc));
+  }
+
+  private async verify(loc: Locations): Promise<VerifyCommandResult> {
     const { image: imagePath } = this.args;
     const mapPath = this.flags.map ?? `${imagePath}.bcmap`;
     const segmentPath = this.flags.segment ?? `${imagePath}.bcseg`;
+    if (this.flags.adopt && [imagePath, mapPath, segmentPath].some(isS3Url)) {
+      throw new UsageError('--adopt re-stamps local files only; verify an s3:// image without it, or adopt a local copy and upload it');
+    }
     // The image first: "IMAGE.bcmap does not exist" would mislead when IMAGE itself is missing.
-    await checkInput(imagePath, 'image');
-    await checkInput(mapPath, 'map');
-    await checkInput(segmentPath, 'segment');
-    const { report, adopted } = await withImage(imagePath, this.flags, async (image) => {
-      const map = await loadMap(mapPath);
+    await loc.check(imagePath, 'image');
+    await loc.check(mapPath, 'map');
+    await loc.check(segmentPath, 'segment');
+    const { report, adopted } = await loc.withImage(imagePath, this.flags, async (image) => {
+      const map = await loc.read(mapPath, loadMap);
       const ctx: { report?: VerifyReport } = {};
       await runTasks(
         [
           {
             title: `Verifying ${segmentPath} against ${imagePath}`,
             task: async (c, task) => {
-              c.report = await verifySegment(image, map, segmentPath, {
-                onProgress: (done, total) => {
-                  task.output = `${done}/${total} blocks`;
-                },
-              });
+              c.report = await loc.read(segmentPath, (path) =>
+                verifySegment(image, map, path, {
+                  onProgress: (done, total) => {
+                    task.output = `${done}/${total} blocks`;
+                  },
+                }),
+              );
             },
           },
         ],

@@ -26,7 +26,13 @@ export const MAP_VERSION = 1;
 export const MAP_HEADER_LENGTH = 128;
 /** Flags (header offset 20). Bit 0: a history section follows the bitmap. */
 export const MAP_FLAG_HISTORY = 1 << 0;
-const KNOWN_FLAGS = MAP_FLAG_HISTORY;
+/**
+ * Flags bit 1 (docs/formats.md, "Map (.bcmap)"): the bitmap is the block set
+ * of the published segment, held while the history's policy set drifted
+ * from it by less than a material change; only with bit 0.
+ */
+export const MAP_FLAG_HELD_SET = 1 << 1;
+const KNOWN_FLAGS = MAP_FLAG_HISTORY | MAP_FLAG_HELD_SET;
 /** History entries: u64 block index + u16 seen mask. */
 export const HISTORY_ENTRY_LENGTH = 10;
 /** Boots a history mask can hold (it is a u16). */
@@ -86,6 +92,8 @@ export interface BootMapFields {
   boots: number;
   bitmap: Bitmap;
   history?: BlockHistory | undefined;
+  /** The bitmap is a held set (MAP_FLAG_HELD_SET): it need not be the history's policy set. */
+  heldSet?: boolean;
 }
 
 /** What mergeBoots needs from one boot: its blocks and what they belong to. */
@@ -109,6 +117,8 @@ export class BootMap {
   readonly boots: number;
   readonly bitmap: Bitmap;
   readonly history: BlockHistory | undefined;
+  /** See MAP_FLAG_HELD_SET. */
+  readonly heldSet: boolean;
   private cachedIndex: RankSelectIndex | undefined;
 
   constructor(fields: BootMapFields) {
@@ -121,6 +131,7 @@ export class BootMap {
     this.boots = fields.boots;
     this.bitmap = fields.bitmap;
     this.history = fields.history;
+    this.heldSet = fields.heldSet ?? false;
   }
 
   /** An empty map (no blocks, no boots) for an image. */
@@ -176,12 +187,13 @@ function checkMapFields(f: BootMapFields): string | undefined {
   if (f.bitmap.length !== blockCount) {
     return `bitmap has ${f.bitmap.length} bits, expected ${blockCount} (virtual size ${f.virtualSize} / block size ${f.blockSize})`;
   }
-  if (f.history) return checkHistory(f.history, f.bitmap, f.boots);
+  if (f.heldSet && !f.history) return 'a held block set needs a history';
+  if (f.history) return checkHistory(f.history, f.bitmap, f.boots, f.heldSet ?? false);
   return undefined;
 }
 
 /** Checks a history section against its bitmap and boot count. */
-function checkHistory(h: BlockHistory, bitmap: Bitmap, boots: number): string | undefined {
+function checkHistory(h: BlockHistory, bitmap: Bitmap, boots: number, heldSet: boolean): string | undefined {
   if (!Number.isInteger(h.window) || h.window < 1 || h.window > MAX_HISTORY_WINDOW) {
     return `history window ${h.window} is out of range (1..${MAX_HISTORY_WINDOW})`;
   }
@@ -205,15 +217,15 @@ function checkHistory(h: BlockHistory, bitmap: Bitmap, boots: number): string | 
     if (seen === 0 || seen >= limit) {
       return `history entry ${e} (block ${block}) has mask 0x${seen.toString(16)}, outside 1..0x${(limit - 1).toString(16)}`;
     }
-    const stray = bitmap.nextSetBit(expectedNext);
+    const stray = heldSet ? -1 : bitmap.nextSetBit(expectedNext);
     if (stray >= 0 && stray < block) return `bitmap block ${stray} is set but has no history entry`;
     const shouldBeSet = popcount32(seen) >= threshold;
-    if (bitmap.get(block) !== shouldBeSet) {
+    if (!heldSet && bitmap.get(block) !== shouldBeSet) {
       return `bitmap block ${block} is ${shouldBeSet ? 'clear' : 'set'} but its history says it was seen in ${popcount32(seen)} of ${h.recorded} boots (policy: ${h.minSeen} of ${h.window})`;
     }
     expectedNext = block + 1;
   }
-  const stray = bitmap.nextSetBit(expectedNext);
+  const stray = heldSet ? -1 : bitmap.nextSetBit(expectedNext);
   if (stray >= 0) return `bitmap block ${stray} is set but has no history entry`;
   return undefined;
 }
@@ -228,7 +240,7 @@ export function serializeMap(map: BootMap): Buffer {
   buf.writeUInt32LE(MAP_VERSION, OFF_VERSION);
   buf.writeUInt32LE(MAP_HEADER_LENGTH, OFF_HEADER_LENGTH);
   buf.writeUInt32LE(map.blockSize, OFF_BLOCK_SIZE);
-  buf.writeUInt32LE(history ? MAP_FLAG_HISTORY : 0, OFF_FLAGS);
+  buf.writeUInt32LE((history ? MAP_FLAG_HISTORY : 0) | (map.heldSet ? MAP_FLAG_HELD_SET : 0), OFF_FLAGS);
   writeU64(buf, map.virtualSize, OFF_VIRTUAL_SIZE);
   writeU64(buf, map.blockCount, OFF_BLOCK_COUNT);
   identityToBytes(map.identity).copy(buf, OFF_IDENTITY);
@@ -307,6 +319,7 @@ function decodeMapHeader(head: Buffer, fileSize: number, name: string): MapHeade
   if (head.readUInt8(OFF_RESERVED_1) !== 0 || !isAllZero(head.subarray(OFF_RESERVED_2, OFF_RESERVED_2 + 8))) {
     fail('reserved header bytes are not zero');
   }
+  if (flags & MAP_FLAG_HELD_SET && !(flags & MAP_FLAG_HISTORY)) fail('the held-set flag (bit 1) is set without the history flag (bit 0)');
   if (flags & MAP_FLAG_HISTORY) {
     if (historyCount < 0 || historyCount > blockCount) fail(`history has ${historyCount} entries, more than the ${blockCount} blocks`);
   } else if (historyWindow !== 0 || historyMinSeen !== 0 || historyRecorded !== 0 || historyCount !== 0) {
@@ -374,6 +387,7 @@ export function parseMap(buf: Buffer, name = '<map>'): BootMap {
     boots: header.boots,
     bitmap,
     history,
+    heldSet: (header.flags & MAP_FLAG_HELD_SET) !== 0,
   };
   const problem = checkMapFields(fields);
   if (problem) fail(problem);

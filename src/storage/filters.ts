@@ -5,7 +5,7 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import { StorageReadError } from '../errors.js';
 import type { ByteSource } from '../image/types.js';
-import type { ObjectStat, Storage } from './types.js';
+import type { ObjectStat, PutOptions, Storage } from './types.js';
 
 /** Base filter: forwards everything; subclasses override readHook. */
 abstract class StorageFilter implements Storage {
@@ -30,8 +30,8 @@ abstract class StorageFilter implements Storage {
     return this.readHook(key, 0, () => this.inner.get(key));
   }
 
-  put(key: string, body: Buffer | AsyncIterable<Buffer>): Promise<ObjectStat> {
-    return this.inner.put(key, body);
+  put(key: string, body: Buffer | AsyncIterable<Buffer>, options?: PutOptions): Promise<ObjectStat> {
+    return this.inner.put(key, body, options);
   }
 
   list(prefix?: string): Promise<ObjectStat[]> {

@@ -2,10 +2,10 @@ import { randomBytes } from 'node:crypto';
 import { constants } from 'node:fs';
 import { mkdir, open, readdir, realpath, rename, rm, stat } from 'node:fs/promises';
 import { dirname, isAbsolute, join, posix, relative, sep } from 'node:path';
-import { FileNotFoundError, StorageIOError, UsageError, fromSystemError } from '../errors.js';
+import { ConflictError, FileNotFoundError, StorageIOError, UsageError, fromSystemError } from '../errors.js';
 import { FileByteSource, fileStamp, fileVersion } from '../image/file-source.js';
 import type { ByteSource } from '../image/types.js';
-import type { ObjectStat, Storage } from './types.js';
+import type { ObjectStat, PutOptions, Storage } from './types.js';
 
 /**
  * A local directory (or an NFS mount) as the storage system. Keys are
@@ -69,7 +69,7 @@ export class LocalDirStorage implements Storage {
       throw fromSystemError(err, key, 'stat');
     });
     if (!st || !st.isFile()) return undefined;
-    return { key, size: Number(st.size), stamp: fileStamp(st), version: fileVersion(st) };
+    return { key, size: Number(st.size), stamp: fileStamp(st), version: fileVersion(st), modifiedMs: Number(st.mtimeMs) };
   }
 
   async read(key: string, offset: number, length: number): Promise<Buffer> {
@@ -90,8 +90,9 @@ export class LocalDirStorage implements Storage {
     }
   }
 
-  async put(key: string, body: Buffer | AsyncIterable<Buffer>): Promise<ObjectStat> {
+  async put(key: string, body: Buffer | AsyncIterable<Buffer>, options: PutOptions = {}): Promise<ObjectStat> {
     const path = await this.pathOf(key, false);
+    if (options.ifVersion !== undefined && !Buffer.isBuffer(body)) throw new RangeError('a conditional put takes a Buffer');
     await mkdir(dirname(path), { recursive: true });
     // Unique temp name per writer: concurrent writers never share a file, and
     // rename(2) makes the last complete one win.
@@ -107,6 +108,14 @@ export class LocalDirStorage implements Storage {
         await handle.sync();
       } finally {
         await handle.close();
+      }
+      if (options.ifVersion !== undefined) {
+        // Checked just before the rename: enough for the agents of one host
+        // (one event loop each, renames atomic); not atomic across NFS clients.
+        const now = (await this.stat(key))?.version ?? null;
+        if (now !== options.ifVersion) {
+          throw new ConflictError(`changed since it was read (expected ${options.ifVersion ?? 'no object'}, found ${now ?? 'none'})`, { file: key });
+        }
       }
       await rename(tmp, path);
       await syncDir(dirname(path));

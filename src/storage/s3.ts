@@ -23,12 +23,12 @@ import {
   type S3Client,
 } from '@aws-sdk/client-s3';
 import { Upload } from '@aws-sdk/lib-storage';
-import { BootcacheError, FileNotFoundError, ImageChangedError, StorageIOError, StorageReadError, UsageError } from '../errors.js';
+import { BootcacheError, ConflictError, FileNotFoundError, ImageChangedError, StorageIOError, StorageReadError, UsageError } from '../errors.js';
 import { checkTarget } from '../image/file-source.js';
 import type { ByteSource } from '../image/types.js';
 import { validateKey } from './local.js';
 import { posix } from 'node:path';
-import type { ObjectStat, Storage } from './types.js';
+import type { ObjectStat, PutOptions, Storage } from './types.js';
 
 /** A parsed `s3://BUCKET/PREFIX` location. */
 export interface S3Location {
@@ -125,7 +125,7 @@ export class S3Storage implements Storage {
   async stat(key: string): Promise<ObjectStat | undefined> {
     try {
       const head = await this.client.send(new HeadObjectCommand({ Bucket: this.location.bucket, Key: this.objectKey(key) }));
-      return objectStat(key, head.ContentLength, head.ETag);
+      return objectStat(key, head.ContentLength, head.ETag, head.LastModified);
     } catch (err) {
       if (isNotFound(err)) return undefined;
       throw s3Failure(err, key, 'stat');
@@ -152,10 +152,13 @@ export class S3Storage implements Storage {
     }
   }
 
-  async put(key: string, body: Buffer | AsyncIterable<Buffer>): Promise<ObjectStat> {
+  async put(key: string, body: Buffer | AsyncIterable<Buffer>, options: PutOptions = {}): Promise<ObjectStat> {
     const Key = this.objectKey(key);
+    if (options.ifVersion !== undefined && !Buffer.isBuffer(body)) throw new RangeError('a conditional put takes a Buffer');
     try {
-      if (Buffer.isBuffer(body)) {
+      if (options.ifVersion !== undefined) {
+        await this.conditionalPut(key, Key, body as Buffer, options.ifVersion);
+      } else if (Buffer.isBuffer(body)) {
         await this.client.send(new PutObjectCommand({ Bucket: this.location.bucket, Key, Body: body, ContentLength: body.length }));
       } else {
         const upload = new Upload({
@@ -168,12 +171,42 @@ export class S3Storage implements Storage {
         await upload.done();
       }
     } catch (err) {
+      if (err instanceof ConflictError) throw err;
       const failure = s3Failure(err, key, 'publishing');
       throw failure instanceof StorageReadError ? new StorageIOError(failure.message, { file: key, cause: err }) : failure;
     }
     const st = await this.stat(key);
     if (!st) throw new StorageIOError('object vanished right after publishing', { file: key });
     return st;
+  }
+
+  /**
+   * PUT with If-Match (or If-None-Match: *). Ceph RGW 16 compares If-Match
+   * on PUT against the bare ETag, without the quotes that S3 and HTTP use: a
+   * 412 while the object still carries the expected ETag is retried once
+   * with the bare value.
+   */
+  private async conditionalPut(key: string, Key: string, body: Buffer, ifVersion: string | null): Promise<void> {
+    const put = (condition: { IfMatch?: string; IfNoneMatch?: string }) =>
+      this.client.send(new PutObjectCommand({ Bucket: this.location.bucket, Key, Body: body, ContentLength: body.length, ...condition }));
+    const conflict = (err: unknown): ConflictError =>
+      new ConflictError(`changed since it was read (expected ${ifVersion ?? 'no object'})`, { file: key, cause: err });
+    if (ifVersion === null) {
+      await put({ IfNoneMatch: '*' }).catch((err: unknown) => {
+        throw httpStatus(err) === 412 ? conflict(err) : err;
+      });
+      return;
+    }
+    const etag = ifVersion.slice(ifVersion.indexOf(':') + 1);
+    try {
+      await put({ IfMatch: etag });
+    } catch (err) {
+      if (httpStatus(err) !== 412) throw err;
+      if ((await this.stat(key))?.version !== ifVersion) throw conflict(err);
+      await put({ IfMatch: etag.replace(/^"(.*)"$/, '$1') }).catch((again: unknown) => {
+        throw httpStatus(again) === 412 ? conflict(again) : again;
+      });
+    }
   }
 
   async list(prefix = ''): Promise<ObjectStat[]> {
@@ -198,7 +231,7 @@ export class S3Storage implements Storage {
         } catch {
           continue;
         }
-        const st = objectStat(key, object.Size, object.ETag);
+        const st = objectStat(key, object.Size, object.ETag, object.LastModified);
         if (st) out.push(st);
       }
       token = page.IsTruncated ? page.NextContinuationToken : undefined;
@@ -276,9 +309,9 @@ export class S3Storage implements Storage {
 }
 
 /** An ObjectStat from a size and an ETag; undefined when the listing lacks either. */
-function objectStat(key: string, size: number | undefined, etag: string | undefined): ObjectStat | undefined {
+function objectStat(key: string, size: number | undefined, etag: string | undefined, modified?: Date): ObjectStat | undefined {
   if (size === undefined || etag === undefined) return undefined;
-  return { key, size, stamp: `${size}:${etag}`, version: `${size}:${etag}` };
+  return { key, size, stamp: `${size}:${etag}`, version: `${size}:${etag}`, ...(modified === undefined ? {} : { modifiedMs: modified.getTime() }) };
 }
 
 /** One version of an object: every read names its ETag (If-Match). */

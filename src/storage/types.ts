@@ -22,6 +22,17 @@ export interface ObjectStat {
    * restores the mtime.
    */
   version: string;
+  /** When this version was written (ms since the epoch), when the storage says. */
+  modifiedMs?: number;
+}
+
+/** Conditions of a put. */
+export interface PutOptions {
+  /**
+   * Replace the object only while it is this version (ObjectStat.version);
+   * null: create it only when it does not exist. Otherwise ConflictError.
+   */
+  ifVersion?: string | null;
 }
 
 export interface Storage {
@@ -35,9 +46,10 @@ export interface Storage {
   get(key: string): Promise<Buffer>;
   /**
    * Atomically publishes `body` under `key`: readers see the old object or
-   * the new one, never a part; concurrent writers never interleave.
+   * the new one, never a part; concurrent writers never interleave. A
+   * conditional put (options.ifVersion) takes only a Buffer.
    */
-  put(key: string, body: Buffer | AsyncIterable<Buffer>): Promise<ObjectStat>;
+  put(key: string, body: Buffer | AsyncIterable<Buffer>, options?: PutOptions): Promise<ObjectStat>;
   /** Objects whose key starts with `prefix`, sorted by key. */
   list(prefix?: string): Promise<ObjectStat[]>;
   /**

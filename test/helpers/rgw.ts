@@ -8,7 +8,7 @@ import { accessSync, constants } from 'node:fs';
 import { delimiter, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
-import { S3Client } from '@aws-sdk/client-s3';
+import { CreateBucketCommand, DeleteBucketCommand, DeleteObjectCommand, ListObjectsV2Command, S3Client } from '@aws-sdk/client-s3';
 
 const execFileAsync = promisify(execFile);
 const script = fileURLToPath(new URL('../../scripts/ceph/rgw.sh', import.meta.url));
@@ -93,4 +93,28 @@ export function s3Client(creds: RgwCredentials): S3Client {
     requestChecksumCalculation: 'WHEN_REQUIRED',
     responseChecksumValidation: 'WHEN_REQUIRED',
   });
+}
+
+/**
+ * A fresh bucket for one test file, with the SDK's credential environment
+ * set (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) as a host would have it.
+ */
+export async function createTestBucket(creds: RgwCredentials, prefix: string): Promise<{ bucket: string; client: S3Client }> {
+  process.env.AWS_ACCESS_KEY_ID = creds.accessKeyId;
+  process.env.AWS_SECRET_ACCESS_KEY = creds.secretAccessKey;
+  const client = s3Client(creds);
+  const bucket = `${prefix}-${process.pid}-${Date.now().toString(36)}`;
+  await client.send(new CreateBucketCommand({ Bucket: bucket }));
+  return { bucket, client };
+}
+
+/** Deletes every object of the bucket, then the bucket. */
+export async function deleteTestBucket(client: S3Client, bucket: string): Promise<void> {
+  let token: string | undefined;
+  do {
+    const page = await client.send(new ListObjectsV2Command({ Bucket: bucket, ContinuationToken: token }));
+    for (const o of page.Contents ?? []) await client.send(new DeleteObjectCommand({ Bucket: bucket, Key: o.Key! }));
+    token = page.IsTruncated ? page.NextContinuationToken : undefined;
+  } while (token !== undefined);
+  await client.send(new DeleteBucketCommand({ Bucket: bucket }));
 }

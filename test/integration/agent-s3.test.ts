@@ -12,7 +12,7 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { createServer, connect, type AddressInfo, type Socket } from 'node:net';
 import { promisify } from 'node:util';
-import { CreateBucketCommand, DeleteBucketCommand, DeleteObjectCommand, GetObjectCommand, ListObjectsV2Command, PutObjectCommand, type S3Client } from '@aws-sdk/client-s3';
+import { GetObjectCommand, PutObjectCommand, type S3Client } from '@aws-sdk/client-s3';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { Agent } from '../../src/agent/agent.js';
 import { parseMap } from '../../src/format/map.js';
@@ -20,7 +20,7 @@ import { NbdClient } from '../../src/nbd-client/index.js';
 import { NbdServerError } from '../../src/nbd-client/errors.js';
 import { exportUri, startTestAgent, waitUntil } from '../helpers/agent.js';
 import { qemuImg, removeTmpDir, tmpDir } from '../helpers/qemu.js';
-import { ensureRgw, s3Client, type RgwCredentials } from '../helpers/rgw.js';
+import { createTestBucket, deleteTestBucket, ensureRgw, type RgwCredentials } from '../helpers/rgw.js';
 
 const run = promisify(execFile);
 const MiB = 1024 * 1024;
@@ -29,7 +29,7 @@ const CHUNK = 64 * 1024;
 const rgw = await ensureRgw();
 let client: S3Client;
 let dir: string;
-const bucket = `bc-agent-${process.pid}-${Date.now().toString(36)}`;
+let bucket: string;
 const agents: Agent[] = [];
 let base: Buffer;
 
@@ -61,10 +61,7 @@ describe.skipIf(rgw === undefined)('agent on s3:// storage (Ceph RGW)', () => {
   beforeAll(async () => {
     const creds = rgw!;
     // The SDK's credential chain reads these, as it would on a host.
-    process.env.AWS_ACCESS_KEY_ID = creds.accessKeyId;
-    process.env.AWS_SECRET_ACCESS_KEY = creds.secretAccessKey;
-    client = s3Client(creds);
-    await client.send(new CreateBucketCommand({ Bucket: bucket }));
+    ({ bucket, client } = await createTestBucket(creds, 'bc-agent'));
     dir = await tmpDir('bc-agent-s3-');
     base = randomBytes(8 * MiB);
     const basePath = join(dir, 'base.raw');
@@ -83,9 +80,7 @@ describe.skipIf(rgw === undefined)('agent on s3:// storage (Ceph RGW)', () => {
 
   afterAll(async () => {
     if (rgw === undefined) return;
-    const listed = await client.send(new ListObjectsV2Command({ Bucket: bucket }));
-    for (const object of listed.Contents ?? []) await client.send(new DeleteObjectCommand({ Bucket: bucket, Key: object.Key! }));
-    await client.send(new DeleteBucketCommand({ Bucket: bucket }));
+    await deleteTestBucket(client, bucket);
     await removeTmpDir(dir);
   });
 

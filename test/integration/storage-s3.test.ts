@@ -5,38 +5,29 @@
  * backing names relative to the key), and its errors.
  */
 import { randomBytes } from 'node:crypto';
-import { CreateBucketCommand, DeleteBucketCommand, DeleteObjectCommand, ListObjectsV2Command, PutObjectCommand, type S3Client } from '@aws-sdk/client-s3';
+import { DeleteObjectCommand, PutObjectCommand, type S3Client } from '@aws-sdk/client-s3';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { FileNotFoundError, ImageChangedError, StorageIOError, UsageError } from '../../src/errors.js';
+import { ConflictError, FileNotFoundError, ImageChangedError, StorageIOError, UsageError } from '../../src/errors.js';
 import { createS3Client } from '../../src/storage/open.js';
 import { S3Storage, parseS3Url } from '../../src/storage/s3.js';
-import { ensureRgw, s3Client } from '../helpers/rgw.js';
+import { createTestBucket, deleteTestBucket, ensureRgw } from '../helpers/rgw.js';
 
 const MiB = 1024 * 1024;
 const rgw = await ensureRgw();
-const bucket = `bc-storage-${process.pid}-${Date.now().toString(36)}`;
+let bucket: string;
 let admin: S3Client;
 let storage: S3Storage;
 
 describe.skipIf(rgw === undefined)('S3Storage (Ceph RGW)', () => {
   beforeAll(async () => {
-    process.env.AWS_ACCESS_KEY_ID = rgw!.accessKeyId;
-    process.env.AWS_SECRET_ACCESS_KEY = rgw!.secretAccessKey;
-    admin = s3Client(rgw!);
-    await admin.send(new CreateBucketCommand({ Bucket: bucket }));
+    ({ bucket, client: admin } = await createTestBucket(rgw!, 'bc-storage'));
     const client = createS3Client({ endpoint: rgw!.endpoint, pathStyle: true, region: rgw!.region });
     storage = new S3Storage(client, parseS3Url(`s3://${bucket}/root/`), 3);
   });
 
   afterAll(async () => {
     if (rgw === undefined) return;
-    let token: string | undefined;
-    do {
-      const page = await admin.send(new ListObjectsV2Command({ Bucket: bucket, ContinuationToken: token }));
-      for (const o of page.Contents ?? []) await admin.send(new DeleteObjectCommand({ Bucket: bucket, Key: o.Key! }));
-      token = page.NextContinuationToken;
-    } while (token);
-    await admin.send(new DeleteBucketCommand({ Bucket: bucket }));
+    await deleteTestBucket(admin, bucket);
   });
 
   it('parses s3:// locations and refuses bad ones', () => {
@@ -82,6 +73,18 @@ describe.skipIf(rgw === undefined)('S3Storage (Ceph RGW)', () => {
     const last = await storage.read('big.bcseg', total - MiB, MiB);
     expect(last.readUInt32BE(0)).toBe(total / MiB - 1);
     expect(last.subarray(4).equals(piece.subarray(4))).toBe(true);
+  });
+
+  it('conditional puts: create only when absent, replace only the version read', async () => {
+    const first = await storage.put('m.bcmap', Buffer.from('one'), { ifVersion: null });
+    await expect(storage.put('m.bcmap', Buffer.from('two'), { ifVersion: null })).rejects.toBeInstanceOf(ConflictError);
+    const second = await storage.put('m.bcmap', Buffer.from('two'), { ifVersion: first.version });
+    await expect(storage.put('m.bcmap', Buffer.from('three'), { ifVersion: first.version })).rejects.toBeInstanceOf(ConflictError);
+    expect((await storage.get('m.bcmap')).toString()).toBe('two');
+    // Two writers that read the same version: exactly one wins.
+    const results = await Promise.allSettled(['a', 'b', 'c'].map((w) => storage.put('m.bcmap', Buffer.from(w), { ifVersion: second.version })));
+    expect(results.filter((r) => r.status === 'fulfilled')).toHaveLength(1);
+    expect(results.filter((r) => r.status === 'rejected').every((r) => (r as PromiseRejectedResult).reason instanceof ConflictError)).toBe(true);
   });
 
   it('lists sorted keys under the prefix across pages, and nothing outside it', async () => {

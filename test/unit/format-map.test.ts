@@ -17,6 +17,7 @@ import {
   serializeMap,
   type MergePolicy,
 } from '../../src/format/map.js';
+import { materialChange } from '../../src/agent/sidecars.js';
 
 const ID_A = 'a'.repeat(64);
 const ID_B = 'b'.repeat(64);
@@ -333,5 +334,59 @@ describe('mergeBoots', () => {
     expect(() => mergeBoots(other, boot(1), { minSeen: 1, window: 2 })).toThrow(MismatchError);
     const resized = mergeBoots(undefined, { ...geometry, virtualSize: 65 * 4096, bitmap: new Bitmap(65) }, { minSeen: 1, window: 2 });
     expect(() => mergeBoots(resized, boot(1), { minSeen: 1, window: 2 })).toThrow(MismatchError);
+  });
+});
+
+describe('held block sets (flags bit 1)', () => {
+  const geometry = { blockSize: 4096, virtualSize: 64 * 4096, identity: 'ab'.repeat(32) };
+  const boot = (blocks: number[]): Bitmap => {
+    const b = new Bitmap(64);
+    for (const x of blocks) b.set(x);
+    return b;
+  };
+  const policy = { minSeen: 2, window: 4 };
+
+  it('round-trips a map whose bitmap is the published set, not the history policy set', () => {
+    const first = mergeBoots(undefined, { ...geometry, bitmap: boot([1, 2, 3, 4]) }, policy);
+    const second = mergeBoots(first, { ...geometry, bitmap: boot([1, 2, 3, 5]) }, policy);
+    // The policy set is now {1, 2, 3}; the held set stays the published {1, 2, 3, 4}.
+    const held = new BootMap({ ...geometry, boots: second.boots, bitmap: first.bitmap, history: second.history, heldSet: true });
+    const parsed = parseMap(serializeMap(held));
+    expect(parsed.heldSet).toBe(true);
+    expect(parsed.mapDigest()).toBe(first.mapDigest());
+    expect(parsed.history?.recorded).toBe(2);
+    // The next merge computes from the history, and drops the held flag.
+    const third = mergeBoots(parsed, { ...geometry, bitmap: boot([1, 2, 3]) }, policy);
+    expect(third.heldSet).toBe(false);
+    expect([...third.bitmap.runs()]).toEqual([{ start: 1, length: 3 }]);
+    // Without the flag, the same fields are refused: the bitmap disagrees with the history.
+    expect(() => new BootMap({ ...geometry, boots: second.boots, bitmap: first.bitmap, history: second.history })).toThrow(/history says/);
+  });
+
+  it('refuses the held flag without a history', () => {
+    const plain = serializeMap(new BootMap({ ...geometry, boots: 1, bitmap: boot([1]) }));
+    const flagged = Buffer.from(plain);
+    flagged.writeUInt32LE(2, 20);
+    // Recompute the checksum so that only the flag is wrong.
+    flagged.fill(0, 96, 128);
+    const sum = createHash('sha256').update(flagged).digest();
+    sum.copy(flagged, 96);
+    expect(() => parseMap(flagged)).toThrow(InvalidMapError);
+    expect(() => parseMap(flagged)).toThrow(/held-set flag/);
+  });
+});
+
+describe('materialChange', () => {
+  const set = (n: number, from = 0): Bitmap => {
+    const b = new Bitmap(100_000);
+    for (let i = from; i < from + n; i++) b.set(i);
+    return b;
+  };
+  it('keeps a segment through a drift of a few dozen blocks, republishes for a real change', () => {
+    const published = set(27_000);
+    expect(materialChange(published, set(27_000, 40))).toBe(false); // 40 missing, 40 wasted
+    expect(materialChange(published, set(27_000, 200))).toBe(true); // 200 missing > 0.5%
+    expect(materialChange(published, set(25_000))).toBe(true); // 2,000 wasted > 5%
+    expect(materialChange(set(100), set(110))).toBe(false); // 10 missing: under the floor of 16
   });
 });
