@@ -9,7 +9,7 @@ import { mkdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import cron from 'node-cron';
 import type { Logger } from 'pino';
-import { AgentError, BootcacheError } from '../errors.js';
+import { AgentError, BootcacheError, FileNotFoundError, StorageIOError } from '../errors.js';
 import { openImageFromSource } from '../image/open.js';
 import type { DiskImage, SourceOpener } from '../image/types.js';
 import { CountingStorage, FaultyStorage, RetryingStorage, type RetryCounters } from '../storage/filters.js';
@@ -26,7 +26,7 @@ import { CacheManager, type ReadCounters } from './cache-manager.js';
 import { RebuildQueue, type RebuildStatus } from './rebuild-queue.js';
 import { ExportNotFoundError, type ExportDescription, type ExportProvider, type NbdExport } from './nbd/export.js';
 import { NbdServer, type NbdServerStats } from './nbd/server.js';
-import { Prefetcher } from './prefetcher.js';
+import { Prefetcher, type PrefetchProgress } from './prefetcher.js';
 import { SidecarStore, SIDECAR_SUFFIXES, type PublishCounters } from './sidecars.js';
 import { warmUp, type WarmupReport } from './warmup.js';
 
@@ -48,6 +48,22 @@ export interface AgentCounters {
   boots: { recorded: number; skipped: number; failed: number; discarded: number };
   /** Maps and segments this host put, and the races with other hosts it lost (see SidecarStore.publishBoot). */
   publish: PublishCounters;
+}
+
+/** What `agent warm` reports. */
+export interface WarmResult {
+  export: string;
+  state: PrefetchProgress['state'];
+  /** Blocks in the segment. */
+  blocks: number;
+  /** Blocks this host's stream loaded into the cache (now or in an earlier stream). */
+  blocksLoaded: number;
+  /** Blocks that were in the cache already. */
+  blocksCached: number;
+  bytesTotal: number;
+  /** Bytes read from storage while warming (other exports' reads included). */
+  storageBytes: number;
+  seconds: number;
 }
 
 export interface ExportStatus {
@@ -231,6 +247,7 @@ export class Agent implements ExportProvider {
         this.control = await ControlServer.start(c.control, {
           status: async () => this.status(),
           markBooted: async (name) => this.markBooted(name),
+          warm: (name) => this.warm(name),
         }, gid);
       },
     ];
@@ -509,6 +526,33 @@ export class Agent implements ExportProvider {
         else this.counters.boots.skipped++;
       },
     );
+  }
+
+  /**
+   * Pre-seeding: streams the export's segment into this host's cache before
+   * any VM opens it (or waits for the stream already running), and reports
+   * what it read. No boot is recorded.
+   */
+  async warm(name: string): Promise<WarmResult> {
+    const entry = await this.serviceFor(name);
+    const service = entry.service;
+    const started = performance.now();
+    const before = this.counting.counters.readBytes;
+    if (service.prefetch?.progress().state === 'streaming') await service.prefetch.start();
+    else if (service.prefetch?.progress().state !== 'done') await this.startPrefetch(entry);
+    const p = service.prefetch?.progress();
+    if (!p) throw new FileNotFoundError(`no map and segment of ${JSON.stringify(name)} that belong together are published; nothing to warm`);
+    if (p.state === 'failed') throw new StorageIOError(`warming ${name} failed: ${p.error ?? 'the stream failed'}`);
+    return {
+      export: name,
+      state: p.state,
+      blocks: p.blocks,
+      blocksLoaded: p.blocksLoaded,
+      blocksCached: p.blocksCached,
+      bytesTotal: p.bytesTotal,
+      storageBytes: this.counting.counters.readBytes - before,
+      seconds: Math.round(performance.now() - started) / 1000,
+    };
   }
 
   markBooted(name: string): BootSummary {

@@ -3,16 +3,18 @@
  * (curl --unix-socket PATH http://agent/status works too).
  *   GET  /status                      -> AgentStatus
  *   POST /mark-booted?export=NAME      -> the ended boot's summary
+ *   POST /warm?export=NAME             -> the segment streamed into the cache (WarmResult)
  */
 import { rm } from 'node:fs/promises';
 import { createServer, request, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
-import { AgentError, BootcacheError, UsageError } from '../errors.js';
+import { AgentError, BootcacheError, FileNotFoundError, StorageIOError, UsageError } from '../errors.js';
 import { ExportNotFoundError } from './nbd/export.js';
 import { applySocketAccess, claimSocketPath } from './socket-access.js';
 
 export interface ControlHandlers {
   status(): Promise<unknown>;
   markBooted(exportName: string): Promise<unknown>;
+  warm(exportName: string): Promise<unknown>;
 }
 
 export class ControlServer {
@@ -54,6 +56,10 @@ async function handle(req: IncomingMessage, res: ServerResponse, handlers: Contr
       const name = url.searchParams.get('export');
       if (!name) throw new UsageError('mark-booted needs ?export=NAME');
       body = await handlers.markBooted(name);
+    } else if (req.method === 'POST' && url.pathname === '/warm') {
+      const name = url.searchParams.get('export');
+      if (!name) throw new UsageError('warm needs ?export=NAME');
+      body = await handlers.warm(name);
     } else {
       res.writeHead(404, { 'content-type': 'application/json' });
       res.end(JSON.stringify({ error: { code: 'BC_NOT_FOUND', message: `no such endpoint: ${req.method} ${url.pathname}` } }));
@@ -69,9 +75,9 @@ async function handle(req: IncomingMessage, res: ServerResponse, handlers: Contr
 }
 
 /** Calls the agent's control API; errors name the socket and the cause. */
-export async function controlRequest<T>(path: string, method: 'GET' | 'POST', url: string): Promise<T> {
+export async function controlRequest<T>(path: string, method: 'GET' | 'POST', url: string, timeoutMs = 10_000): Promise<T> {
   return new Promise<T>((resolve, reject) => {
-    const req = request({ socketPath: path, method, path: url, timeout: 10_000 }, (res) => {
+    const req = request({ socketPath: path, method, path: url, timeout: timeoutMs }, (res) => {
       const chunks: Buffer[] = [];
       res.on('data', (c: Buffer) => chunks.push(c));
       res.on('end', () => {
@@ -86,7 +92,7 @@ export async function controlRequest<T>(path: string, method: 'GET' | 'POST', ur
         else resolve(parsed as T);
       });
     });
-    req.on('timeout', () => req.destroy(new Error('timed out after 10 s')));
+    req.on('timeout', () => req.destroy(new Error(`timed out after ${timeoutMs / 1000} s`)));
     req.on('error', (err: NodeJS.ErrnoException) => {
       const why = err.code === 'ENOENT' || err.code === 'ECONNREFUSED' ? 'is the agent running?' : err.message;
       reject(new AgentError(`cannot reach the agent's control socket (${err.code ?? 'error'}: ${why})`, { file: path }));
@@ -106,6 +112,11 @@ function controlError(error: { code?: string; message?: string } | undefined, st
       return new ExportNotFoundError(message);
     case 'BC_USAGE':
       return new UsageError(message);
+    case 'BC_NOT_FOUND':
+      return new FileNotFoundError(message);
+    case 'BC_IO':
+    case 'BC_STORAGE_READ':
+      return new StorageIOError(message);
     default:
       return new AgentError(message);
   }

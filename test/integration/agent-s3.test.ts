@@ -19,6 +19,7 @@ import { parseMap } from '../../src/format/map.js';
 import { NbdClient } from '../../src/nbd-client/index.js';
 import { NbdServerError } from '../../src/nbd-client/errors.js';
 import { exportUri, startTestAgent, waitUntil } from '../helpers/agent.js';
+import { cli } from '../helpers/cli.js';
 import { qemuImg, removeTmpDir, tmpDir } from '../helpers/qemu.js';
 import { createTestBucket, deleteTestBucket, ensureRgw, type RgwCredentials } from '../helpers/rgw.js';
 
@@ -129,6 +130,37 @@ describe.skipIf(rgw === undefined)('agent on s3:// storage (Ceph RGW)', () => {
     }
     await probe.close();
     expect(cold.agent.status().counters.storage.readRequests - before).toBe(0);
+  });
+
+  it('agent warm streams a published segment into a new host\'s cache before any VM starts', async () => {
+    const { agent, config } = await startTestAgent(`s3://${bucket}/images`, join(dir, 'w1'), agentOverrides(rgw!));
+    agents.push(agent);
+    const warm = await cli('agent', 'warm', 'top.qcow2', '--control', config.control, '--json');
+    expect(warm.stderr).toBe('');
+    expect(warm.status).toBe(0);
+    const result = warm.json as { state: string; blocks: number; blocksLoaded: number; storageBytes: number };
+    expect(result.state).toBe('done');
+    expect(result.blocksLoaded).toBe(result.blocks);
+    expect(result.storageBytes).toBeGreaterThan(0);
+    // The first boot on this host is served from the cache: no guest read misses. (The open
+    // reads the map and the segment's first MiB, to look for a newer segment.)
+    const before = agent.status().counters.cache.misses;
+    const nbd = await NbdClient.connect(exportUri(config, 'top.qcow2'));
+    for (let i = 0; i < 64; i++) await nbd.read(((i * 37) % 128) * CHUNK, CHUNK);
+    expect(agent.status().counters.cache.misses - before).toBe(0);
+    await nbd.close();
+    await agent.settled();
+    // Again: everything is cached, nothing is read.
+    const again = await cli('agent', 'warm', 'top.qcow2', '--control', config.control, '--json');
+    expect(again.status).toBe(0);
+    expect((again.json as { storageBytes: number }).storageBytes).toBe(0);
+
+    await put('images/noseg.raw', randomBytes(MiB));
+    const none = await cli('agent', 'warm', 'noseg.raw', '--control', config.control);
+    expect(none.status).toBe(3);
+    expect(none.stderr).toMatch(/no map and segment of "noseg.raw" .* published; nothing to warm/);
+    const unknown = await cli('agent', 'warm', 'nothere.raw', '--control', config.control);
+    expect(unknown.status).toBe(3);
   });
 
   it('an object overwritten in the bucket while a connection is open: old bytes or EIO on it, the new object on a new one', async () => {
