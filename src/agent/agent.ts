@@ -26,6 +26,7 @@ import { CacheManager, type ReadCounters } from './cache-manager.js';
 import { RebuildQueue, type RebuildStatus } from './rebuild-queue.js';
 import { ExportNotFoundError, type ExportDescription, type ExportProvider, type NbdExport } from './nbd/export.js';
 import { NbdServer, type NbdServerStats } from './nbd/server.js';
+import { AgentMetrics, type MetricsServer } from './metrics.js';
 import { Prefetcher, type PrefetchProgress } from './prefetcher.js';
 import { SidecarStore, SIDECAR_SUFFIXES, type PublishCounters } from './sidecars.js';
 import { warmUp, type WarmupReport } from './warmup.js';
@@ -122,7 +123,7 @@ export class Agent implements ExportProvider {
     cache: { hits: 0, misses: 0 },
     prefetch: { bytes: 0, unusedBytes: 0 },
     boots: { recorded: 0, skipped: 0, failed: 0, discarded: 0 },
-    publish: { maps: 0, segments: 0, segmentsKept: 0, conflicts: 0, repairs: 0 },
+    publish: { maps: 0, segments: 0, segmentsKept: 0, conflicts: 0, repairs: 0, builds: 0 },
   };
   private readonly services = new Map<string, ServiceEntry>();
   /** Services of older versions, kept for the connections still open on them. */
@@ -133,6 +134,23 @@ export class Agent implements ExportProvider {
   private readonly opening = new Map<string, Promise<ServiceEntry>>();
   private nbd: NbdServer | undefined;
   private control: ControlServer | undefined;
+  /** Prometheus metrics (--metrics); observed whether or not they are served. */
+  private readonly metrics = new AgentMetrics({
+    storage: () => this.counting?.byKind ?? emptyStorageKinds(),
+    storageRetries: () => this.counters.storageRetries,
+    prefetch: () => this.counters.prefetch,
+    cache: () => {
+      const s = this.cache?.stats();
+      return { usedBytes: s?.usedBytes ?? 0, capacityBytes: s?.capacityBytes ?? 0, evictions: s?.evictions ?? 0 };
+    },
+    boots: () => ({ ...this.counters.boots }),
+    publish: () => this.counters.publish,
+    nbd: () => {
+      const s = this.nbd?.stats;
+      return s && { open: s.activeConnections, refused: s.rejectedConnections + s.rejectedPerClient, dropped: s.droppedConnections, protocolErrors: s.protocolErrors };
+    },
+  });
+  private metricsServer: MetricsServer | undefined;
   private maintenance: cron.ScheduledTask | undefined;
   /** Set once start() has completed: only a started agent logs "agent stopped". */
   private started = false;
@@ -250,6 +268,9 @@ export class Agent implements ExportProvider {
           warm: (name) => this.warm(name),
         }, gid);
       },
+      async () => {
+        if (c.metrics) this.metricsServer = await this.metrics.serve(c.metrics.host, c.metrics.port);
+      },
     ];
     try {
       for (const step of steps) {
@@ -291,6 +312,7 @@ export class Agent implements ExportProvider {
     this.maintenance?.stop();
     await this.nbd?.close().catch((err: unknown) => this.log.warn({ err }, 'closing NBD server'));
     await this.control?.close().catch(() => undefined);
+    await this.metricsServer?.close().catch(() => undefined);
     for (const entry of [...this.services.values(), ...this.retired]) {
       entry.service.markBooted(); // flush a recording in progress into the map
       await entry.rebuilds.settled();
@@ -407,6 +429,7 @@ export class Agent implements ExportProvider {
       missWriter: this.missWriter,
       readaheadBytes: this.config.readahead,
       onBootEnd: (svc, boot) => this.onBootEnd(svc, boot),
+      onGuestRead: (source, seconds) => this.metrics.guestRead(source, seconds),
       onStale: (svc, err) =>
         this.log.warn(
           { export: svc.name, identity: svc.space, connections: svc.connections, err: err.message },
@@ -522,7 +545,10 @@ export class Agent implements ExportProvider {
         if (outcome instanceof Error) {
           this.counters.boots.failed++;
           this.log.error({ export: service.name, err: outcome.message }, 'segment rebuild failed');
-        } else if (outcome.published) this.counters.boots.recorded++;
+        } else if (outcome.published) {
+          this.counters.boots.recorded++;
+          this.metrics.bootRecorded(summary.durationMs / 1000);
+        }
         else this.counters.boots.skipped++;
       },
     );
@@ -634,4 +660,8 @@ function startupError(what: string, err: unknown): unknown {
   const systemError = err instanceof Error && typeof (err as NodeJS.ErrnoException).code === 'string' && (err as NodeJS.ErrnoException).syscall !== undefined;
   if (err instanceof BootcacheError || systemError) return new AgentError(`${what}: ${(err as Error).message}`, { cause: err });
   return err;
+}
+
+function emptyStorageKinds(): Record<'image' | 'segment' | 'map', { requests: number; bytes: number; errors: number }> {
+  return { image: { requests: 0, bytes: 0, errors: 0 }, segment: { requests: 0, bytes: 0, errors: 0 }, map: { requests: 0, bytes: 0, errors: 0 } };
 }

@@ -48,6 +48,8 @@ export interface ReadCounters {
 }
 
 export interface CacheManagerOptions {
+  /** Called after each guest read with where it was served from and how long it took (metrics). */
+  onGuestRead?: (source: 'cache' | 'prefetch' | 'storage', seconds: number) => void;
   bootPolicy: BootPolicy;
   /** Cache blocks read on a miss. */
   cacheMisses: boolean;
@@ -203,6 +205,7 @@ export class CacheManager {
    */
   async readUnrecorded(offset: number, length: number, kind: CacheBlockKind = 'other', guest = false): Promise<Buffer> {
     if (length === 0) return Buffer.alloc(0);
+    const started = guest && this.options.onGuestRead ? performance.now() : 0;
     const bs = this.blockSize;
     const first = Math.floor(offset / bs);
     const last = Math.floor((offset + length - 1) / bs);
@@ -211,6 +214,8 @@ export class CacheManager {
     const slice = (block: number, count = 1): Buffer => out.subarray((block - first) * bs, (block - first + count) * bs);
     const waits: Array<Promise<void>> = [];
     const missing: number[] = [];
+    let storageWaits = 0;
+    let prefetchWaits = 0;
     const spaces = this.layered ? await this.ownerSpaces(first, last) : undefined;
     const spaceOf = (block: number): string => spaces?.[block - first] ?? this.space;
     // Runs of cached blocks of one space: one cache read each.
@@ -229,9 +234,14 @@ export class CacheManager {
         continue;
       }
       flushHits(block);
+      // Waiting on another request's storage read counts as storage; on a segment chunk, as prefetch.
+      const fromStorage = this.inFlight.has(flightKey(space, block));
       const pending = this.pendingBlock(block, space);
-      if (pending) waits.push(pending.then((data) => void data.copy(slice(block))));
-      else missing.push(block);
+      if (pending) {
+        if (fromStorage) storageWaits++;
+        else prefetchWaits++;
+        waits.push(pending.then((data) => void data.copy(slice(block))));
+      } else missing.push(block);
     }
     flushHits(last + 1);
     // Contiguous runs of missing blocks: one storage read each.
@@ -249,6 +259,10 @@ export class CacheManager {
       if (readaheadEnd > (last + 1) * bs) void this.readahead(last + 1, Math.ceil(readaheadEnd / bs) - 1).catch(() => undefined);
     }
     await Promise.all(waits);
+    if (started > 0) {
+      const source = missing.length > 0 || storageWaits > 0 ? 'storage' : prefetchWaits > 0 ? 'prefetch' : 'cache';
+      this.options.onGuestRead!(source, (performance.now() - started) / 1000);
+    }
     const start = offset - first * bs;
     return out.subarray(start, start + length);
   }

@@ -41,6 +41,8 @@ export interface AgentConfig {
   s3PathStyle: boolean;
   /** S3 region; else AWS_REGION, AWS_DEFAULT_REGION, else us-east-1. */
   s3Region?: string;
+  /** Serve Prometheus metrics at http://HOST:PORT/metrics. */
+  metrics?: { host: string; port: number };
   boot: BootPolicy;
   merge: MergePolicy;
   /** Segment bytes per sequential prefetch read. */
@@ -136,7 +138,7 @@ const KNOWN_KEYS = new Set([
   'storage', 'cache', 'socket', 'listen', 'control', 'cacheSize', 'cacheMisses', 'storageDelayMs',
   'storageErrorRate', 'storageRetries', 'storageRetryDelayMs', 'boot', 'merge', 'prefetchChunk', 'prefetchDepth', 'readahead', 'blockSize', 'maintenance',
   'maxConnections', 'socketMode', 'socketGroup', 'logLevel', 'warmup', 'maxConnectionsPerClient', 'maxBuffered',
-  'storageTimeoutMs', 's3Endpoint', 's3PathStyle', 's3Region',
+  'storageTimeoutMs', 's3Endpoint', 's3PathStyle', 's3Region', 'metrics',
 ]);
 const KNOWN_BOOT_KEYS = new Set(['idleMs', 'windowMs', 'minReads', 'maxShare', 'maxShareFloor']);
 const KNOWN_MERGE_KEYS = new Set(['minSeen', 'window']);
@@ -185,6 +187,7 @@ export const FLAG_FOR_KEY: Readonly<Record<string, { flag: string; scale?: numbe
   s3Endpoint: { flag: 's3-endpoint' },
   s3PathStyle: { flag: 's3-path-style' },
   s3Region: { flag: 's3-region' },
+  metrics: { flag: 'metrics' },
   'boot.idleMs': { flag: 'boot-idle', scale: 1000, unit: 'seconds' },
   'boot.windowMs': { flag: 'boot-window', scale: 1000, unit: 'seconds' },
   'boot.minReads': { flag: 'boot-min-reads' },
@@ -374,6 +377,11 @@ export function resolveConfig(fromFile: Raw, overrides: Raw = {}, fromFlags: Raw
   }
   if (config.s3Endpoint !== undefined && !/^https?:\/\/[^/]/.test(config.s3Endpoint)) {
     throw new UsageError(`${setting('s3Endpoint').label} must be an http:// or https:// URL, got ${JSON.stringify(config.s3Endpoint)}`);
+  }
+  const metrics = setting('metrics');
+  if (metrics.value !== undefined) {
+    if (typeof metrics.value !== 'string' || !/:\d+$/.test(metrics.value)) throw new UsageError(`${metrics.label} must be HOST:PORT, got ${JSON.stringify(metrics.value)}`);
+    config.metrics = parseListen(metrics.value, metrics.label);
   }
   const listen = setting('listen');
   if (listen.value !== undefined) {

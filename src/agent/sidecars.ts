@@ -36,7 +36,7 @@ export class SidecarStore {
     private readonly policy: MergePolicy,
     private readonly log: Logger,
     /** What this host published, and the races it lost (status `counters.publish`). */
-    readonly counters: PublishCounters = { maps: 0, segments: 0, segmentsKept: 0, conflicts: 0, repairs: 0 },
+    readonly counters: PublishCounters = { maps: 0, segments: 0, segmentsKept: 0, conflicts: 0, repairs: 0, builds: 0 },
   ) {}
 
   /** The current map of an image, if it exists and belongs to this image version. */
@@ -315,6 +315,7 @@ export class SidecarStore {
         owner: (offset, length) => image.owner(offset, length),
         close: async () => undefined,
       };
+      this.counters.builds++;
       const built = await buildSegment(view, map, path);
       if (built.blocks !== map.blocksSet) {
         throw new Error(`built segment holds ${built.blocks} blocks, the map ${map.blocksSet}; not publishing`);
@@ -341,6 +342,8 @@ export class SidecarStore {
 export interface PublishCounters {
   /** Maps put. */
   maps: number;
+  /** Segments built (from the cache and the image) to be published. */
+  builds: number;
   /** Segments uploaded (repairs included). */
   segments: number;
   /** Maps put without a new segment: the boot set did not change materially. */

@@ -100,15 +100,39 @@ export interface StorageCounters {
   readBytes: number;
 }
 
-/** Counts read requests and bytes that reach the storage system. */
+/** What a storage key holds, for counting reads by purpose. */
+export type StorageKeyKind = 'image' | 'segment' | 'map';
+
+export function storageKeyKind(key: string): StorageKeyKind {
+  if (key.endsWith('.bcseg')) return 'segment';
+  if (key.endsWith('.bcmap')) return 'map';
+  return 'image';
+}
+
+/** Counts read requests, bytes and failed requests that reach the storage system, in all and by kind of object. */
 export class CountingStorage extends StorageFilter {
   readonly counters: StorageCounters = { readRequests: 0, readBytes: 0 };
+  readonly byKind: Record<StorageKeyKind, { requests: number; bytes: number; errors: number }> = {
+    image: { requests: 0, bytes: 0, errors: 0 },
+    segment: { requests: 0, bytes: 0, errors: 0 },
+    map: { requests: 0, bytes: 0, errors: 0 },
+  };
 
-  protected async readHook<T>(_key: string, bytes: number, doRead: () => Promise<T>): Promise<T> {
+  protected async readHook<T>(key: string, bytes: number, doRead: () => Promise<T>): Promise<T> {
+    const kind = this.byKind[storageKeyKind(key)];
     this.counters.readRequests++;
-    const result = await doRead();
+    kind.requests++;
+    let result: T;
+    try {
+      result = await doRead();
+    } catch (err) {
+      kind.errors++;
+      throw err;
+    }
     // A read into the caller's buffer returns nothing: it read the `bytes` asked for.
-    this.counters.readBytes += Buffer.isBuffer(result) ? result.length : bytes;
+    const n = Buffer.isBuffer(result) ? result.length : bytes;
+    this.counters.readBytes += n;
+    kind.bytes += n;
     return result;
   }
 }
