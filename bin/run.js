@@ -19,9 +19,11 @@ if (limit !== undefined && limit < NODE_FLOOR) {
   );
   process.exit(4);
 } else if (limit !== undefined && !hasFlag) {
+  // Sockets passed by systemd (fds 3 and up, LISTEN_FDS) go to the child at the same numbers.
+  const passed = process.env.LISTEN_PID === String(process.pid) ? Number(process.env.LISTEN_FDS) || 0 : 0;
   const child = spawn(process.execPath, [...process.execArgv, NO_WASM_TRAP_HANDLER, ...process.argv.slice(1)], {
-    stdio: 'inherit',
-    env: { MALLOC_ARENA_MAX: '2', ...process.env },
+    stdio: ['inherit', 'inherit', 'inherit', ...Array.from({ length: passed }, (_, i) => 3 + i)],
+    env: { MALLOC_ARENA_MAX: '2', ...process.env, BOOTCACHE_REEXEC: '1' },
   });
   const forward = (signal) => child.kill(signal);
   for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP', 'SIGQUIT']) process.on(signal, forward);

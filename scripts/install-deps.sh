@@ -18,6 +18,8 @@ command -v ceph-osd >/dev/null || need+=(ceph-osd)
 command -v radosgw >/dev/null || need+=(radosgw)
 command -v radosgw-admin >/dev/null || need+=(ceph-common)
 command -v curl >/dev/null || need+=(curl)
+# systemd-analyze and systemd-socket-activate for the unit tests (no systemd as PID 1 needed).
+command -v systemd-socket-activate >/dev/null || need+=(systemd)
 # promtool and a Prometheus server for the metrics tests.
 command -v promtool >/dev/null || need+=(prometheus)
 command -v uuidgen >/dev/null || need+=(uuid-runtime)

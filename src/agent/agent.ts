@@ -27,6 +27,7 @@ import { RebuildQueue, type RebuildStatus } from './rebuild-queue.js';
 import { ExportNotFoundError, type ExportDescription, type ExportProvider, type NbdExport } from './nbd/export.js';
 import { NbdServer, type NbdServerStats } from './nbd/server.js';
 import { AgentMetrics, type MetricsServer } from './metrics.js';
+import type { PassedSocket } from './socket-activation.js';
 import { Prefetcher, type PrefetchProgress } from './prefetcher.js';
 import { SidecarStore, SIDECAR_SUFFIXES, type PublishCounters } from './sidecars.js';
 import { warmUp, type WarmupReport } from './warmup.js';
@@ -172,6 +173,8 @@ export class Agent implements ExportProvider {
   constructor(
     readonly config: AgentConfig,
     private readonly log: Logger,
+    /** Sockets systemd passed (socket activation, see socket-activation.ts). */
+    private readonly passedSockets: PassedSocket[] = [],
   ) {}
 
   /**
@@ -189,6 +192,10 @@ export class Agent implements ExportProvider {
     const c = this.config;
     // Before anything is opened or created: an unknown group is a configuration error.
     const gid = c.socketGroup === undefined ? undefined : await resolveGroup(c.socketGroup, undefined, c.socketGroupLabel);
+    const passed = this.passedSockets;
+    const controlSocket = passed.find((s) => s.name === 'control');
+    const nbdSockets = passed.filter((s) => s !== controlSocket);
+    if (passed.length > 0 && nbdSockets.length === 0) throw new AgentError('systemd passed only a control socket: the agent needs an NBD socket too');
     let storage: Storage = await openStorage(c.storage, {
       endpoint: c.s3Endpoint,
       pathStyle: c.s3PathStyle,
@@ -255,18 +262,21 @@ export class Agent implements ExportProvider {
         });
       },
       () => mkdir(join(c.socket, '..'), { recursive: true }).then(() => undefined),
-      () => this.nbd!.listenUnix(c.socket),
-      () => applySocketAccess(c.socket, c.socketMode, gid),
+      // Sockets passed by systemd replace --socket and --listen (a `control` one, --control).
       async () => {
+        for (const s of nbdSockets) await this.nbd!.listenFd(s.fd, s.name);
+        if (nbdSockets.length > 0) return;
+        await this.nbd!.listenUnix(c.socket);
+        await applySocketAccess(c.socket, c.socketMode, gid);
         if (c.listen) await this.nbd!.listenTcp(c.listen.host, c.listen.port);
       },
-      () => mkdir(join(c.control, '..'), { recursive: true }).then(() => undefined),
       async () => {
+        if (!controlSocket) await mkdir(join(c.control, '..'), { recursive: true });
         this.control = await ControlServer.start(c.control, {
           status: async () => this.status(),
           markBooted: async (name) => this.markBooted(name),
           warm: (name) => this.warm(name),
-        }, gid);
+        }, gid, controlSocket?.fd);
       },
       async () => {
         if (c.metrics) this.metricsServer = await this.metrics.serve(c.metrics.host, c.metrics.port);
@@ -287,7 +297,7 @@ export class Agent implements ExportProvider {
       this.maintenance = cron.schedule(c.maintenance, () => void this.runMaintenance());
     }
     this.log.info(
-      { storage: this.storage.description, socket: c.socket, listen: c.listen, control: c.control, cacheSize: c.cacheSize, warmupMs: this.warmup?.ms },
+      { storage: this.storage.description, socket: this.socketDescription(), listen: c.listen, control: c.control, cacheSize: c.cacheSize, warmupMs: this.warmup?.ms },
       'agent started',
     );
     this.started = true;
@@ -589,6 +599,12 @@ export class Agent implements ExportProvider {
     return summary;
   }
 
+  /** The NBD socket: the --socket path, or the sockets systemd passed. */
+  private socketDescription(): string {
+    const nbd = this.passedSockets.filter((s) => s.name !== 'control');
+    return nbd.length === 0 ? this.config.socket : nbd.map((s) => `passed by systemd: ${s.name} (fd ${s.fd})`).join(', ');
+  }
+
   /** Waits for all pending rebuilds (tests, shutdown). */
   async settled(): Promise<void> {
     await Promise.all([...this.services.values()].map((e) => e.rebuilds.settled()));
@@ -625,7 +641,7 @@ export class Agent implements ExportProvider {
       pid: process.pid,
       uptimeSeconds,
       storage: this.storage.description,
-      socket: this.config.socket,
+      socket: this.socketDescription(),
       exports,
       cache: this.cache.stats(),
       prefetchBuffers: this.chunkBuffers.stats(),

@@ -18,11 +18,15 @@ export interface ControlHandlers {
 }
 
 export class ControlServer {
-  private constructor(private readonly server: Server, readonly path: string) {}
+  /** `path`: the socket file this server made (and removes at close); undefined for a passed socket. */
+  private constructor(private readonly server: Server, readonly path: string | undefined) {}
 
-  /** Listens on `path`, mode 660, in group `gid` when given. */
-  static async start(path: string, handlers: ControlHandlers, gid?: number): Promise<ControlServer> {
-    await claimSocketPath(path);
+  /**
+   * Listens on `path`, mode 660, in group `gid` when given; or on `fd`, a
+   * socket passed by systemd (its unit sets mode and group).
+   */
+  static async start(path: string, handlers: ControlHandlers, gid?: number, fd?: number): Promise<ControlServer> {
+    if (fd === undefined) await claimSocketPath(path);
     const server = createServer((req, res) => {
       void handle(req, res, handlers);
     });
@@ -31,8 +35,10 @@ export class ControlServer {
     await new Promise<void>((resolve, reject) => {
       server.once('error', (err: NodeJS.ErrnoException) =>
         reject(new AgentError(`cannot listen on the control socket: ${err.code ?? err.message}`, { file: path })));
-      server.listen(path, () => resolve());
+      if (fd === undefined) server.listen(path, () => resolve());
+      else server.listen({ fd }, () => resolve());
     });
+    if (fd !== undefined) return new ControlServer(server, undefined);
     await applySocketAccess(path, 0o660, gid).catch(async (err: unknown) => {
       await new Promise<void>((resolve) => server.close(() => resolve()));
       throw err;
@@ -42,7 +48,7 @@ export class ControlServer {
 
   async close(): Promise<void> {
     await new Promise<void>((resolve) => this.server.close(() => resolve()));
-    await rm(this.path, { force: true });
+    if (this.path !== undefined) await rm(this.path, { force: true });
   }
 }
 

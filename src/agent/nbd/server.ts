@@ -192,6 +192,12 @@ export class NbdServer {
     await this.listen({ path }, `socket ${path}`);
   }
 
+  /** Listens on a socket passed by systemd (socket activation), unix or TCP. */
+  async listenFd(fd: number, name: string): Promise<void> {
+    this.assertOpen();
+    await this.listen({ fd } as net.ListenOptions, `passed socket ${name} (fd ${fd})`);
+  }
+
   /** Listens on TCP (default 127.0.0.1:10809); returns the bound address (useful with port 0). */
   async listenTcp(host = '127.0.0.1', port: number = NBD_DEFAULT_PORT): Promise<{ host: string; port: number }> {
     this.assertOpen();

@@ -6,6 +6,7 @@ import {
 } from '../../agent/config.js';
 import { BaseCommand, commandUsage, exitCodesHelp } from '../../cli/base-command.js';
 import { ExitCode } from '../../errors.js';
+import { passedSockets } from '../../agent/socket-activation.js';
 
 
 const EXIT_CODES = exitCodesHelp([ExitCode.BAD_INPUT, ExitCode.IO, ExitCode.AGENT], {
@@ -78,7 +79,8 @@ ${EXIT_CODES}`;
     // Flags by name, in their own units: resolveConfig converts them and names them in errors.
     const config = resolveConfig(fromFile, {}, f);
     const log = pino({ level: config.logLevel, base: { pid: process.pid } });
-    const agent = new Agent(config, log);
+    // Sockets passed by systemd (socket activation) replace --socket, --listen and --control.
+    const agent = new Agent(config, log, passedSockets());
     // Before start(), which takes a while (the prefault): a signal then would
     // kill the process by default and leave its sockets and cache lock behind.
     // Now the agent stops, and start() gives up with what it opened closed.
