@@ -44,7 +44,8 @@ export interface AgentCounters {
   storage: { readRequests: number; readBytes: number };
   /** Storage reads sent again after an I/O error (--storage-retries). */
   storageRetries: RetryCounters;
-  cache: ReadCounters;
+  /** Blocks of guest reads by where they came from: the cache device, a segment chunk in flight, the storage system. */
+  guestReads: ReadCounters;
   prefetch: { bytes: number; unusedBytes: number };
   /** recorded: merged and published; skipped: empty or a probe; discarded: a whole-disk read (boot.maxShare). */
   boots: { recorded: number; skipped: number; failed: number; discarded: number };
@@ -75,8 +76,10 @@ export interface ExportStatus {
   identity: string;
   /** Cache spaces its blocks may live in: its identity, its layers' (shared with other overlays). */
   spaces: string[];
-  prefetch?: ReturnType<Prefetcher['progress']>;
-  lastBoot?: BootSummary;
+  /** startedAt: ISO 8601. */
+  prefetch?: Omit<PrefetchProgress, 'startedAt'> & { startedAt?: string };
+  /** startedAt: ISO 8601. */
+  lastBoot?: Omit<BootSummary, 'startedAt'> & { startedAt: string };
   rebuild?: RebuildStatus;
   /**
    * The image changed on storage under this service: reads that need
@@ -97,7 +100,7 @@ export interface AgentStatus {
   socket: string;
   listen?: string;
   exports: ExportStatus[];
-  cache: ReturnType<CacheDevice['stats']>;
+  cache: CacheStatus;
   /** The prefetch chunk buffers the agent keeps (see BufferPool). */
   prefetchBuffers: ReturnType<BufferPool['stats']>;
   /** The NBD server: connections (open, refused or dropped when full), requests, errors. */
@@ -121,7 +124,7 @@ export class Agent implements ExportProvider {
   private readonly counters: AgentCounters = {
     storage: { readRequests: 0, readBytes: 0 },
     storageRetries: { retries: 0, recovered: 0, failed: 0 },
-    cache: { hits: 0, misses: 0 },
+    guestReads: { cache: 0, prefetch: 0, storage: 0 },
     prefetch: { bytes: 0, unusedBytes: 0 },
     boots: { recorded: 0, skipped: 0, failed: 0, discarded: 0 },
     publish: { maps: 0, segments: 0, segmentsKept: 0, conflicts: 0, repairs: 0, builds: 0 },
@@ -152,6 +155,8 @@ export class Agent implements ExportProvider {
     },
   });
   private metricsServer: MetricsServer | undefined;
+  /** Prefetch streams whose unused bytes are counted already (see onBootEnd). */
+  private readonly unusedCounted = new WeakSet<Prefetcher>();
   private maintenance: cron.ScheduledTask | undefined;
   /** Set once start() has completed: only a started agent logs "agent stopped". */
   private started = false;
@@ -434,7 +439,7 @@ export class Agent implements ExportProvider {
     const service = new CacheManager(name, image, this.cache, {
       bootPolicy: this.config.boot,
       cacheMisses: this.config.cacheMisses,
-      counters: this.counters.cache,
+      counters: this.counters.guestReads,
       inFlight: this.inFlight,
       missWriter: this.missWriter,
       readaheadBytes: this.config.readahead,
@@ -535,9 +540,6 @@ export class Agent implements ExportProvider {
       return;
     }
     this.log.info({ export: service.name, ...summary }, 'boot ended');
-    // Prefetched blocks this boot never read.
-    const prefetcher = service.prefetch;
-    if (prefetcher) this.counters.prefetch.unusedBytes += prefetcher.unusedBytes(boot.bitmap, boot.blockSize);
     if (verdict.action === 'skip') {
       this.counters.boots.skipped++;
       if (verdict.reason === 'empty') this.log.info({ export: service.name }, 'boot read nothing: no new map or segment');
@@ -548,6 +550,13 @@ export class Agent implements ExportProvider {
         );
       }
       return;
+    }
+    // Prefetched blocks the boot never read, once per stream: the first boot after a stream
+    // counts them; later recordings (another boot, a probe) do not count that stream again.
+    const prefetcher = service.prefetch;
+    if (prefetcher && !this.unusedCounted.has(prefetcher)) {
+      this.unusedCounted.add(prefetcher);
+      this.counters.prefetch.unusedBytes += prefetcher.unusedBytes(boot.bitmap, boot.blockSize);
     }
     entry.rebuilds.enqueue(
       async () => ({ published: await this.sidecars.publishBoot(service, boot, join(this.config.cache, 'tmp')) }),
@@ -629,9 +638,12 @@ export class Agent implements ExportProvider {
         rebuild: entry.rebuilds.status(),
       };
       const prefetch = entry.service.prefetch?.progress();
-      if (prefetch) s.prefetch = prefetch;
+      if (prefetch) {
+        const { startedAt, ...rest } = prefetch;
+        s.prefetch = startedAt === undefined ? rest : { ...rest, startedAt: isoTime(startedAt) };
+      }
       const boot = entry.service.bootSummary();
-      if (boot) s.lastBoot = boot;
+      if (boot) s.lastBoot = { ...boot, startedAt: isoTime(boot.startedAt) };
       const stale = entry.service.stale;
       if (stale) s.stale = { since: new Date(stale.at).toISOString(), error: stale.error.message };
       if (entry.retired) s.retired = true;
@@ -643,7 +655,7 @@ export class Agent implements ExportProvider {
       storage: this.storage.description,
       socket: this.socketDescription(),
       exports,
-      cache: this.cache.stats(),
+      cache: cacheStatus(this.cache.stats()),
       prefetchBuffers: this.chunkBuffers.stats(),
       nbd: this.nbd!.stats,
       counters,
@@ -681,3 +693,17 @@ function startupError(what: string, err: unknown): unknown {
 function emptyStorageKinds(): Record<'image' | 'segment' | 'map', { requests: number; bytes: number; errors: number }> {
   return { image: { requests: 0, bytes: 0, errors: 0 }, segment: { requests: 0, bytes: 0, errors: 0 }, map: { requests: 0, bytes: 0, errors: 0 } };
 }
+
+/** A performance.now() time as ISO 8601. */
+function isoTime(monotonicMs: number): string {
+  return new Date(performance.timeOrigin + monotonicMs).toISOString();
+}
+
+/** The cache device's stats for `status`: its own lookups named as such, apart from the guest reads. */
+function cacheStatus(stats: ReturnType<CacheDevice['stats']>): CacheStatus {
+  const { hits, misses, ...rest } = stats;
+  return { ...rest, lookups: { hit: hits, miss: misses } };
+}
+
+/** `status.cache`: the cache device's state; `lookups` counts its get() calls (hit or miss), whoever made them. */
+export type CacheStatus = Omit<ReturnType<CacheDevice['stats']>, 'hits' | 'misses'> & { lookups: { hit: number; miss: number } };

@@ -42,9 +42,14 @@ import { MissWriter } from './miss-writer.js';
 import type { Prefetcher } from './prefetcher.js';
 import { DEFAULT_READAHEAD, SequentialReadahead } from './readahead.js';
 
+/** Blocks of guest reads by where they came from (status `counters.guestReads`). */
 export interface ReadCounters {
-  hits: number;
-  misses: number;
+  /** From the cache device. */
+  cache: number;
+  /** From a segment chunk in flight (the prefetch stream, or a demand chunk). */
+  prefetch: number;
+  /** From the storage system: read for this guest read, or joined to another read's request. */
+  storage: number;
 }
 
 export interface CacheManagerOptions {
@@ -216,6 +221,7 @@ export class CacheManager {
     const missing: number[] = [];
     let storageWaits = 0;
     let prefetchWaits = 0;
+    let cacheBlocks = 0;
     const spaces = this.layered ? await this.ownerSpaces(first, last) : undefined;
     const spaceOf = (block: number): string => spaces?.[block - first] ?? this.space;
     // Runs of cached blocks of one space: one cache read each.
@@ -228,7 +234,7 @@ export class CacheManager {
     for (let block = first; block <= last; block++) {
       const space = spaceOf(block);
       if (this.cache.has(space, block)) {
-        this.options.counters.hits++;
+        cacheBlocks++;
         if (hitStart >= 0 && spaceOf(hitStart) !== space) flushHits(block);
         if (hitStart < 0) hitStart = block;
         continue;
@@ -257,6 +263,12 @@ export class CacheManager {
     if (guest && this.readaheadWindows) {
       const readaheadEnd = Math.min(this.image.virtualSize, this.readaheadWindows.onRead(offset, offset + length, missing.length > 0));
       if (readaheadEnd > (last + 1) * bs) void this.readahead(last + 1, Math.ceil(readaheadEnd / bs) - 1).catch(() => undefined);
+    }
+    if (guest) {
+      const c = this.options.counters;
+      c.cache += cacheBlocks;
+      c.prefetch += prefetchWaits;
+      c.storage += missing.length + storageWaits;
     }
     await Promise.all(waits);
     if (started > 0) {
@@ -306,15 +318,11 @@ export class CacheManager {
   /** The data of an uncached block on its way: another request's fetch, or its prefetch chunk (in flight, or a demand chunk started now). */
   private pendingBlock(block: number, space: string): Promise<Buffer> | undefined {
     const pending = this.inFlight.get(flightKey(space, block));
-    if (pending) {
-      this.options.counters.hits++;
-      return pending;
-    }
+    if (pending) return pending;
     // In a chunk being read, or in one the stream has not reached (a demand chunk, started now).
     const streamed = this.prefetcher?.pending(block) ?? this.prefetcher?.demandChunk(block);
     if (!streamed) return undefined;
     // Its segment chunk is being read: take the block from the chunk, no second read.
-    this.options.counters.hits++;
     return streamed.then((data) => data ?? this.refetch(block, space));
   }
 
@@ -328,7 +336,7 @@ export class CacheManager {
     let runStart = -1;
     const flush = (end: number): void => {
       if (runStart < 0) return;
-      this.fetchRun(runStart, end - runStart, 'other', spaces?.slice(runStart - first, end - first), false);
+      this.fetchRun(runStart, end - runStart, 'other', spaces?.slice(runStart - first, end - first));
       runStart = -1;
     };
     for (let block = first; block <= last; block++) {
@@ -351,9 +359,8 @@ export class CacheManager {
    * Reads blocks [start, start+count) from storage in one request; one promise
    * per block. `spaces`: each block's cache space (default: the chain's).
    */
-  private fetchRun(start: number, count: number, kind: CacheBlockKind, spaces?: string[], countMisses = true): Array<Promise<Buffer>> {
+  private fetchRun(start: number, count: number, kind: CacheBlockKind, spaces?: string[]): Array<Promise<Buffer>> {
     const bs = this.blockSize;
-    if (countMisses) this.options.counters.misses += count;
     const stale = this.staleSince?.error;
     if (stale) {
       // Not registered in flight: another image sharing these spaces must not wait on this refusal.

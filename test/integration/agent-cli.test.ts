@@ -93,7 +93,7 @@ describe('bootcache agent (process)', () => {
     expect(status.json).toMatchObject({
       warmup: { boots: 3, reads: expect.any(Number), ms: expect.any(Number), prefetchedBlocks: expect.any(Number) },
       exports: [{ name: 'disk.raw', size: 8 * 1024 * 1024 }],
-      counters: { storage: { readRequests: expect.any(Number) }, cache: { misses: expect.any(Number) } },
+      counters: { storage: { readRequests: expect.any(Number) }, guestReads: { storage: expect.any(Number) } },
       nbd: { handshakes: 1, rejectedConnections: 0, droppedConnections: 0, protocolErrors: 0 },
     });
     const human = await cli('agent', 'status', '--control', p.control);

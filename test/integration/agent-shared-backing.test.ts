@@ -97,7 +97,7 @@ async function readExport(agent: Agent, config: AgentConfig, name: string, offse
 
 function snapshot(agent: Agent): { hits: number; misses: number; readBytes: number } {
   const { counters } = agent.status();
-  return { hits: counters.cache.hits, misses: counters.cache.misses, readBytes: counters.storage.readBytes };
+  return { hits: counters.guestReads.cache + counters.guestReads.prefetch, misses: counters.guestReads.storage, readBytes: counters.storage.readBytes };
 }
 
 describe('cache shared by overlays on one backing file', () => {
@@ -145,11 +145,12 @@ describe('cache shared by overlays on one backing file', () => {
     const [a, b] = await Promise.all([readExport(agent, config, 'qa.qcow2'), readExport(agent, config, 'qb.qcow2')]);
     expect(a.equals(await expected('qa.qcow2'))).toBe(true);
     expect(b.equals(await expected('qb.qcow2'))).toBe(true);
-    // At most one miss per (space, block) key, whatever the interleaving: a reader finding the other's
-    // read in flight counts a hit. Keys: every block of A, plus B's own 64k and the base blocks A
-    // shadows (2 x 64k); without sharing the base, B would miss nearly every block again (~2x).
+    // At most one storage read per (space, block) key, whatever the interleaving: a reader finding
+    // the other's read in flight joins it. Keys: every block of A, plus B's own 64k and the base
+    // blocks A shadows (2 x 64k); without sharing the base, B would read nearly every block again
+    // (~2x). Metadata (headers, L1/L2 tables) is well under 1 MiB.
     const ownOrShadowed = (64 * KiB + 2 * 64 * KiB) / BLOCK;
-    expect(agent.status().counters.cache.misses).toBeLessThanOrEqual(SIZE / BLOCK + ownOrShadowed);
+    expect(agent.status().counters.storage.readBytes).toBeLessThanOrEqual((SIZE / BLOCK + ownOrShadowed) * BLOCK + MiB);
   });
 
   it('does not serve stale blocks after the base file is rewritten', async () => {

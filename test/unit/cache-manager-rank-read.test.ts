@@ -86,7 +86,7 @@ function setup(format: 'qcow2' | 'raw', options: SetupOptions = {}) {
   const service = new CacheManager('disk', image, cache, {
     bootPolicy: { idleMs: 60_000, windowMs: 600_000, minReads: 1 },
     cacheMisses: true,
-    counters: { hits: 0, misses: 0 },
+    counters: { cache: 0, prefetch: 0, storage: 0 },
     onBootEnd: () => undefined,
   });
   service.setPrefetcher(prefetcher);

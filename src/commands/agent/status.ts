@@ -1,5 +1,5 @@
 import { Flags } from '@oclif/core';
-import type { AgentStatus } from '../../agent/agent.js';
+import type { AgentStatus, ExportStatus } from '../../agent/agent.js';
 import { DEFAULT_CONTROL } from '../../agent/config.js';
 import { controlRequest } from '../../agent/control.js';
 import { BaseCommand, commandUsage, exitCodesHelp } from '../../cli/base-command.js';
@@ -11,7 +11,7 @@ const EXIT_CODES = exitCodesHelp([ExitCode.AGENT], { [ExitCode.AGENT]: 'the cont
 
 export default class AgentStatusCommand extends BaseCommand<typeof AgentStatusCommand> {
   static override summary = "Show a running agent's exports, cache, prefetch progress and counters.";
-  static override description = `Asks the agent on its control socket. The --json result has "exports" (name, size, connections, prefetch progress, last boot: state recording/complete/discarded, reads, duration, endReason, discardReason), "cache" (capacity and use; "disk": the cache filesystem's room, a warning when it cannot hold --cache-size, and "shrunk" once a full disk shrank the cache), "prefetchBuffers" (the chunk buffers the agent keeps: bufferBytes, maxIdle, idle, allocated), "nbd" (activeConnections, totalConnections, rejectedConnections refused when full, droppedConnections still negotiating and dropped to make room, rejectedPerClient refused at --max-connections-per-client, bufferedBytes and peakBufferedBytes of reply buffers held within maxBufferedBytes, pausedConnections not read while that budget is spent, requestBufferedBytes, handshakes, requests, requestsInFlight, bytesRead, readErrors, protocolErrors) and "counters": {"storage": {"readRequests", "readBytes"}, "cache": {"hits", "misses"}, "prefetch": {"bytes", "unusedBytes"}, "boots": {"recorded", "skipped", "failed", "discarded"}}.
+  static override description = `Asks the agent on its control socket. The --json result has "exports" (name, size, connections, prefetch progress, last boot: state recording/complete/discarded, reads, duration, endReason, discardReason), "cache" (capacity and use; "disk": the cache filesystem's room, a warning when it cannot hold --cache-size, and "shrunk" once a full disk shrank the cache), "prefetchBuffers" (the chunk buffers the agent keeps: bufferBytes, maxIdle, idle, allocated), "nbd" (activeConnections, totalConnections, rejectedConnections refused when full, droppedConnections still negotiating and dropped to make room, rejectedPerClient refused at --max-connections-per-client, bufferedBytes and peakBufferedBytes of reply buffers held within maxBufferedBytes, pausedConnections not read while that budget is spent, requestBufferedBytes, handshakes, requests, requestsInFlight, bytesRead, readErrors, protocolErrors) and "counters": {"storage": {"readRequests", "readBytes"}, "guestReads": {"cache", "prefetch", "storage"} (blocks of guest reads by where they came from; the cache device's own get() calls are "cache.lookups": {"hit", "miss"}), "prefetch": {"bytes", "unusedBytes"} (unused: bytes a stream loaded that the first boot after it never read, counted once per stream), "boots": {"recorded", "skipped", "failed", "discarded"}, "publish": {"maps", "segments", "segmentsKept", "conflicts", "repairs", "builds"}}. Times are ISO 8601 ("startedAt"), durations in ms.
 
 ${EXIT_CODES}`;
 
@@ -32,19 +32,32 @@ ${EXIT_CODES}`;
     if (disk.shrunk) this.log(`cache: shrunk ${disk.shrunk.times}x for lack of disk space (configured ${formatBytes(disk.configuredCapacityBytes)}), last at ${disk.shrunk.at}: ${disk.shrunk.reason}`);
     else if (disk.warning) this.log(`cache: warning: ${disk.warning}`);
     const pool = status.prefetchBuffers;
-    this.log(`prefetch buffers: ${pool.allocated} of ${formatBytes(pool.bufferBytes)} allocated, ${pool.idle} idle`);
+    this.log(`prefetch buffers: ${pool.allocated} buffers of ${formatBytes(pool.bufferBytes)} each allocated, ${pool.idle} of them idle`);
     const n = status.nbd;
     this.log(
       `nbd: ${n.activeConnections} connections open, ${n.totalConnections} accepted, ${n.rejectedConnections} refused and ${n.droppedConnections} dropped when full, ${n.rejectedPerClient} refused per client; reply buffers ${formatBytes(n.bufferedBytes)} of ${formatBytes(n.maxBufferedBytes)} (peak ${formatBytes(n.peakBufferedBytes)}), ${n.pausedConnections} connections paused; ${n.requests} requests, ${n.readErrors} read errors, ${n.protocolErrors} protocol errors`,
     );
-    this.log(
-      `counters: storage ${c.storage.readRequests} reads / ${formatBytes(c.storage.readBytes)}; cache ${c.cache.hits} hits / ${c.cache.misses} misses; prefetch ${formatBytes(c.prefetch.bytes)} (${formatBytes(c.prefetch.unusedBytes)} unused); boots recorded ${c.boots.recorded}, discarded ${c.boots.discarded}`,
-    );
+    const g = c.guestReads;
+    this.log(`storage: ${c.storage.readRequests} read requests, ${formatBytes(c.storage.readBytes)}`);
+    this.log(`guest read blocks: ${g.cache} from the cache, ${g.prefetch} from prefetch chunks in flight, ${g.storage} from storage`);
+    this.log(`cache device lookups: ${status.cache.lookups.hit} hit, ${status.cache.lookups.miss} miss`);
+    this.log(`prefetch: ${formatBytes(c.prefetch.bytes)} streamed, ${formatBytes(c.prefetch.unusedBytes)} of it never read by a boot`);
+    this.log(`boots: ${c.boots.recorded} recorded, ${c.boots.skipped} skipped, ${c.boots.discarded} discarded, ${c.boots.failed} failed`);
     for (const e of status.exports) {
-      const boot = e.lastBoot ? `last boot ${e.lastBoot.state}, ${e.lastBoot.reads} reads, ${(e.lastBoot.durationMs / 1000).toFixed(1)} s${e.lastBoot.discardReason === undefined ? '' : ` (${e.lastBoot.discardReason})`}` : 'no boot yet';
-      const prefetch = e.prefetch ? `, prefetch ${e.prefetch.state} ${formatBytes(e.prefetch.bytesRead)}/${formatBytes(e.prefetch.bytesTotal)}` : '';
-      this.log(`  ${e.name}: ${formatBytes(e.size)}, ${e.connections} connections, ${boot}${prefetch}`);
+      const boot = e.lastBoot
+        ? `last boot ${e.lastBoot.state} (started ${e.lastBoot.startedAt}), ${e.lastBoot.reads} reads, ${(e.lastBoot.durationMs / 1000).toFixed(1)} s${e.lastBoot.discardReason === undefined ? '' : ` (${e.lastBoot.discardReason})`}`
+        : 'no boot yet';
+      this.log(`  ${e.name}: ${formatBytes(e.size)}, ${e.connections} connections, ${boot}${prefetchText(e.prefetch)}`);
     }
     return status;
   }
+}
+
+/** The export's prefetch in words; a stream that read nothing because every block was cached says so. */
+function prefetchText(p: ExportStatus['prefetch']): string {
+  if (!p) return '';
+  if (p.state === 'done' && p.bytesRead === 0 && p.blocksCached === p.blocks) {
+    return `, prefetch skipped: all ${formatBytes(p.bytesTotal)} of the segment were cached already`;
+  }
+  return `, prefetch ${p.state} ${formatBytes(p.bytesRead)} of ${formatBytes(p.bytesTotal)} read`;
 }
