@@ -14,7 +14,7 @@ import { openImageFromSource } from '../image/open.js';
 import type { DiskImage, SourceOpener } from '../image/types.js';
 import { CountingStorage, FaultyStorage, RetryingStorage, type RetryCounters } from '../storage/filters.js';
 import { openStorage } from '../storage/open.js';
-import type { Storage } from '../storage/types.js';
+import type { ObjectStat, Storage } from '../storage/types.js';
 import { BufferPool } from './buffer-pool.js';
 import { CacheDevice } from './cache/cache-device.js';
 import type { BootRecorder, BootSummary } from './boot-recorder.js';
@@ -31,6 +31,7 @@ import type { PassedSocket } from './socket-activation.js';
 import { Prefetcher, type PrefetchProgress } from './prefetcher.js';
 import { SidecarStore, SIDECAR_SUFFIXES, type PublishCounters } from './sidecars.js';
 import { warmUp, type WarmupReport } from './warmup.js';
+import { diskRule, hasRawExtension, isQcow2Head } from '../image/disk-names.js';
 
 /**
  * Chunk buffers kept between streams, at most: 2 x --prefetch-depth (a
@@ -155,6 +156,8 @@ export class Agent implements ExportProvider {
     },
   });
   private metricsServer: MetricsServer | undefined;
+  /** Storage objects found to be qcow2 images or not, by key and version (see isDisk). */
+  private readonly diskChecks = new Map<string, boolean>();
   /** Prefetch streams whose unused bytes are counted already (see onBootEnd). */
   private readonly unusedCounted = new WeakSet<Prefetcher>();
   private maintenance: cron.ScheduledTask | undefined;
@@ -354,7 +357,34 @@ export class Agent implements ExportProvider {
   // ExportProvider
 
   async list(): Promise<string[]> {
-    return (await this.storage.list()).map((o) => o.key).filter(isImageKey);
+    const objects = (await this.storage.list()).filter((o) => isImageKey(o.key));
+    const disks: string[] = [];
+    // A few first-bytes reads at a time: a bucket may hold many objects.
+    for (let i = 0; i < objects.length; i += 16) {
+      const batch = objects.slice(i, i + 16);
+      const ok = await Promise.all(batch.map((o) => this.isDisk(o)));
+      batch.forEach((o, k) => ok[k] && disks.push(o.key));
+    }
+    return disks;
+  }
+
+  /**
+   * Whether a storage object is a disk image to export: a raw image by its
+   * name (--raw-extensions), a qcow2 image by its magic (remembered per version).
+   */
+  private async isDisk(object: ObjectStat): Promise<boolean> {
+    if (!isImageKey(object.key)) return false;
+    if (hasRawExtension(object.key, this.config.rawExtensions)) return true;
+    if (object.size < 4) return false;
+    const memo = `${object.key}\0${object.version}`;
+    const known = this.diskChecks.get(memo);
+    if (known !== undefined) return known;
+    const head = await this.storage.read(object.key, 0, 4).catch(() => undefined);
+    if (head === undefined) return false;
+    const disk = isQcow2Head(head);
+    if (this.diskChecks.size >= 4096) this.diskChecks.clear();
+    this.diskChecks.set(memo, disk);
+    return disk;
   }
 
   async describe(name: string): Promise<ExportDescription> {
@@ -395,6 +425,9 @@ export class Agent implements ExportProvider {
       throw err;
     });
     if (!stat) throw new ExportNotFoundError(`no export named ${JSON.stringify(name)}`);
+    if (!(await this.isDisk(stat))) {
+      throw new ExportNotFoundError(`no export named ${JSON.stringify(name)}: exports are disk images, ${diskRule(this.config.rawExtensions)}`);
+    }
     const existing = this.services.get(name);
     if (existing && !existing.service.stale && (await this.chainVersion(stat.version, existing.service.image)) === existing.version) {
       return existing;

@@ -12,6 +12,7 @@ import { DEFAULT_MERGE_POLICY, type MergePolicy } from '../format/map.js';
 import { DEFAULT_BOOT_POLICY, type BootPolicy } from './boot-recorder.js';
 import { DEFAULT_READAHEAD } from './readahead.js';
 import { MAX_SOCKET_PATH_BYTES } from './socket-access.js';
+import { DEFAULT_RAW_EXTENSIONS } from '../image/disk-names.js';
 
 export const DEFAULT_NBD_PORT = 10809;
 export const DEFAULT_SOCKET = '/run/bootcache/nbd.sock';
@@ -41,6 +42,8 @@ export interface AgentConfig {
   s3PathStyle: boolean;
   /** S3 region; else AWS_REGION, AWS_DEFAULT_REGION, else us-east-1. */
   s3Region?: string;
+  /** Names of raw images to export (qcow2 images are found by their magic), e.g. ['.raw', '.img']. */
+  rawExtensions: string[];
   /** Serve Prometheus metrics at http://HOST:PORT/metrics. */
   metrics?: { host: string; port: number };
   boot: BootPolicy;
@@ -89,6 +92,7 @@ export const CONFIG_DEFAULTS: Omit<AgentConfig, 'storage' | 'cache'> = {
   storageRetries: 4,
   storageRetryDelayMs: 50,
   storageTimeoutMs: 30_000,
+  rawExtensions: DEFAULT_RAW_EXTENSIONS,
   s3PathStyle: false,
   boot: DEFAULT_BOOT_POLICY,
   merge: DEFAULT_MERGE_POLICY,
@@ -138,7 +142,7 @@ const KNOWN_KEYS = new Set([
   'storage', 'cache', 'socket', 'listen', 'control', 'cacheSize', 'cacheMisses', 'storageDelayMs',
   'storageErrorRate', 'storageRetries', 'storageRetryDelayMs', 'boot', 'merge', 'prefetchChunk', 'prefetchDepth', 'readahead', 'blockSize', 'maintenance',
   'maxConnections', 'socketMode', 'socketGroup', 'logLevel', 'warmup', 'maxConnectionsPerClient', 'maxBuffered',
-  'storageTimeoutMs', 's3Endpoint', 's3PathStyle', 's3Region', 'metrics',
+  'storageTimeoutMs', 's3Endpoint', 's3PathStyle', 's3Region', 'metrics', 'rawExtensions',
 ]);
 const KNOWN_BOOT_KEYS = new Set(['idleMs', 'windowMs', 'minReads', 'maxShare', 'maxShareFloor']);
 const KNOWN_MERGE_KEYS = new Set(['minSeen', 'window']);
@@ -188,6 +192,7 @@ export const FLAG_FOR_KEY: Readonly<Record<string, { flag: string; scale?: numbe
   s3PathStyle: { flag: 's3-path-style' },
   s3Region: { flag: 's3-region' },
   metrics: { flag: 'metrics' },
+  rawExtensions: { flag: 'raw-extensions' },
   'boot.idleMs': { flag: 'boot-idle', scale: 1000, unit: 'seconds' },
   'boot.windowMs': { flag: 'boot-window', scale: 1000, unit: 'seconds' },
   'boot.minReads': { flag: 'boot-min-reads' },
@@ -342,6 +347,7 @@ export function resolveConfig(fromFile: Raw, overrides: Raw = {}, fromFlags: Raw
     storageRetryDelayMs: num('storageRetryDelayMs', 1, 10_000),
     storageTimeoutMs: num('storageTimeoutMs', 100, 3_600_000),
     s3PathStyle: bool('s3PathStyle'),
+    rawExtensions: extensions(setting('rawExtensions')),
     boot,
     merge,
     prefetchChunk: size('prefetchChunk', 64 * 1024, 256 * 1024 * 1024, 'from 64K to 256M'),
@@ -428,4 +434,13 @@ function parseMode({ value, label }: Setting): number {
   // Connecting to a unix socket needs write permission: a mode nobody can connect with is a mistake.
   if ((mode & 0o222) === 0) throw new UsageError(`${label} ${mode.toString(8)} lets nobody connect (no write bit)`);
   return mode;
+}
+
+/** Raw image name endings, from a list or a comma-separated string: each starts with a dot. */
+function extensions(s: { value: unknown; label: string }): string[] {
+  const list = typeof s.value === 'string' ? s.value.split(',').map((e) => e.trim()).filter((e) => e !== '') : s.value;
+  if (!Array.isArray(list) || list.some((e) => typeof e !== 'string' || !/^\.[A-Za-z0-9._-]+$/.test(e))) {
+    throw new UsageError(`${s.label} must be name endings such as .raw,.img, got ${JSON.stringify(s.value)}`);
+  }
+  return list as string[];
 }

@@ -19,7 +19,7 @@ import { openImageFromSource } from '../image/open.js';
 import type { DiskImage, SourceOpener } from '../image/types.js';
 import { createS3Client, type S3Options } from '../storage/open.js';
 import { S3Storage, isS3Url, parseS3Url } from '../storage/s3.js';
-import { openImageFromFlags } from './image-flags.js';
+import { checkProbedDisk, openImageFromFlags } from './image-flags.js';
 import { checkInput, type InputKind } from './inputs.js';
 
 /** Flags of every command that reads or writes files: how to reach s3:// locations. */
@@ -112,7 +112,8 @@ export class Locations {
       },
     };
     const format = flags.format === 'raw' || flags.format === 'qcow2' ? flags.format : undefined;
-    return openImageFromSource(await storage.openSource(key), opener, { force: flags.force ?? false }, [key], format);
+    const image = await openImageFromSource(await storage.openSource(key), opener, { force: flags.force ?? false }, [key], format);
+    return checkProbedDisk(image, location, format);
   }
 
   /** Runs `fn` with the image open, closing it whatever happens. */
