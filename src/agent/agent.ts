@@ -633,12 +633,12 @@ export class Agent implements ExportProvider {
     };
   }
 
-  markBooted(name: string): BootSummary {
+  markBooted(name: string): Omit<BootSummary, 'startedAt'> & { startedAt: string } {
     const entry = this.services.get(name);
     if (!entry) throw new ExportNotFoundError(`export ${JSON.stringify(name)} is not open`);
     const summary = entry.service.markBooted();
     if (!summary) throw new ExportNotFoundError(`export ${JSON.stringify(name)} has no boot recorded`);
-    return summary;
+    return { ...summary, startedAt: isoTime(summary.startedAt) };
   }
 
   /** The NBD socket: the --socket path, or the sockets systemd passed. */
