@@ -7,7 +7,7 @@
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdir, mkdtemp, readFile, rm, rmdir, stat, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, rmdir, stat, statfs, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -95,7 +95,7 @@ describe('cache device on a filesystem smaller than its capacity', () => {
       await cache.flush();
       const s = cache.stats();
       expect(s.noSpaceWrites).toBeGreaterThan(0);
-      expect(s.disk.shrunk).toMatchObject({ capacityBytes: s.capacityBytes, reason: expect.stringMatching(/cache\.data: no space left on device \(while writing/) });
+      expect(s.disk.shrunk).toMatchObject({ capacityBytes: s.capacityBytes, reason: expect.stringMatching(/cache\.(data: no space left on device \(while writing|journal: no space left on device \(while appending)/) });
       expect(s.capacityBytes).toBeLessThan(2 * MiB);
       const shrinks = log.warnings.filter((w) => /the disk is full/.test(w));
       // Once per shrink, not once per failed write.
@@ -135,6 +135,42 @@ describe('cache device on a filesystem smaller than its capacity', () => {
       await cache.close();
     });
   }
+});
+
+describe('a full disk at the journal commit', () => {
+  it('shrinks the data file and commits the journal again, instead of failing the cache', async () => {
+    const fs = await smallFilesystem(4 * MiB);
+    const dir = join(fs, 'cache');
+    const log = collectingLogger();
+    const cache = await CacheDevice.open(dir, { capacityBytes: 8 * MiB, logger: log, verifyReads: false });
+    // Blocks written and committed; then another file takes the rest of the disk, and records
+    // alone (boot marks) grow the journal: its append finds no room.
+    await inParallel(8, range(0, 256), (b) => cache.put('bb', b, block('bb', b), 'other'));
+    await cache.flush();
+    const filler = join(fs, 'filler');
+    await run('sh', ['-c', `dd if=/dev/zero of=${filler} bs=4k 2>/dev/null || true`]);
+    for (let i = 0; i < 2000; i++) {
+      cache.markBooted(i.toString(16).padStart(8, "0"));
+      if (i % 100 === 99) await cache.flush();
+    }
+    await cache.flush();
+    const s = cache.stats();
+    expect(s.disk.shrunk?.reason).toMatch(/cache\.journal: no space left on device \(while appending to the cache journal\)/);
+    // Every block still mapped reads back exact; the cache keeps working.
+    let hits = 0;
+    for (const b of range(0, 256)) {
+      const got = await cache.get('bb', b);
+      if (!got) continue;
+      hits++;
+      expect(got.equals(block('bb', b))).toBe(true);
+    }
+    expect(hits).toBe(cache.stats().blocks);
+    await rm(filler);
+    await cache.put('bb', 1000, block('bb', 1000), 'other');
+    await cache.flush();
+    expect((await cache.get('bb', 1000))?.equals(block('bb', 1000))).toBe(true);
+    await cache.close();
+  });
 });
 
 describe('agent with its cache on a filesystem smaller than --cache-size', () => {

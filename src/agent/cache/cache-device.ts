@@ -856,10 +856,10 @@ export class CacheDevice implements BlockCache {
    * resolves; a later miss reads storage again) and the cache shrinks, once
    * for all the writes that failed before the shrink was done.
    */
-  private async noSpace(err: unknown, doing: string, shrinksBefore: number): Promise<void> {
+  private async noSpace(err: unknown, doing: string, shrinksBefore: number, file: string = FILES.data): Promise<void> {
     this.counters.noSpaceWrites++;
     if (!this.shrinking && this.shrinks === shrinksBefore) {
-      const reason = fromSystemError(err, join(this.dir, FILES.data), doing).message;
+      const reason = fromSystemError(err, join(this.dir, file), doing).message;
       this.shrinking = this.shrinkForSpace(reason).finally(() => {
         this.shrinking = undefined;
         this.shrinks++;
@@ -920,7 +920,8 @@ export class CacheDevice implements BlockCache {
         `(was ${mib(from * this.blockSize)}, configured ${mib(this.disk.configuredCapacityBytes)}), ${dropped} cached blocks past that dropped`,
     );
     if (!this.closed && !this.failed) {
-      await this.exclusive(() => this.compactLocked()).catch((err: unknown) => this.log.warn(`cache compaction failed: ${(err as Error).message}`));
+      // Not awaited: a journal commit waiting for this shrink holds the lane the compaction needs.
+      void this.exclusive(() => this.compactLocked()).catch((err: unknown) => this.log.warn(`cache compaction failed: ${(err as Error).message}`));
     }
   }
 
@@ -978,9 +979,22 @@ export class CacheDevice implements BlockCache {
         await this.files.data.datasync();
       }
       const bytes = batch.records.bytes;
-      await writevAll(this.files.journal, batch.records.take(), this.journalSize);
+      const records = batch.records.take();
+      for (let attempt = 1; ; attempt++) {
+        try {
+          // Rewritten from the same offset on a retry: a partial append is overwritten.
+          await writevAll(this.files.journal, records, this.journalSize);
+          await this.files.journal.datasync();
+          break;
+        } catch (err) {
+          // The blocks filled the disk before the journal could grow: shrinking the data file
+          // frees room, then the append goes again, once.
+          if (!isNoSpace(err) || attempt > 1) throw err;
+          await this.noSpace(err, 'appending to the cache journal', this.shrinks, FILES.journal);
+          if (this.failed) throw this.failed;
+        }
+      }
       this.journalSize += bytes;
-      await this.files.journal.datasync();
     } catch (err) {
       const error = this.fail(err, 'committing the cache journal');
       batch.reject(error);
