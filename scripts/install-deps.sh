@@ -18,6 +18,7 @@ command -v ceph-osd >/dev/null || need+=(ceph-osd)
 command -v radosgw >/dev/null || need+=(radosgw)
 command -v radosgw-admin >/dev/null || need+=(ceph-common)
 command -v curl >/dev/null || need+=(curl)
+command -v man >/dev/null || need+=(man-db)
 # systemd-analyze and systemd-socket-activate for the unit tests (no systemd as PID 1 needed).
 command -v systemd-socket-activate >/dev/null || need+=(systemd)
 # promtool and a Prometheus server for the metrics tests.
