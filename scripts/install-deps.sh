@@ -24,6 +24,8 @@ command -v systemd-socket-activate >/dev/null || need+=(systemd)
 # promtool and a Prometheus server for the metrics tests.
 command -v promtool >/dev/null || need+=(prometheus)
 command -v uuidgen >/dev/null || need+=(uuid-runtime)
+# psktool and certtool make the TLS tests' keys and certificates.
+command -v psktool >/dev/null || need+=(gnutls-bin)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need[*]}"
   apt-get update -qq

@@ -170,6 +170,18 @@ export class ResourceLimitError extends BootcacheError {
   readonly exitCode = ExitCode.IO;
 }
 
+/** TLS credentials (--tls-certificates, --tls-psk) that are missing, unreadable or malformed. */
+export class TlsCredentialsError extends BootcacheError {
+  readonly code = 'BC_TLS_CREDENTIALS';
+  readonly exitCode = ExitCode.AGENT;
+}
+
+/** A client's TLS handshake failed (wrong key, untrusted certificate, dropped, timed out): that connection ends. */
+export class TlsHandshakeError extends BootcacheError {
+  readonly code = 'BC_TLS_HANDSHAKE';
+  readonly exitCode = ExitCode.IO;
+}
+
 /** Turns a Node system error (ENOENT, EACCES, ...) into a one-line bootcache error. */
 export function fromSystemError(err: unknown, file: string, doing: string): BootcacheError {
   if (err instanceof BootcacheError) return err;

@@ -13,6 +13,7 @@ import { DEFAULT_BOOT_POLICY, type BootPolicy } from './boot-recorder.js';
 import { DEFAULT_READAHEAD } from './readahead.js';
 import { MAX_SOCKET_PATH_BYTES } from './socket-access.js';
 import { DEFAULT_RAW_EXTENSIONS } from '../image/disk-names.js';
+import type { TlsMode, TlsSettings } from '../nbd/server/tls.js';
 
 export const DEFAULT_NBD_PORT = 10809;
 export const DEFAULT_SOCKET = '/run/bootcache/nbd.sock';
@@ -46,6 +47,8 @@ export interface AgentConfig {
   rawExtensions: string[];
   /** Serve Prometheus metrics at http://HOST:PORT/metrics. */
   metrics?: { host: string; port: number };
+  /** TLS on NBD connections (NBD_OPT_STARTTLS); `require` applies to TCP clients. */
+  tls: TlsSettings;
   boot: BootPolicy;
   merge: MergePolicy;
   /** Segment bytes per sequential prefetch read. */
@@ -109,6 +112,7 @@ export const CONFIG_DEFAULTS: Omit<AgentConfig, 'storage' | 'cache'> = {
   socketMode: 0o660,
   logLevel: 'info',
   warmup: true,
+  tls: { mode: 'off', verifyPeer: false },
 };
 
 /** Parses sizes like 4096, 64K, 512M, 8G, 1.5GiB; `label` names the setting in errors. */
@@ -143,6 +147,7 @@ const KNOWN_KEYS = new Set([
   'storageErrorRate', 'storageRetries', 'storageRetryDelayMs', 'boot', 'merge', 'prefetchChunk', 'prefetchDepth', 'readahead', 'blockSize', 'maintenance',
   'maxConnections', 'socketMode', 'socketGroup', 'logLevel', 'warmup', 'maxConnectionsPerClient', 'maxBuffered',
   'storageTimeoutMs', 's3Endpoint', 's3PathStyle', 's3Region', 'metrics', 'rawExtensions',
+  'tls', 'tlsCertificates', 'tlsVerifyPeer', 'tlsPsk',
 ]);
 const KNOWN_BOOT_KEYS = new Set(['idleMs', 'windowMs', 'minReads', 'maxShare', 'maxShareFloor']);
 const KNOWN_MERGE_KEYS = new Set(['minSeen', 'window']);
@@ -192,6 +197,10 @@ export const FLAG_FOR_KEY: Readonly<Record<string, { flag: string; scale?: numbe
   s3PathStyle: { flag: 's3-path-style' },
   s3Region: { flag: 's3-region' },
   metrics: { flag: 'metrics' },
+  tls: { flag: 'tls' },
+  tlsCertificates: { flag: 'tls-certificates' },
+  tlsVerifyPeer: { flag: 'tls-verify-peer' },
+  tlsPsk: { flag: 'tls-psk' },
   rawExtensions: { flag: 'raw-extensions' },
   'boot.idleMs': { flag: 'boot-idle', scale: 1000, unit: 'seconds' },
   'boot.windowMs': { flag: 'boot-window', scale: 1000, unit: 'seconds' },
@@ -241,7 +250,7 @@ export function resolveConfig(fromFile: Raw, overrides: Raw = {}, fromFlags: Raw
   const nested: Record<string, Raw> = { boot: sub('boot', KNOWN_BOOT_KEYS), merge: sub('merge', KNOWN_MERGE_KEYS) };
 
   const d = CONFIG_DEFAULTS;
-  const defaults: Raw = { ...d, 'boot.idleMs': d.boot.idleMs, 'boot.windowMs': d.boot.windowMs, 'boot.minReads': d.boot.minReads,
+  const defaults: Raw = { ...d, tls: d.tls.mode, tlsVerifyPeer: d.tls.verifyPeer, 'boot.idleMs': d.boot.idleMs, 'boot.windowMs': d.boot.windowMs, 'boot.minReads': d.boot.minReads,
     'boot.maxShare': d.boot.maxShare, 'boot.maxShareFloor': d.boot.maxShareFloor,
     'merge.minSeen': d.merge.minSeen, 'merge.window': d.merge.window };
   const setting = (key: string): Setting => {
@@ -362,6 +371,7 @@ export function resolveConfig(fromFile: Raw, overrides: Raw = {}, fromFlags: Raw
     socketMode: parseMode(setting('socketMode')),
     logLevel: logLevel.value as AgentConfig['logLevel'],
     warmup: bool('warmup'),
+    tls: tlsSettings(setting),
   };
   if (realLocation(config.socket) === realLocation(config.control)) {
     // One path cannot be both sockets; at start it would read as "in use by another process".
@@ -396,6 +406,35 @@ export function resolveConfig(fromFile: Raw, overrides: Raw = {}, fromFlags: Raw
   }
   return config;
 }
+
+/** --tls, --tls-certificates, --tls-verify-peer, --tls-psk: one credential kind, and credentials exactly when TLS is on. */
+function tlsSettings(setting: (key: string) => Setting): TlsSettings {
+  const mode = setting('tls');
+  if (!TLS_MODES.includes(mode.value as TlsMode)) throw new UsageError(`${mode.label} must be off, on or require, got ${JSON.stringify(mode.value)}`);
+  const verify = setting('tlsVerifyPeer');
+  if (typeof verify.value !== 'boolean') throw new UsageError(`${verify.label} must be true or false, got ${JSON.stringify(verify.value)}`);
+  const tls: TlsSettings = { mode: mode.value as TlsMode, verifyPeer: verify.value };
+  const certificates = setting('tlsCertificates');
+  const psk = setting('tlsPsk');
+  for (const [s, key] of [[certificates, 'certificates'], [psk, 'psk']] as const) {
+    if (s.value === undefined) continue;
+    if (typeof s.value !== 'string' || s.value === '') throw new UsageError(`${s.label} must be a path, got ${JSON.stringify(s.value)}`);
+    tls[key] = s.value;
+  }
+  if (tls.certificates !== undefined && tls.psk !== undefined) {
+    throw new UsageError(`${certificates.label} and ${psk.label} are two kinds of credentials: give one`);
+  }
+  if (tls.mode === 'off') {
+    const given = tls.certificates !== undefined ? certificates : tls.psk !== undefined ? psk : tls.verifyPeer ? verify : undefined;
+    if (given) throw new UsageError(`${given.label} needs TLS on (--tls on or --tls require)`);
+  } else if (tls.certificates === undefined && tls.psk === undefined) {
+    throw new UsageError(`${mode.label} ${tls.mode} needs credentials: --tls-certificates DIR (X.509) or --tls-psk FILE`);
+  }
+  if (tls.verifyPeer && tls.psk !== undefined) throw new UsageError(`${verify.label} checks X.509 client certificates; with ${psk.label} the key itself identifies the client`);
+  return tls;
+}
+
+const TLS_MODES: readonly TlsMode[] = ['off', 'on', 'require'];
 
 /**
  * Where `path` really is: its parent's real path (so a symlinked directory,

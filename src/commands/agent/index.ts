@@ -23,7 +23,7 @@ export default class AgentRun extends BaseCommand<typeof AgentRun> {
 
 Runs in the foreground until SIGTERM or SIGINT: it then stops accepting, finishes in-flight requests, and flushes maps and the cache index (a signal during the start makes it give up cleanly, exit status 0). Logs are JSON lines (pino) on stdout. TCP is used only with --listen (default port ${DEFAULT_NBD_PORT}).
 
-Settings come from flags or a JSON config file (--config); flags win. Config keys: storage, cache, socket, listen, control, metrics, rawExtensions, cacheSize, cacheMisses, storageDelayMs, storageErrorRate, storageRetries, storageRetryDelayMs, storageTimeoutMs, s3Endpoint, s3PathStyle, s3Region, boot {idleMs, windowMs, minReads, maxShare, maxShareFloor}, merge {minSeen, window}, prefetchChunk, prefetchDepth, readahead, blockSize, maintenance, maxConnections, maxConnectionsPerClient, maxBuffered, socketMode, socketGroup, logLevel, warmup.
+Settings come from flags or a JSON config file (--config); flags win. Config keys: storage, cache, socket, listen, control, metrics, rawExtensions, cacheSize, cacheMisses, storageDelayMs, storageErrorRate, storageRetries, storageRetryDelayMs, storageTimeoutMs, s3Endpoint, s3PathStyle, s3Region, tls, tlsCertificates, tlsVerifyPeer, tlsPsk, boot {idleMs, windowMs, minReads, maxShare, maxShareFloor}, merge {minSeen, window}, prefetchChunk, prefetchDepth, readahead, blockSize, maintenance, maxConnections, maxConnectionsPerClient, maxBuffered, socketMode, socketGroup, logLevel, warmup.
 
 ${EXIT_CODES}`;
 
@@ -53,6 +53,10 @@ ${EXIT_CODES}`;
     'storage-retry-delay': Flags.integer({ description: `Delay before the first storage retry in ms, doubled for each further one, with jitter (default ${CONFIG_DEFAULTS.storageRetryDelayMs}).`, helpValue: 'MS' }),
     'storage-timeout': Flags.string({ description: `A guest read that needs storage gets EIO once this many seconds have passed, its retries included; each request gets at most 10 s of it (default ${CONFIG_DEFAULTS.storageTimeoutMs / 1000}).`, helpValue: 'SECONDS' }),
     'raw-extensions': Flags.string({ description: 'Exports are disk images: qcow2 images (by their header) and raw images whose name ends in one of these, comma-separated (default .raw,.img). Other files in the storage root are not exported.', helpValue: 'EXTS' }),
+    tls: Flags.string({ description: 'TLS on NBD connections: off, on (a client may start TLS) or require (a TCP client must start TLS before anything else; unix socket clients may). Needs --tls-certificates or --tls-psk (default off).', options: ['off', 'on', 'require'] }),
+    'tls-certificates': Flags.string({ description: 'X.509 credentials directory in QEMU\'s layout: server-cert.pem, server-key.pem, and ca-cert.pem for --tls-verify-peer.', helpValue: 'DIR' }),
+    'tls-verify-peer': Flags.boolean({ description: 'Require a client certificate signed by ca-cert.pem (X.509 only; default off).', allowNo: true }),
+    'tls-psk': Flags.string({ description: 'Pre-shared keys, one "username:hexkey" line per client, as `psktool -u NAME -p FILE` writes them.', helpValue: 'FILE' }),
     metrics: Flags.string({ description: 'Serve Prometheus metrics at http://HOST:PORT/metrics (no per-image labels; see docs/agent.md, "Metrics").', helpValue: 'HOST:PORT' }),
     's3-endpoint': Flags.string({ description: 'S3 endpoint for s3:// storage, e.g. http://rgw.example:7480 (default AWS_ENDPOINT_URL, else AWS). Credentials come from the AWS chain: environment, shared config and credentials files, AWS_PROFILE.', helpValue: 'URL' }),
     's3-path-style': Flags.boolean({ description: 'Path-style S3 requests (http://host/BUCKET/KEY), as Ceph RGW and MinIO need (default off).', allowNo: true }),
