@@ -44,11 +44,82 @@ beforeAll(async () => {
   await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', join(dir, 'mid.qcow2'), '4M']);
   await qemuIo(join(dir, 'mid.qcow2'), 'qcow2', ['write -P 0x11 1M 64k']);
   await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', join(dir, 'top3.qcow2'), '4M']);
+  // A deep chain, each layer longer than its backing file: a 4M base with data,
+  // zero and unallocated clusters; a 5M middle; a 6M top with a compressed cluster.
+  await qemuImg(['create', '-q', '-f', 'qcow2', join(dir, 'deep-base.qcow2'), '4M']);
+  await qemuIo(join(dir, 'deep-base.qcow2'), 'qcow2', ['write -P 0x21 0 1M', 'write -z 256k 64k', 'write -P 0x22 3M 512k']);
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'deep-base.qcow2', '-F', 'qcow2', join(dir, 'deep-mid.qcow2'), '5M']);
+  await qemuIo(join(dir, 'deep-mid.qcow2'), 'qcow2', ['write -P 0x31 512k 128k', 'write -z 2M 64k', 'write -P 0x32 4M 64k', 'write -z 4352k 64k']);
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'deep-mid.qcow2', '-F', 'qcow2', join(dir, 'deep-top.qcow2'), '6M']);
+  await qemuIo(join(dir, 'deep-top.qcow2'), 'qcow2', [
+    'write -P 0x41 0 64k', 'write -c -P 0x42 576k 64k', 'write -z 3M 64k', 'write -P 0x43 4544k 64k', 'write -P 0x44 5632k 64k',
+  ]);
 });
 
 afterAll(async () => {
   for (const image of opened) await image.close();
   await removeTmpDir(dir);
+});
+
+/**
+ * owner() of every range of `size` bytes from `start`, every `step` bytes, as
+ * run-length encoded labels: chainN = identity of the sub-chain from layer N
+ * (the layer opened alone with its backing files), ownN = layer N alone,
+ * '-' = no single owner.
+ */
+async function ownerMap(image: DiskImage, files: string[], start: number, size: number, step: number): Promise<string> {
+  const labels = new Map<string, string>();
+  for (let i = files.length - 1; i >= 0; i--) {
+    labels.set(layerOwner(image, i), `own${i}`);
+    labels.set((await open(files[i]!)).identity, `chain${i}`);
+  }
+  const runs: Array<[string, number]> = [];
+  for (let off = start; off < image.virtualSize; off += step) {
+    const owner = await image.owner(off, Math.min(size, image.virtualSize - off));
+    const label = owner === undefined ? '-' : (labels.get(owner) ?? `unknown ${owner}`);
+    const last = runs[runs.length - 1];
+    if (last && last[0] === label) last[1]++;
+    else runs.push([label, 1]);
+  }
+  return runs.map(([label, n]) => `${label}*${n}`).join(' ');
+}
+
+/** Today's answers, pinned: the cache spaces of every block must not change under a refactor. */
+describe('DiskImage.owner, pinned over whole chains', () => {
+  const cases: Array<{ top: string; files: string[]; start: number; size: number; step: number; want: string }> = [
+    { top: 'top.qcow2', files: ['top.qcow2', 'base.qcow2'], start: 0, size: 4 * KiB, step: 4 * KiB,
+      want: 'own0*16 chain1*16 own0*16 chain1*976 own0*16 chain0*496' },
+    { top: 'top.qcow2', files: ['top.qcow2', 'base.qcow2'], start: 0, size: 64 * KiB, step: 64 * KiB,
+      want: 'own0*1 chain1*1 own0*1 chain1*61 own0*1 chain0*31' },
+    { top: 'top.qcow2', files: ['top.qcow2', 'base.qcow2'], start: 2 * KiB, size: 12 * KiB, step: 8 * KiB,
+      want: 'own0*7 -*1 chain1*7 -*1 own0*7 -*1 chain1*487 -*1 own0*7 -*1 chain0*248' },
+    { top: 'raw-top.qcow2', files: ['raw-top.qcow2', 'base.raw'], start: 0, size: 4 * KiB, step: 4 * KiB,
+      want: 'chain1*16 own0*16 chain1*992' },
+    { top: 'ext.qcow2', files: ['ext.qcow2', 'base.raw'], start: 0, size: 1 * KiB, step: 1 * KiB,
+      want: 'chain1*2 own0*2 chain1*4092' },
+    { top: 'ext.qcow2', files: ['ext.qcow2', 'base.raw'], start: 0, size: 4 * KiB, step: 4 * KiB,
+      want: '-*1 chain1*1023' },
+    { top: 'top3.qcow2', files: ['top3.qcow2', 'mid.qcow2', 'base.qcow2'], start: 0, size: 4 * KiB, step: 4 * KiB,
+      want: 'chain2*256 own1*16 chain2*752' },
+    { top: 'deep-mid.qcow2', files: ['deep-mid.qcow2', 'deep-base.qcow2'], start: 0, size: 4 * KiB, step: 4 * KiB,
+      want: 'chain1*128 own0*32 chain1*352 own0*16 chain1*496 own0*16 chain0*48 own0*16 chain0*176' },
+    { top: 'deep-top.qcow2', files: ['deep-top.qcow2', 'deep-mid.qcow2', 'deep-base.qcow2'], start: 0, size: 4 * KiB, step: 4 * KiB,
+      want: 'own0*16 chain2*112 own1*16 own0*16 chain2*352 own1*16 chain2*240 own0*16 chain2*240 own1*16 chain1*48 own1*16 chain1*32 own0*16 chain1*128 chain0*128 own0*16 chain0*112' },
+    { top: 'deep-top.qcow2', files: ['deep-top.qcow2', 'deep-mid.qcow2', 'deep-base.qcow2'], start: 0, size: 64 * KiB, step: 64 * KiB,
+      want: 'own0*1 chain2*7 own1*1 own0*1 chain2*22 own1*1 chain2*15 own0*1 chain2*15 own1*1 chain1*3 own1*1 chain1*2 own0*1 chain1*8 chain0*8 own0*1 chain0*7' },
+    { top: 'deep-top.qcow2', files: ['deep-top.qcow2', 'deep-mid.qcow2', 'deep-base.qcow2'], start: 2 * KiB, size: 12 * KiB, step: 8 * KiB,
+      want: 'own0*7 -*1 chain2*55 -*1 own1*7 -*1 own0*7 -*1 chain2*175 -*1 own1*7 -*1 chain2*119 -*1 own0*7 -*1 chain2*119 -*1 own1*7 -*1 chain1*23 -*1 own1*7 -*1 chain1*15 -*1 own0*7 -*1 chain1*63 -*1 chain0*63 -*1 own0*7 -*1 chain0*56' },
+    { top: 'deep-top.qcow2', files: ['deep-top.qcow2', 'deep-mid.qcow2', 'deep-base.qcow2'], start: 0, size: 1 * MiB, step: 1 * MiB,
+      want: '-*1 chain2*1 -*4' },
+    { top: 'deep-top.qcow2', files: ['deep-top.qcow2', 'deep-mid.qcow2', 'deep-base.qcow2'], start: 4 * MiB - 2 * KiB, size: 4 * KiB, step: 4 * KiB,
+      want: '-*1 own1*15 -*1 chain1*47 -*1 own1*15 -*1 chain1*31 -*1 own0*15 -*1 chain1*127 -*1 chain0*127 -*1 own0*15 -*1 chain0*112' },
+  ];
+  for (const c of cases) {
+    it(`${c.top}: ranges of ${c.size} bytes every ${c.step} from ${c.start}`, async () => {
+      const image = await open(c.top);
+      expect(await ownerMap(image, c.files, c.start, c.size, c.step)).toBe(c.want);
+    });
+  }
 });
 
 describe('DiskImage.owner', () => {
