@@ -28,16 +28,16 @@
  * block i.
  *
  * Cache space of a block: the owner identity of the layer that supplies it
- * (DiskImage.owner), so overlays on one backing file share its cached blocks;
+ * (ImageSpaces.owner), so overlays on one backing file share its cached blocks;
  * the chain identity when layers mix within the block. Single-layer images
  * use their identity without a lookup.
  */
 import { ImageChangedError } from '../errors.js';
-import { chainSpaces } from '../image/identity.js';
 import type { DiskImage, Extent } from '../image/types.js';
 import type { BlockCache, CacheBlockKind, CacheEntry } from './block-cache.js';
 import { BootLifecycle } from './boot-lifecycle.js';
 import type { BootPolicy, BootRecorder, BootSummary } from './boot-recorder.js';
+import { ImageSpaces } from './cache/spaces.js';
 import { MissWriter } from './miss-writer.js';
 import type { Prefetcher } from './prefetcher.js';
 import { DEFAULT_READAHEAD, SequentialReadahead } from './readahead.js';
@@ -81,8 +81,10 @@ const OWNER_MEMO_MAX = 1 << 18;
 export class CacheManager {
   /** The chain identity: the space of single-layer images and of mixed blocks. */
   readonly space: string;
-  /** Every space this image's blocks may live in (see chainSpaces). */
+  /** Every space this image's blocks may live in (see ImageSpaces.all). */
   readonly spaces: string[];
+  /** Which space each block of the image belongs to. */
+  private readonly imageSpaces: ImageSpaces;
   private readonly blockSize: number;
   private readonly inFlight: Map<string, Promise<Buffer>>;
   private readonly missWriter: MissWriter;
@@ -106,8 +108,9 @@ export class CacheManager {
     private readonly options: CacheManagerOptions,
   ) {
     this.space = image.identity;
-    this.spaces = chainSpaces(image);
-    this.layered = image.layers().length > 1;
+    this.imageSpaces = new ImageSpaces(image);
+    this.spaces = this.imageSpaces.all();
+    this.layered = this.imageSpaces.layered;
     this.inFlight = options.inFlight ?? new Map();
     this.missWriter = options.missWriter ?? new MissWriter(cache);
     const ra = options.readaheadBytes ?? 0;
@@ -305,7 +308,7 @@ export class CacheManager {
     if (known !== undefined) return known;
     const offset = block * this.blockSize;
     const length = Math.min(this.image.virtualSize, offset + this.blockSize) - offset;
-    return this.fromStorage(() => this.image.owner(offset, length), false).then((owner) => {
+    return this.fromStorage(() => this.imageSpaces.owner(offset, length), false).then((owner) => {
       // The image is immutable while this cache manager lives: remember the answer.
       if (this.ownerMemo.size >= OWNER_MEMO_MAX) this.ownerMemo.clear();
       const space = owner ?? this.space;

@@ -311,8 +311,6 @@ export class SidecarStore {
         read: (offset, length) => service.readUnrecorded(offset, length),
         extents: (offset, length) => image.extents(offset, length),
         layers: () => image.layers(),
-        identityLayers: () => image.identityLayers(),
-        owner: (offset, length) => image.owner(offset, length),
         close: async () => undefined,
       };
       this.counters.builds++;

@@ -15,7 +15,8 @@ export interface ImageInspection {
   identity: string;
   /** The backing chain below the image, nearest first. */
   backingChain: Array<Pick<LayerInfo, 'name' | 'format' | 'virtualSize' | 'fileSize' | 'allocatedBytes'>>;
-  layers: LayerInfo[];
+  /** The chain, top first, without the identity inputs (the identity stands for them). */
+  layers: Array<Omit<LayerInfo, 'stamp' | 'metadata'>>;
 }
 
 /** Guest-visible facts about an image, from its metadata only (no data reads). */
@@ -34,7 +35,7 @@ export async function inspectImage(image: DiskImage): Promise<ImageInspection> {
     backingChain: layers.slice(1).map(({ name, format, virtualSize, fileSize, allocatedBytes }) => ({
       name, format, virtualSize, fileSize, allocatedBytes,
     })),
-    layers,
+    layers: layers.map(({ stamp: _stamp, metadata: _metadata, ...layer }) => layer),
   };
   if (top.clusterSize !== undefined) result.clusterSize = top.clusterSize;
   return result;

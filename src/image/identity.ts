@@ -11,21 +11,15 @@
  *            cluster (header and header extensions) and the L1 table; for raw
  *            the first and last 64 KiB (partition tables, boot sectors).
  *
- * Owner identity (cache spaces shared across a backing chain): the bytes a
- * layer supplies itself (its data, compressed and zero clusters) depend on
- * that layer's file alone, so they are named by
- *   layerOwner = identity of that layer as if it were the whole chain,
- *                i.e. computeIdentity(format, its virtualSize, [its layer])
- * which is the image identity of a layer without backing file. Zeros read
- * past the end of a shorter backing file depend on the backing file's size
- * too: they are owned by the identity of the sub-chain from the layer that
- * reads them as zeros.
+ * Each layer's inputs are in its LayerInfo (DiskImage.layers()); the agent's
+ * cache derives the spaces shared across backing chains from them
+ * (src/agent/cache/spaces.ts).
  *
  * Copying an image must keep its mtime (cp -p, rsync -a) for its map and
  * segment to stay valid; otherwise the agent records and rebuilds them.
  */
 import { createHash } from 'node:crypto';
-import type { ImageFormat, LayerInfo } from './types.js';
+import type { ImageFormat } from './types.js';
 
 export interface LayerIdentity {
   format: ImageFormat;
@@ -43,21 +37,6 @@ export function computeIdentity(format: ImageFormat, virtualSize: number, layers
     layers: layers.map((l) => ({ format: l.format, stamp: l.stamp, metadata: l.metadata })),
   });
   return createHash('sha256').update(canonical).digest('hex');
-}
-
-/**
- * Every space an image's blocks may be cached under: its identity, and per
- * layer its owner identity and the identity of the sub-chain it starts.
- */
-export function chainSpaces(image: { layers(): LayerInfo[]; identityLayers(): LayerIdentity[]; identity: string }): string[] {
-  const infos = image.layers();
-  const ids = image.identityLayers();
-  const spaces = new Set<string>([image.identity]);
-  infos.forEach((info, i) => {
-    spaces.add(computeIdentity(info.format, info.virtualSize, [ids[i]!]));
-    spaces.add(computeIdentity(info.format, info.virtualSize, ids.slice(i)));
-  });
-  return [...spaces];
 }
 
 export function sha256Hex(...parts: Buffer[]): string {

@@ -1,7 +1,7 @@
 import { InvalidImageError } from '../errors.js';
 import { readSourceInto } from './file-source.js';
 import { computeIdentity, sha256Hex, type LayerIdentity } from './identity.js';
-import type { ByteSource, DiskImage, Extent, LayerInfo } from './types.js';
+import type { ByteSource, DiskImage, ImageExtent, LayerInfo } from './types.js';
 
 const IDENTITY_SAMPLE = 64 * 1024;
 
@@ -42,14 +42,9 @@ export class RawImage implements DiskImage {
     return readSourceInto(this.source, offset, length, target, targetOffset);
   }
 
-  async owner(offset: number, length: number): Promise<string | undefined> {
+  async extents(offset: number, length: number): Promise<ImageExtent[]> {
     checkRange(this, offset, length);
-    return this.identity;
-  }
-
-  async extents(offset: number, length: number): Promise<Extent[]> {
-    checkRange(this, offset, length);
-    return length === 0 ? [] : [{ offset, length, kind: 'data' }];
+    return length === 0 ? [] : [{ offset, length, kind: 'data', depth: 0 }];
   }
 
   layers(): LayerInfo[] {
@@ -60,12 +55,10 @@ export class RawImage implements DiskImage {
         virtualSize: this.source.size,
         fileSize: this.source.size,
         allocatedBytes: this.source.size,
+        stamp: this.layerIdentity.stamp,
+        metadata: this.layerIdentity.metadata,
       },
     ];
-  }
-
-  identityLayers(): LayerIdentity[] {
-    return [this.layerIdentity];
   }
 
   async close(): Promise<void> {
@@ -74,7 +67,7 @@ export class RawImage implements DiskImage {
 }
 
 /** Rejects reads outside [0, virtualSize). */
-export function checkRange(image: DiskImage, offset: number, length: number): void {
+export function checkRange(image: Pick<DiskImage, 'name' | 'virtualSize'>, offset: number, length: number): void {
   if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 ||
       offset + length > image.virtualSize) {
     throw new InvalidImageError(

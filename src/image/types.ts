@@ -63,8 +63,22 @@ export interface Extent {
   kind: ExtentKind;
 }
 
-/** One layer of a backing chain, top first. */
-export interface LayerInfo {
+/**
+ * An extent of a disk image, with the layer that decides it, like
+ * `qemu-img map`'s depth (0 = this image, 1 = its backing file, ...):
+ * - data, zero: the layer that holds the range;
+ * - unallocated: the layer where the lookup ended, i.e. the bottom layer, or
+ *   the layer reading it as zeros past the end of its shorter backing file.
+ */
+export interface ImageExtent extends Extent {
+  depth: number;
+}
+
+/**
+ * One layer of a backing chain, top first. Its format, stamp and metadata
+ * are the layer's identity inputs (src/image/identity.ts).
+ */
+export interface LayerInfo extends LayerIdentity {
   name: string;
   format: ImageFormat;
   virtualSize: number;
@@ -98,22 +112,13 @@ export interface DiskImage {
   readInto?(offset: number, length: number, target: Buffer, targetOffset: number): Promise<void>;
   /**
    * Allocation extents covering [offset, offset+length), in order, adjacent
-   * extents of the same kind merged.
+   * extents merged when both their kind and their depth match.
    */
-  extents(offset: number, length: number): Promise<Extent[]>;
+  extents(offset: number, length: number): Promise<ImageExtent[]>;
   /** The chain, this image first. */
   layers(): LayerInfo[];
   /** Hex SHA-256 identity; see src/image/identity.ts for how it is formed. */
   readonly identity: string;
-  /** The per-layer inputs of the identity, this image first. */
-  identityLayers(): LayerIdentity[];
-  /**
-   * The space that determines the bytes of [offset, offset+length): the owner
-   * identity (see src/image/identity.ts) of the one layer that supplies the
-   * whole range, or undefined when layers mix within it. Single-layer images
-   * answer their identity without any lookup.
-   */
-  owner(offset: number, length: number): Promise<string | undefined>;
   close(): Promise<void>;
 }
 

@@ -54,9 +54,9 @@ function setup(format: 'qcow2' | 'raw', options: SetupOptions = {}) {
       return Buffer.from(bytes.subarray(offset, offset + length));
     },
     extents: async () => [],
-    layers: () => [{ name: 'disk', format, virtualSize: bytes.length, fileSize: bytes.length, allocatedBytes: bytes.length }],
-    identityLayers: () => [{ format, stamp: '1:1', metadata: 'cd'.repeat(32) }],
-    owner: async () => 'ab'.repeat(32),
+    layers: () => [
+      { name: 'disk', format, virtualSize: bytes.length, fileSize: bytes.length, allocatedBytes: bytes.length, stamp: '1:1', metadata: 'cd'.repeat(32) },
+    ],
     close: async () => undefined,
   };
   const segmentData = Buffer.concat(SET.map((b) => bytes.subarray(b * BS, (b + 1) * BS)));

@@ -29,9 +29,9 @@ function setup(readaheadBytes: number) {
       return Buffer.from(bytes.subarray(offset, offset + length));
     },
     extents: async () => [],
-    layers: () => [{ name: 'disk', format: 'raw', virtualSize: bytes.length, fileSize: bytes.length, allocatedBytes: bytes.length }],
-    identityLayers: () => [{ format: 'raw', stamp: '1:1', metadata: 'cd'.repeat(32) }],
-    owner: async () => 'ab'.repeat(32),
+    layers: () => [
+      { name: 'disk', format: 'raw', virtualSize: bytes.length, fileSize: bytes.length, allocatedBytes: bytes.length, stamp: '1:1', metadata: 'cd'.repeat(32) },
+    ],
     close: async () => undefined,
   };
   const { cache, cached, batches } = memoryCache(BS);

@@ -15,10 +15,10 @@
  * cluster again and again.
  */
 import { InvalidImageError, UnsupportedImageError } from '../../errors.js';
-import { computeIdentity, sha256Hex, type LayerIdentity } from '../identity.js';
+import { computeIdentity, sha256Hex } from '../identity.js';
 import { checkTarget, readSourceInto } from '../file-source.js';
 import { checkRange } from '../raw.js';
-import type { ByteSource, DiskImage, Extent, ExtentKind, ImageFormat, LayerInfo } from '../types.js';
+import type { ByteSource, DiskImage, ExtentKind, ImageExtent, ImageFormat, LayerInfo } from '../types.js';
 import { Semaphore, SharedScratch, sharedScratch } from './buffers.js';
 import { sharedDecodePool } from './decode-pool.js';
 import { HEADER_PROBE_SIZE, parseFixedHeader, parseHeader, type Qcow2Header } from './header.js';
@@ -68,15 +68,12 @@ export class Qcow2Image implements DiskImage {
   private readonly decodedScratch: SharedScratch;
   /** Bounds the compressed groups in flight, and so the scratch memory they hold. */
   private readonly compressedGroups: Semaphore;
-  /** Owner identity of the bytes this layer supplies itself (see identity.ts). */
-  private readonly layerOwner: string;
   private closed = false;
 
   private constructor(
     private readonly source: ByteSource,
     readonly header: Qcow2Header,
     private readonly map: ClusterMap,
-    private readonly layerIdentity: LayerIdentity,
     private readonly layerInfo: LayerInfo,
     private readonly backing: DiskImage | undefined,
   ) {
@@ -91,8 +88,7 @@ export class Qcow2Image implements DiskImage {
     this.compressedGroups = new Semaphore(
       Math.max(2, Math.min(MAX_COMPRESSED_IN_FLIGHT, Math.floor(COMPRESSED_IN_FLIGHT_BUDGET / groupBytes))),
     );
-    this.identity = computeIdentity('qcow2', header.virtualSize, this.identityLayers());
-    this.layerOwner = backing ? computeIdentity('qcow2', header.virtualSize, [layerIdentity]) : this.identity;
+    this.identity = computeIdentity('qcow2', header.virtualSize, this.layers());
   }
 
   /**
@@ -121,7 +117,6 @@ export class Qcow2Image implements DiskImage {
       backingFormat = header.backingFormat;
     }
 
-    const layerIdentity: LayerIdentity = { format: 'qcow2', stamp: source.stamp, metadata: sha256Hex(headerCluster, l1) };
     const map = new ClusterMap(source, header, l1);
     const layerInfo: LayerInfo = {
       name: file,
@@ -133,12 +128,14 @@ export class Qcow2Image implements DiskImage {
       compressionType: header.compressionType,
       extendedL2: header.extendedL2,
       allocatedBytes: estimateAllocatedBytes(header, source.size, map.l2TableOffsets().size),
+      stamp: source.stamp,
+      metadata: sha256Hex(headerCluster, l1),
     };
     if (header.backingFile !== undefined) layerInfo.backingFile = header.backingFile;
     if (header.backingFormat !== undefined) layerInfo.backingFormat = header.backingFormat;
 
     const backing = header.backingFile !== undefined ? await ctx.openBacking(header.backingFile, backingFormat) : undefined;
-    return new Qcow2Image(source, header, map, layerIdentity, layerInfo, backing);
+    return new Qcow2Image(source, header, map, layerInfo, backing);
   }
 
   get name(): string {
@@ -220,21 +217,27 @@ export class Qcow2Image implements DiskImage {
     else await runLimited(jobs, READ_CONCURRENCY);
   }
 
-  async extents(offset: number, length: number): Promise<Extent[]> {
+  /**
+   * Extents through the chain ("Cluster mapping"): data, compressed and zero
+   * clusters (or subclusters, "Extended L2 Entries") are this layer's (depth
+   * 0); unallocated ones are the backing file's within its size (its depths
+   * plus one), and zeros past its end are this layer's, still unallocated.
+   */
+  async extents(offset: number, length: number): Promise<ImageExtent[]> {
     checkRange(this, offset, length);
     this.checkOpen();
-    const result: Extent[] = [];
-    const push = (kind: ExtentKind, off: number, len: number): void => {
+    const result: ImageExtent[] = [];
+    const push = (kind: ExtentKind, depth: number, off: number, len: number): void => {
       if (len <= 0) return;
       const last = result[result.length - 1];
-      if (last && last.kind === kind && last.offset + last.length === off) last.length += len;
-      else result.push({ offset: off, length: len, kind });
+      if (last && last.kind === kind && last.depth === depth && last.offset + last.length === off) last.length += len;
+      else result.push({ offset: off, length: len, kind, depth });
     };
     if (length === 0) return result;
     const runs = await this.map.runs(offset, length, true);
     for (const run of runs) {
       if (run.kind !== 'unallocated') {
-        push(run.kind === 'zero' ? 'zero' : 'data', run.guest, run.length);
+        push(run.kind === 'zero' ? 'zero' : 'data', 0, run.guest, run.length);
         continue;
       }
       // Unallocated here: the backing image decides, within its size.
@@ -242,49 +245,16 @@ export class Qcow2Image implements DiskImage {
       const backingEnd = this.backing ? Math.min(runEnd, this.backing.virtualSize) : run.guest;
       if (backingEnd > run.guest) {
         for (const ext of await this.backing!.extents(run.guest, backingEnd - run.guest)) {
-          push(ext.kind, ext.offset, ext.length);
+          push(ext.kind, ext.depth + 1, ext.offset, ext.length);
         }
       }
-      push('unallocated', Math.max(run.guest, backingEnd), runEnd - Math.max(run.guest, backingEnd));
+      push('unallocated', 0, Math.max(run.guest, backingEnd), runEnd - Math.max(run.guest, backingEnd));
     }
     return result;
   }
 
-  /**
-   * Which layer supplies [offset, offset+length) ("Cluster mapping"): data,
-   * compressed and zero clusters (or subclusters, "Extended L2 Entries") are
-   * this layer's; unallocated ones are the backing file's within its size,
-   * and zeros past its end belong to this sub-chain. Undefined when mixed.
-   */
-  async owner(offset: number, length: number): Promise<string | undefined> {
-    checkRange(this, offset, length);
-    this.checkOpen();
-    const backing = this.backing;
-    if (!backing || length === 0) return this.identity;
-    let owner: string | undefined;
-    const same = (o: string | undefined): boolean => {
-      owner ??= o;
-      return o !== undefined && o === owner;
-    };
-    for (const run of await this.map.runs(offset, length, true)) {
-      if (run.kind !== 'unallocated') {
-        if (!same(this.layerOwner)) return undefined;
-        continue;
-      }
-      const runEnd = run.guest + run.length;
-      const backingEnd = Math.max(run.guest, Math.min(runEnd, backing.virtualSize));
-      if (backingEnd > run.guest && !same(await backing.owner(run.guest, backingEnd - run.guest))) return undefined;
-      if (runEnd > backingEnd && !same(this.identity)) return undefined;
-    }
-    return owner;
-  }
-
   layers(): LayerInfo[] {
     return [{ ...this.layerInfo }, ...(this.backing ? this.backing.layers() : [])];
-  }
-
-  identityLayers(): LayerIdentity[] {
-    return [this.layerIdentity, ...(this.backing ? this.backing.identityLayers() : [])];
   }
 
   async close(): Promise<void> {
