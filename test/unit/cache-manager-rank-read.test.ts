@@ -84,7 +84,7 @@ function setup(format: 'qcow2' | 'raw', options: SetupOptions = {}) {
   );
   const { cache } = memoryCache(BS);
   const service = new CacheManager('disk', image, cache, {
-    bootPolicy: { idleMs: 60_000, windowMs: 600_000, minReads: 1 },
+    bootPolicy: { idleMs: 60_000, windowMs: 600_000, minReads: 1, maxShare: 0, maxShareFloor: 0 },
     cacheMisses: true,
     counters: { cache: 0, prefetch: 0, storage: 0 },
     onBootEnd: () => undefined,

@@ -37,7 +37,7 @@ function setup(readaheadBytes: number) {
   const { cache, cached, batches } = memoryCache(BS);
   const counters = { cache: 0, prefetch: 0, storage: 0 };
   const service = new CacheManager('disk', image, cache, {
-    bootPolicy: { idleMs: 60_000, windowMs: 600_000, minReads: 1 },
+    bootPolicy: { idleMs: 60_000, windowMs: 600_000, minReads: 1, maxShare: 0, maxShareFloor: 0 },
     cacheMisses: true,
     counters,
     readaheadBytes,
