@@ -378,8 +378,8 @@ describe('CacheDevice basics', () => {
     await cache.put('aa', 0, block('aa', 0), 'other');
     // Hold the next read of the data file until the slot has been reused.
     type ReadDone = (err: NodeJS.ErrnoException | null, bytesRead: number) => void;
-    const seam = cache as unknown as { readSlot(buf: Buffer, slot: number, done: ReadDone): void };
-    const realRead = seam.readSlot.bind(cache);
+    const seam = (cache as unknown as { reader: { readSlot(buf: Buffer, slot: number, done: ReadDone): void } }).reader;
+    const realRead = seam.readSlot.bind(seam);
     let release!: () => void;
     const gate = new Promise<void>((resolve) => (release = resolve));
     let reads = 0;
