@@ -3,7 +3,7 @@ import { ImageChangedError } from '../../errors.js';
 import { toBlockStatus } from './block-status.js';
 import type { BudgetAccount } from './buffer-budget.js';
 import { ExportNotFoundError, type ExportDescription, type ExportProvider, type NbdExport } from './export.js';
-import * as P from './protocol.js';
+import * as P from '../protocol.js';
 import { ReadCancelledError, SocketReader, StreamEndedError, StreamStalledError } from './socket-reader.js';
 
 export type NbdLogLevel = 'debug' | 'info' | 'warn' | 'error';

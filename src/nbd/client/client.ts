@@ -1,5 +1,5 @@
 import net from 'node:net';
-import { BootcacheError, UsageError } from '../errors.js';
+import { BootcacheError, UsageError } from '../../errors.js';
 import { ByteQueue } from './byte-queue.js';
 import {
   NbdConnectError,
@@ -7,7 +7,7 @@ import {
   NbdHandshakeError,
   NbdServerError,
   NbdUnknownExportError,
-} from './errors.js';
+} from '../errors.js';
 import {
   EXPORT_NAME_PADDING_BYTES,
   MAX_STRING_BYTES,
@@ -41,7 +41,7 @@ import {
   OPTION_REPLY_HEADER_BYTES,
   REQUEST_HEADER_BYTES,
   SIMPLE_REPLY_BYTES,
-} from '../agent/nbd/protocol.js';
+} from '../protocol.js';
 import {
   CLISERV_MAGIC,
   DEFAULT_MAX_PAYLOAD,

@@ -1,7 +1,7 @@
 /**
  * Client-only NBD protocol values and helpers. The wire constants (magics,
  * flags, option, reply, command and error values, header sizes) are shared
- * with the server: they live in src/agent/nbd/protocol.ts and are imported
+ * with the server: they live in src/nbd/protocol.ts and are imported
  * from there, so client and server cannot drift. Section names refer to the
  * NBD protocol specification (NetworkBlockDevice/nbd, doc/proto.md).
  */
@@ -24,7 +24,7 @@ import {
   NBD_REP_ERR_UNKNOWN,
   NBD_REP_ERR_UNSUP,
   PORTABLE_MAX_BLOCK,
-} from '../agent/nbd/protocol.js';
+} from '../protocol.js';
 
 /**
  * "Oldstyle negotiation": cliserv_magic in place of IHAVEOPT. Only a client
