@@ -8,7 +8,7 @@
 import { rm } from 'node:fs/promises';
 import { createServer, request, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { AgentError, BootcacheError, FileNotFoundError, StorageIOError, UsageError } from '../errors.js';
-import { ExportNotFoundError } from '../nbd/server/export.js';
+import { ExportNotFoundError } from '../nbd/errors.js';
 import { applySocketAccess } from './socket-access.js';
 import { claimSocketPath } from '../net/unix-socket-path.js';
 

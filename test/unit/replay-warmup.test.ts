@@ -2,8 +2,8 @@ import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSyn
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { ExportNotFoundError, type ExportProvider, type NbdExport } from '../../src/nbd/server/export.js';
-import { NbdUnknownExportError } from '../../src/nbd/errors.js';
+import { ExportNotFoundError, NbdUnknownExportError } from '../../src/nbd/errors.js';
+import type { ExportProvider, NbdExport } from '../../src/nbd/server/export.js';
 import { NbdServer } from '../../src/nbd/server/server.js';
 import { formatReplayReport } from '../../src/replay/format.js';
 import { buildPlan } from '../../src/replay/plan.js';
