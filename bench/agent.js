@@ -302,7 +302,7 @@ async function measureAgentSeries(ctx, image, delay, round) {
   // --- diagnostic: the prefetch alone (fresh agent, empty cache, one idle connection).
   const cache3 = join(ctx.dir, `cache-${delay}-r${round}-prefetch`);
   agent = await startAgent({ bin, storage, cache: cache3, socket, control, delayMs: delay, logFile: log });
-  const { NbdClient } = await import(join(root, 'dist/nbd-client/index.js'));
+  const { NbdClient } = await import(join(root, 'dist/nbd/client/index.js'));
   let idle;
   try {
     idle = await NbdClient.connect(uri);
@@ -353,7 +353,7 @@ async function measureHitPath(ctx, image) {
   const qargs = ['-r', '-f', 'raw', '-t', '--socket', qsock, image];
   noteCommand('hit-qemu', `qemu-nbd ${qargs.join(' ').replace(qsock, 'SOCK').replace(image, 'IMG')}`);
   const qemu = await startServer('qemu-nbd', qargs, qsock, 'qemu-nbd', join(ctx.dir, 'qemu-hit.log'));
-  const { NbdClient } = await import(join(root, 'dist/nbd-client/index.js'));
+  const { NbdClient } = await import(join(root, 'dist/nbd/client/index.js'));
   let holder;
   try {
     holder = await NbdClient.connect(agentUri);

@@ -25,7 +25,7 @@ import { startAgent } from './lib/agent.js';
 import { startServer, stopChild } from './lib/process.js';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
-const { NbdClient } = await import(join(root, 'dist/nbd-client/index.js'));
+const { NbdClient } = await import(join(root, 'dist/nbd/client/index.js'));
 const { realClock } = await import(join(root, 'dist/replay/scheduler.js'));
 
 const SAMPLES = Number(process.env.BENCH_SAMPLES ?? 1000);

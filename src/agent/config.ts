@@ -11,7 +11,7 @@ import { UsageError, fromSystemError } from '../errors.js';
 import { DEFAULT_MERGE_POLICY, type MergePolicy } from '../format/map.js';
 import { DEFAULT_BOOT_POLICY, type BootPolicy } from './boot-recorder.js';
 import { DEFAULT_READAHEAD } from './readahead.js';
-import { MAX_SOCKET_PATH_BYTES } from './socket-access.js';
+import { MAX_SOCKET_PATH_BYTES } from '../net/unix-socket-path.js';
 import { DEFAULT_RAW_EXTENSIONS } from '../image/disk-names.js';
 import type { TlsMode, TlsSettings } from '../nbd/server/tls.js';
 

@@ -8,8 +8,9 @@
 import { rm } from 'node:fs/promises';
 import { createServer, request, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { AgentError, BootcacheError, FileNotFoundError, StorageIOError, UsageError } from '../errors.js';
-import { ExportNotFoundError } from './nbd/export.js';
-import { applySocketAccess, claimSocketPath } from './socket-access.js';
+import { ExportNotFoundError } from '../nbd/errors.js';
+import { applySocketAccess } from './socket-access.js';
+import { claimSocketPath } from '../net/unix-socket-path.js';
 
 export interface ControlHandlers {
   status(): Promise<unknown>;

@@ -19,7 +19,7 @@ import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
-import { NbdPool } from '../nbd-client/pool.js';
+import { NbdPool } from '../nbd/client/pool.js';
 import { DEFAULT_BOOT_POLICY } from './boot-recorder.js';
 import { removeDeadProcessDirs } from './cache/file-io.js';
 import type { AgentConfig } from './config.js';

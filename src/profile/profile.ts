@@ -21,7 +21,7 @@ import {
 import { withAtomicFile } from '../format/atomic-write.js';
 import { Bitmap } from '../format/bitmap.js';
 import { DEFAULT_MERGE_POLICY, mergeBoots, saveMap, type BootMap, type MergePolicy } from '../format/map.js';
-import { NbdServer } from '../agent/nbd/index.js';
+import { NbdServer } from '../nbd/server/index.js';
 import type { DiskImage } from '../image/types.js';
 import { DEFAULT_KVM_STALL_MS, KvmProbation, chooseAccel, type Accel, type AccelChoice, type AccelFlag } from './accel.js';
 import { BootAttempt, type BootOutcome } from './boot.js';

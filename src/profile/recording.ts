@@ -6,7 +6,7 @@
  */
 import { Bitmap } from '../format/bitmap.js';
 import type { BootRecord } from '../format/map.js';
-import { ExportNotFoundError, type ExportDescription, type ExportProvider, type NbdExport } from '../agent/nbd/index.js';
+import { ExportNotFoundError, type ExportDescription, type ExportProvider, type NbdExport } from '../nbd/server/index.js';
 import type { DiskImage, Extent } from '../image/types.js';
 
 export const TRACE_HEADER = 't_us,op,offset,length,done_us';

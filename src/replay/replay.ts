@@ -1,7 +1,7 @@
 import { BootcacheError, ExitCode, InvalidTraceError, UsageError } from '../errors.js';
-import { NbdClient, type NbdClientOptions, type NbdExportInfo } from '../nbd-client/client.js';
-import { NbdPool } from '../nbd-client/pool.js';
-import { parseNbdUri } from '../nbd-client/uri.js';
+import { NbdClient, type NbdClientOptions, type NbdExportInfo } from '../nbd/client/client.js';
+import { NbdPool } from '../nbd/client/pool.js';
+import { parseNbdUri } from '../nbd/client/uri.js';
 import { buildPlan, type PlanOptions, type ReplayModelKind, type ReplayPlan } from './plan.js';
 import { buildStats, type PhaseReport, type ReplayStats } from './report.js';
 import { replayPlan, type Clock, type ReplayedRead } from './scheduler.js';

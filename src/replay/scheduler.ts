@@ -1,5 +1,5 @@
 import { setImmediate as yieldToLoop, setTimeout as sleepMs } from 'node:timers/promises';
-import type { BlockReader } from '../nbd-client/pool.js';
+import type { BlockReader } from '../nbd/client/pool.js';
 import type { PlannedRead, ReplayPlan } from './plan.js';
 
 /** Microsecond clock with a precise sleep. */

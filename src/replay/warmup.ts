@@ -1,12 +1,12 @@
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { NbdServer } from '../agent/nbd/server.js';
-import type { ExportProvider, NbdExport } from '../agent/nbd/export.js';
-import { PORTABLE_MAX_BLOCK } from '../agent/nbd/protocol.js';
+import { NbdServer } from '../nbd/server/server.js';
+import type { ExportProvider, NbdExport } from '../nbd/server/export.js';
+import { PORTABLE_MAX_BLOCK } from '../nbd/protocol.js';
 import { removeDeadProcessDirs } from '../agent/cache/file-io.js';
-import type { NbdTarget } from '../nbd-client/uri.js';
-import { NbdPool } from '../nbd-client/pool.js';
+import type { NbdTarget } from '../nbd/client/uri.js';
+import { NbdPool } from '../nbd/client/pool.js';
 import type { ReplayPlan } from './plan.js';
 import { largestRead, replayPlan } from './scheduler.js';
 

@@ -16,12 +16,12 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { AgentStatus } from '../../src/agent/agent.js';
 import { controlRequest } from '../../src/agent/control.js';
-import { BufferBudget } from '../../src/agent/nbd/buffer-budget.js';
-import { DiskImageExportProvider } from '../../src/agent/nbd/export.js';
-import { NbdServer } from '../../src/agent/nbd/server.js';
+import { BufferBudget } from '../../src/nbd/server/buffer-budget.js';
+import { DiskImageExportProvider } from '../../src/nbd/server/export.js';
+import { NbdServer } from '../../src/nbd/server/server.js';
 import { FileByteSource } from '../../src/image/file-source.js';
 import { RawImage } from '../../src/image/raw.js';
-import { NbdClient } from '../../src/nbd-client/index.js';
+import { NbdClient } from '../../src/nbd/client/index.js';
 import { replayTraceFile } from '../../src/replay/replay.js';
 import { openRawExport, readRequests } from '../helpers/nbd-raw.js';
 

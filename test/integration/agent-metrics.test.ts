@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Agent } from '../../src/agent/agent.js';
 import type { AgentConfig } from '../../src/agent/config.js';
-import { NbdClient } from '../../src/nbd-client/index.js';
+import { NbdClient } from '../../src/nbd/client/index.js';
 import { exportUri, startTestAgent, waitUntil } from '../helpers/agent.js';
 import { removeTmpDir, tmpDir } from '../helpers/qemu.js';
 

@@ -16,8 +16,8 @@ import { GetObjectCommand, PutObjectCommand, type S3Client } from '@aws-sdk/clie
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { Agent } from '../../src/agent/agent.js';
 import { parseMap } from '../../src/format/map.js';
-import { NbdClient } from '../../src/nbd-client/index.js';
-import { NbdServerError } from '../../src/nbd-client/errors.js';
+import { NbdClient } from '../../src/nbd/client/index.js';
+import { NbdServerError } from '../../src/nbd/errors.js';
 import { exportUri, startTestAgent, waitUntil } from '../helpers/agent.js';
 import { cli } from '../helpers/cli.js';
 import { qemuImg, removeTmpDir, tmpDir } from '../helpers/qemu.js';

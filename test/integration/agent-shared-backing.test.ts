@@ -11,7 +11,7 @@ import { pino } from 'pino';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { Agent } from '../../src/agent/agent.js';
 import { resolveConfig, type AgentConfig } from '../../src/agent/config.js';
-import { NbdClient } from '../../src/nbd-client/index.js';
+import { NbdClient } from '../../src/nbd/client/index.js';
 import { convertToRaw, qemuImg, qemuIo, removeTmpDir, tmpDir } from '../helpers/qemu.js';
 
 const KiB = 1024;

@@ -16,14 +16,14 @@ import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest
 import { Agent, type AgentStatus } from '../../src/agent/agent.js';
 import { resolveConfig, type AgentConfig } from '../../src/agent/config.js';
 import { ControlServer, controlRequest } from '../../src/agent/control.js';
-import { NbdServer } from '../../src/agent/nbd/server.js';
+import { NbdServer } from '../../src/nbd/server/server.js';
 import { buildMapFromTrace } from '../../src/core/build-map.js';
 import { buildSegment } from '../../src/core/build-segment.js';
 import { verifySegment } from '../../src/core/verify.js';
 import { loadMap, saveMap, type BootMap } from '../../src/format/map.js';
 import { SegmentReader } from '../../src/format/segment.js';
 import { openImage } from '../../src/image/open.js';
-import { NbdClient } from '../../src/nbd-client/index.js';
+import { NbdClient } from '../../src/nbd/client/index.js';
 
 const MiB = 1024 * 1024;
 // Async: the NBD server runs in this process, so a sync child would deadlock it.

@@ -17,7 +17,7 @@ import { verifySegmentReader } from '../../src/core/verify.js';
 import { parseMap } from '../../src/format/map.js';
 import { SegmentReader } from '../../src/format/segment.js';
 import { openImageFromSource } from '../../src/image/open.js';
-import { NbdClient } from '../../src/nbd-client/index.js';
+import { NbdClient } from '../../src/nbd/client/index.js';
 import { createS3Client } from '../../src/storage/open.js';
 import { S3Storage, parseS3Url } from '../../src/storage/s3.js';
 import { exportUri, startTestAgent, waitUntil } from '../helpers/agent.js';

@@ -11,7 +11,7 @@ import { appendFile, copyFile, link, mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { Agent } from '../../src/agent/agent.js';
-import { NbdClient } from '../../src/nbd-client/index.js';
+import { NbdClient } from '../../src/nbd/client/index.js';
 import { exportUri, startTestAgent } from '../helpers/agent.js';
 import { cli } from '../helpers/cli.js';
 import { removeTmpDir, tmpDir } from '../helpers/qemu.js';

@@ -5,7 +5,7 @@ import net from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { ByteQueue } from '../../src/nbd-client/byte-queue.js';
+import { ByteQueue } from '../../src/nbd/client/byte-queue.js';
 import {
   NbdClient,
   NbdConnectError,
@@ -16,9 +16,9 @@ import {
   NbdUnknownExportError,
   NbdUriError,
   parseNbdUri,
-} from '../../src/nbd-client/index.js';
+} from '../../src/nbd/client/index.js';
 
-const dir = mkdtempSync(path.join(tmpdir(), 'bc-nbd-client-'));
+const dir = mkdtempSync(path.join(tmpdir(), 'bc-nbd-cli-'));
 const children: ChildProcess[] = [];
 const DATA_SIZE = 8 * 1024 * 1024;
 const data = randomBytes(DATA_SIZE);

@@ -13,17 +13,17 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { resolveConfig } from '../../src/agent/config.js';
-import { parseUnixSockets } from '../../src/agent/nbd/client-identity.js';
-import { DiskImageExportProvider } from '../../src/agent/nbd/export.js';
-import { NbdServer, type NbdServerOptions } from '../../src/agent/nbd/server.js';
+import { parseUnixSockets } from '../../src/nbd/server/client-identity.js';
+import { DiskImageExportProvider } from '../../src/nbd/server/export.js';
+import { NbdServer, type NbdServerOptions } from '../../src/nbd/server/server.js';
 import { FileByteSource } from '../../src/image/file-source.js';
 import { RawImage } from '../../src/image/raw.js';
-import { NbdClient } from '../../src/nbd-client/index.js';
+import { NbdClient } from '../../src/nbd/client/index.js';
 import { openRawExport } from '../helpers/nbd-raw.js';
 
 // Async: the server runs in this process.
 const run = promisify(execFile);
-const dir = mkdtempSync(join(tmpdir(), 'bc-nbd-client-limit-'));
+const dir = mkdtempSync(join(tmpdir(), 'bc-nbd-limit-'));
 const imagePath = join(dir, 'disk.raw');
 const data = randomBytes(1024 * 1024);
 writeFileSync(imagePath, data);

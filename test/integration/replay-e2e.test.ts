@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import Replay from '../../src/commands/replay.js';
-import { NbdUnknownExportError } from '../../src/nbd-client/errors.js';
+import { NbdUnknownExportError } from '../../src/nbd/errors.js';
 import { formatReplayReport } from '../../src/replay/format.js';
 import { replayTraceFile, TraceBeyondExportError, type ReplayResult } from '../../src/replay/replay.js';
 

@@ -1,8 +1,8 @@
 /** Turning export extents into NBD block status descriptors (pure). */
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { allocationFlags, toBlockStatus } from '../../src/agent/nbd/block-status.js';
-import { NBD_STATE_HOLE, NBD_STATE_ZERO } from '../../src/agent/nbd/protocol.js';
+import { allocationFlags, toBlockStatus } from '../../src/nbd/server/block-status.js';
+import { NBD_STATE_HOLE, NBD_STATE_ZERO } from '../../src/nbd/protocol.js';
 import type { Extent, ExtentKind } from '../../src/image/types.js';
 
 const HZ = NBD_STATE_HOLE | NBD_STATE_ZERO;

@@ -2,9 +2,9 @@ import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSyn
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { ExportNotFoundError, type ExportProvider, type NbdExport } from '../../src/agent/nbd/export.js';
-import { NbdUnknownExportError } from '../../src/nbd-client/errors.js';
-import { NbdServer } from '../../src/agent/nbd/server.js';
+import { ExportNotFoundError, NbdUnknownExportError } from '../../src/nbd/errors.js';
+import type { ExportProvider, NbdExport } from '../../src/nbd/server/export.js';
+import { NbdServer } from '../../src/nbd/server/server.js';
 import { formatReplayReport } from '../../src/replay/format.js';
 import { buildPlan } from '../../src/replay/plan.js';
 import { replayTraceFile, TraceBeyondExportError } from '../../src/replay/replay.js';

@@ -1,5 +1,5 @@
 import type { Extent, ExtentKind } from '../../image/types.js';
-import { NBD_STATE_HOLE, NBD_STATE_ZERO } from './protocol.js';
+import { NBD_STATE_HOLE, NBD_STATE_ZERO } from '../protocol.js';
 
 /** One NBD_REPLY_TYPE_BLOCK_STATUS descriptor ("Structured reply types"). */
 export interface BlockStatusDescriptor {

@@ -1,5 +1,5 @@
-import { BootcacheError, ExitCode } from '../../errors.js';
 import type { DiskImage, Extent } from '../../image/types.js';
+import { ExportNotFoundError } from '../errors.js';
 
 /**
  * What the NBD server serves. The agent implements ExportProvider (its cache
@@ -55,12 +55,6 @@ export interface ExportProvider {
    * a prefetch). Without it the server opens and closes the export.
    */
   describe?(name: string): Promise<ExportDescription>;
-}
-
-/** The client asked for an export the provider does not have. */
-export class ExportNotFoundError extends BootcacheError {
-  readonly code = 'BC_EXPORT_NOT_FOUND';
-  readonly exitCode = ExitCode.BAD_INPUT;
 }
 
 /** Serves a DiskImage as an NBD export; closing the export closes the image. */

@@ -1,32 +1,5 @@
 import type { Socket } from 'node:net';
-
-/** The peer closed the stream (or it failed) before the bytes asked for arrived. */
-export class StreamEndedError extends Error {
-  constructor(
-    message: string,
-    /** Bytes of a partial message that were received before the end. */
-    readonly partialBytes: number,
-  ) {
-    super(message);
-    this.name = 'StreamEndedError';
-  }
-}
-
-/** A message was started but not finished within the stall timeout (slowloris). */
-export class StreamStalledError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = 'StreamStalledError';
-  }
-}
-
-/** The reader was cancelled locally (server shutdown). */
-export class ReadCancelledError extends Error {
-  constructor() {
-    super('read cancelled');
-    this.name = 'ReadCancelledError';
-  }
-}
+import { ReadCancelledError, StreamEndedError, StreamStalledError } from '../errors.js';
 
 interface Waiter {
   length: number;

@@ -1,8 +1,8 @@
 export { NbdServer, type NbdServerOptions, type NbdServerStats, type NbdLogger, type NbdLogLevel } from './server.js';
+export { ExportNotFoundError } from '../errors.js';
 export {
   DiskImageExport,
   DiskImageExportProvider,
-  ExportNotFoundError,
   type DiskImageExportEntry,
   type ExportDescription,
   type ExportProvider,

@@ -1,4 +1,4 @@
-import { UsageError } from '../errors.js';
+import { UsageError } from '../../errors.js';
 import { NbdClient, type NbdClientOptions, type NbdExportInfo } from './client.js';
 import { parseNbdUri, type NbdTarget } from './uri.js';
 

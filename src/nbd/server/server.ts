@@ -1,14 +1,15 @@
 import net from 'node:net';
-import { claimSocketPath } from '../socket-access.js';
+import { claimSocketPath } from '../../net/unix-socket-path.js';
 import { AgentError } from '../../errors.js';
 import { BufferBudget } from './buffer-budget.js';
 import { ClientIdentifier, type ClientIdentity } from './client-identity.js';
 import { MemoryRelease } from './memory-release.js';
-import { NbdConnection, type ConnectionLimits, type NbdLogger, type ServerCounters } from './connection.js';
+import { NbdConnection } from './connection.js';
+import type { ConnectionLimits, NbdLogger, ServerCounters } from './context.js';
 import type { ExportProvider } from './export.js';
-import { NBD_DEFAULT_PORT, PORTABLE_MAX_BLOCK } from './protocol.js';
+import { NBD_DEFAULT_PORT, PORTABLE_MAX_BLOCK } from '../protocol.js';
 
-export type { NbdLogger, NbdLogLevel } from './connection.js';
+export type { NbdLogger, NbdLogLevel } from './context.js';
 
 export interface NbdServerOptions {
   /** Connections at once, negotiating or not (default 128); see dropOldestNegotiating. */

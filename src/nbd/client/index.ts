@@ -8,4 +8,4 @@ export {
   NbdServerError,
   NbdUnknownExportError,
   NbdUriError,
-} from './errors.js';
+} from '../errors.js';

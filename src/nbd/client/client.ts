@@ -1,5 +1,5 @@
 import net from 'node:net';
-import { BootcacheError, UsageError } from '../errors.js';
+import { BootcacheError, UsageError } from '../../errors.js';
 import { ByteQueue } from './byte-queue.js';
 import {
   NbdConnectError,
@@ -7,9 +7,15 @@ import {
   NbdHandshakeError,
   NbdServerError,
   NbdUnknownExportError,
-} from './errors.js';
+} from '../errors.js';
 import {
+  CLIENT_FLAGS_BYTES,
+  CLISERV_MAGIC,
+  DEFAULT_MIN_BLOCK,
+  DEFAULT_PREFERRED_BLOCK,
   EXPORT_NAME_PADDING_BYTES,
+  EXPORT_NAME_REPLY_BYTES,
+  GREETING_BYTES,
   MAX_STRING_BYTES,
   NBD_CMD_DISC,
   NBD_CMD_READ,
@@ -20,7 +26,9 @@ import {
   NBD_FLAG_NO_ZEROES,
   NBD_FLAG_READ_ONLY,
   NBD_INFO_BLOCK_SIZE,
+  NBD_INFO_BLOCK_SIZE_BYTES,
   NBD_INFO_EXPORT,
+  NBD_INFO_EXPORT_BYTES,
   NBD_INIT_MAGIC,
   NBD_OPTS_MAGIC,
   NBD_OPT_ABORT,
@@ -34,23 +42,16 @@ import {
   NBD_REP_FLAG_ERROR,
   NBD_REP_INFO,
   NBD_REP_MAGIC,
-  NBD_REQUEST_MAGIC,
   NBD_SIMPLE_REPLY_MAGIC,
   NBD_STRUCTURED_REPLY_MAGIC,
-  OPTION_HEADER_BYTES,
   OPTION_REPLY_HEADER_BYTES,
-  REQUEST_HEADER_BYTES,
+  PORTABLE_MAX_BLOCK,
   SIMPLE_REPLY_BYTES,
-} from '../agent/nbd/protocol.js';
-import {
-  CLISERV_MAGIC,
-  DEFAULT_MAX_PAYLOAD,
-  DEFAULT_MIN_BLOCK,
-  DEFAULT_PREFERRED_BLOCK,
-  EXPORT_NAME_REPLY_BYTES,
+  encodeOption,
+  encodeRequest,
   errnoName,
   optionReplyName,
-} from './protocol.js';
+} from '../protocol.js';
 import { formatNbdTarget, parseNbdUri, type NbdTarget } from './uri.js';
 
 export interface NbdClientOptions {
@@ -101,8 +102,6 @@ interface HandshakeWaiter {
 
 /** Largest option reply payload accepted; guards memory against a hostile server. */
 const MAX_OPTION_REPLY = 64 * 1024;
-/** NBD strings SHOULD be <= 256 bytes and MUST be <= 4096 ("Conventions"). */
-const MAX_EXPORT_NAME = MAX_STRING_BYTES;
 
 /**
  * A small NBD client: fixed newstyle handshake with NBD_OPT_GO (falling back
@@ -161,8 +160,9 @@ export class NbdClient {
     requestTimeoutMs: number,
   ): Promise<{ client: NbdClient; socket: net.Socket; exportName: string }> {
     const parsed = typeof target === 'string' ? parseNbdUri(target) : target;
-    if (Buffer.byteLength(parsed.exportName) > MAX_EXPORT_NAME) {
-      throw new UsageError(`export name is longer than ${MAX_EXPORT_NAME} bytes`);
+    // NBD strings SHOULD be <= 256 bytes and MUST be <= 4096 ("Conventions").
+    if (Buffer.byteLength(parsed.exportName) > MAX_STRING_BYTES) {
+      throw new UsageError(`export name is longer than ${MAX_STRING_BYTES} bytes`);
     }
     const label = formatNbdTarget(parsed);
     const timeoutMs = options.connectTimeoutMs ?? 10_000;
@@ -315,7 +315,7 @@ export class NbdClient {
   /** Reads the server's greeting and sends the client flags. */
   private async greet(): Promise<{ fixed: boolean; noZeroes: boolean }> {
     // S: NBDMAGIC, IHAVEOPT, 16-bit handshake flags ("Newstyle negotiation").
-    const hello = await this.handshakeRead(18, 'the greeting');
+    const hello = await this.handshakeRead(GREETING_BYTES, 'the greeting');
     const magic = hello.readBigUInt64BE(0);
     if (magic !== NBD_INIT_MAGIC) {
       throw new NbdHandshakeError(`${this.label}: not an NBD server (greeting starts 0x${magic.toString(16).padStart(16, '0')}, expected NBDMAGIC)`);
@@ -330,7 +330,7 @@ export class NbdClient {
     const handshakeFlags = hello.readUInt16BE(16);
     const fixed = (handshakeFlags & NBD_FLAG_FIXED_NEWSTYLE) !== 0;
     const noZeroes = (handshakeFlags & NBD_FLAG_NO_ZEROES) !== 0;
-    const clientFlags = Buffer.alloc(4);
+    const clientFlags = Buffer.alloc(CLIENT_FLAGS_BYTES);
     clientFlags.writeUInt32BE((fixed ? NBD_FLAG_C_FIXED_NEWSTYLE : 0) | (noZeroes ? NBD_FLAG_C_NO_ZEROES : 0));
     this.socket.write(clientFlags);
     return { fixed, noZeroes };
@@ -372,12 +372,16 @@ export class NbdClient {
         const infoType = payload.readUInt16BE(0);
         if (infoType === NBD_INFO_EXPORT) {
           // 16-bit type, 64-bit size, 16-bit transmission flags; length MUST be 12.
-          if (payload.length !== 12) throw new NbdHandshakeError(`${this.label}: NBD_INFO_EXPORT of ${payload.length} bytes (expected 12)`);
+          if (payload.length !== NBD_INFO_EXPORT_BYTES) {
+            throw new NbdHandshakeError(`${this.label}: NBD_INFO_EXPORT of ${payload.length} bytes (expected ${NBD_INFO_EXPORT_BYTES})`);
+          }
           size = exportSize(payload.readBigUInt64BE(2), this.label);
           transmissionFlags = payload.readUInt16BE(10);
         } else if (infoType === NBD_INFO_BLOCK_SIZE) {
           // 16-bit type, 32-bit minimum, preferred, maximum; length MUST be 14.
-          if (payload.length !== 14) throw new NbdHandshakeError(`${this.label}: NBD_INFO_BLOCK_SIZE of ${payload.length} bytes (expected 14)`);
+          if (payload.length !== NBD_INFO_BLOCK_SIZE_BYTES) {
+            throw new NbdHandshakeError(`${this.label}: NBD_INFO_BLOCK_SIZE of ${payload.length} bytes (expected ${NBD_INFO_BLOCK_SIZE_BYTES})`);
+          }
           blockSize = checkBlockSize(payload.readUInt32BE(2), payload.readUInt32BE(6), payload.readUInt32BE(10), this.label);
         }
         // Clients MUST ignore information types they do not recognise.
@@ -437,7 +441,7 @@ export class NbdClient {
       transmissionFlags,
       readOnly: (transmissionFlags & NBD_FLAG_READ_ONLY) !== 0,
       canMultiConn: (transmissionFlags & NBD_FLAG_CAN_MULTI_CONN) !== 0,
-      blockSize: blockSize ?? { minimum: DEFAULT_MIN_BLOCK, preferred: DEFAULT_PREFERRED_BLOCK, maximum: DEFAULT_MAX_PAYLOAD },
+      blockSize: blockSize ?? { minimum: DEFAULT_MIN_BLOCK, preferred: DEFAULT_PREFERRED_BLOCK, maximum: PORTABLE_MAX_BLOCK },
       negotiation,
     };
   }
@@ -634,29 +638,6 @@ function describeSocketError(err: Error): string {
     case 'ETIMEDOUT': return 'timed out';
     default: return code ?? err.message;
   }
-}
-
-/** C: IHAVEOPT, 32-bit option, 32-bit length, data ("Newstyle negotiation"). */
-function encodeOption(option: number, data: Buffer): Buffer {
-  const out = Buffer.alloc(OPTION_HEADER_BYTES + data.length);
-  out.writeBigUInt64BE(NBD_OPTS_MAGIC, 0);
-  out.writeUInt32BE(option, 8);
-  out.writeUInt32BE(data.length, 12);
-  data.copy(out, OPTION_HEADER_BYTES);
-  return out;
-}
-
-/** "Request message": magic, 16-bit flags, 16-bit type, 64-bit cookie, 64-bit offset, 32-bit length. */
-function encodeRequest(type: number, cookie: number, offset: number, length: number): Buffer {
-  const out = Buffer.alloc(REQUEST_HEADER_BYTES);
-  out.writeUInt32BE(NBD_REQUEST_MAGIC, 0);
-  out.writeUInt16BE(0, 4);
-  out.writeUInt16BE(type, 6);
-  out.writeUInt32BE(Math.floor(cookie / 0x1_0000_0000), 8);
-  out.writeUInt32BE(cookie % 0x1_0000_0000, 12);
-  out.writeBigUInt64BE(BigInt(offset), 16);
-  out.writeUInt32BE(length, 24);
-  return out;
 }
 
 function exportSize(size: bigint, label: string): number {

@@ -1,8 +1,10 @@
 /**
- * NBD protocol constants. Section names refer to the NBD protocol
- * specification, doc/proto.md in the NetworkBlockDevice/nbd repository
- * (fixed newstyle, INFO/GO, structured replies, block status).
- * All integers on the wire are big-endian ("Conventions").
+ * NBD protocol constants and wire encoding, shared by the server
+ * (src/nbd/server) and the client (src/nbd/client) so that they cannot
+ * drift. Section names refer to the NBD protocol specification, doc/proto.md
+ * in the NetworkBlockDevice/nbd repository (fixed newstyle, INFO/GO,
+ * structured replies, block status). All integers on the wire are
+ * big-endian ("Conventions").
  */
 
 // --- Magics ---------------------------------------------------------------
@@ -13,6 +15,11 @@ export const NBD_INIT_MAGIC = 0x4e42444d41474943n;
 export const NBD_OPTS_MAGIC = 0x49484156454f5054n;
 /** Prefix of every option reply ("Fixed newstyle negotiation"). */
 export const NBD_REP_MAGIC = 0x3e889045565a9n;
+/**
+ * "Oldstyle negotiation": cliserv_magic in place of IHAVEOPT. Only a client
+ * meets it (to refuse it: oldstyle carries no export name).
+ */
+export const CLISERV_MAGIC = 0x00420281861253n;
 /** Request header magic ("Request message"). */
 export const NBD_REQUEST_MAGIC = 0x25609513;
 /** Simple reply magic ("Simple reply message"). */
@@ -158,6 +165,11 @@ export const NBD_ESHUTDOWN = 108;
 
 // --- Sizes -----------------------------------------------------------------
 
+/** Server greeting: NBDMAGIC 8, IHAVEOPT 8, handshake flags 2 ("Newstyle negotiation"). */
+export const GREETING_BYTES = 18;
+/** Client flags after the greeting: 32 bits ("Newstyle negotiation"). */
+export const CLIENT_FLAGS_BYTES = 4;
+
 /** Request header: magic 4, flags 2, type 2, handle 8, offset 8, length 4 ("Request message"). */
 export const REQUEST_HEADER_BYTES = 28;
 /** Simple reply header: magic 4, error 4, handle 8 ("Simple reply message"). */
@@ -168,14 +180,137 @@ export const STRUCTURED_HEADER_BYTES = 20;
 export const OPTION_HEADER_BYTES = 16;
 /** Option reply header: magic 8, option 4, type 4, length 4 ("Fixed newstyle negotiation"). */
 export const OPTION_REPLY_HEADER_BYTES = 20;
+/** NBD_OPT_EXPORT_NAME reply before the padding: 64-bit size, 16-bit transmission flags ("Newstyle negotiation"). */
+export const EXPORT_NAME_REPLY_BYTES = 10;
 /** Zero padding after NBD_OPT_EXPORT_NAME's reply unless NO_ZEROES ("Newstyle negotiation"). */
 export const EXPORT_NAME_PADDING_BYTES = 124;
+/** NBD_INFO_EXPORT: 16-bit type, 64-bit size, 16-bit transmission flags ("NBD_REP_INFO"). */
+export const NBD_INFO_EXPORT_BYTES = 12;
+/** NBD_INFO_BLOCK_SIZE: 16-bit type, 32-bit minimum, preferred and maximum ("NBD_REP_INFO"). */
+export const NBD_INFO_BLOCK_SIZE_BYTES = 14;
 /** Strings (export names, messages) MUST be no longer than 4096 bytes ("Conventions"). */
 export const MAX_STRING_BYTES = 4096;
-/** Reads up to 2^25 bytes SHOULD NOT be considered a denial of service ("Block size constraints"). */
+// "Block size constraints": what a client assumes when the server advertises none.
+export const DEFAULT_MIN_BLOCK = 1;
+export const DEFAULT_PREFERRED_BLOCK = 4096;
+/**
+ * Reads up to 2^25 bytes SHOULD NOT be considered a denial of service, and a
+ * client SHOULD NOT send more unless the server advertised more ("Block size
+ * constraints").
+ */
 export const PORTABLE_MAX_BLOCK = 32 * 1024 * 1024;
 /** The IANA port for NBD ("Newstyle negotiation"). */
 export const NBD_DEFAULT_PORT = 10809;
+
+// --- Strings ("Conventions") -----------------------------------------------
+
+const utf8 = new TextDecoder('utf-8', { fatal: true });
+
+/** A spec "string": valid UTF-8, no NUL, at most 4096 bytes ("Conventions"). */
+export function decodeString(bytes: Buffer, what: string): string | { error: string } {
+  if (bytes.length > MAX_STRING_BYTES) return { error: `${what} is ${bytes.length} bytes (limit ${MAX_STRING_BYTES})` };
+  if (bytes.includes(0)) return { error: `${what} contains a NUL byte` };
+  try {
+    return utf8.decode(bytes);
+  } catch {
+    return { error: `${what} is not valid UTF-8` };
+  }
+}
+
+/** A message as a spec string: NULs become spaces, cut to 4096 bytes of whole UTF-8 characters. */
+export function encodeString(message: string): Buffer {
+  let b = Buffer.from(message.replace(/\0/g, ' '), 'utf8');
+  if (b.length > MAX_STRING_BYTES) b = Buffer.from(b.subarray(0, MAX_STRING_BYTES).toString('utf8').replace(/\uFFFD+$/, ''), 'utf8');
+  return b;
+}
+
+// --- Handshake messages ---------------------------------------------------
+
+/** C: IHAVEOPT, 32-bit option, 32-bit length, data ("Newstyle negotiation"). */
+export function encodeOption(option: number, data: Buffer): Buffer {
+  const out = Buffer.alloc(OPTION_HEADER_BYTES + data.length);
+  out.writeBigUInt64BE(NBD_OPTS_MAGIC, 0);
+  out.writeUInt32BE(option, 8);
+  out.writeUInt32BE(data.length, 12);
+  data.copy(out, OPTION_HEADER_BYTES);
+  return out;
+}
+
+/** S: reply magic, 32-bit option, 32-bit reply type, 32-bit length ("Fixed newstyle negotiation"); the payload follows. */
+export function encodeOptionReplyHeader(option: number, type: number, length: number): Buffer {
+  const header = Buffer.alloc(OPTION_REPLY_HEADER_BYTES);
+  header.writeBigUInt64BE(NBD_REP_MAGIC, 0);
+  header.writeUInt32BE(option, 8);
+  header.writeUInt32BE(type, 12);
+  header.writeUInt32BE(length, 16);
+  return header;
+}
+
+// --- Transmission messages --------------------------------------------------
+
+/** A request header as received ("Request message"); the magic is checked by the caller. */
+export interface RequestHeader {
+  magic: number;
+  flags: number;
+  type: number;
+  /** Echoed in the reply; a copy, never a view of the socket's chunk. */
+  handle: Buffer;
+  /** Offsets past 2^53 cannot be inside any export: they read as Number.MAX_SAFE_INTEGER, out of range. */
+  offset: number;
+  length: number;
+}
+
+/** "Request message": magic, 16-bit flags, 16-bit type, 64-bit handle, 64-bit offset, 32-bit length. */
+export function decodeRequestHeader(header: Buffer): RequestHeader {
+  const hi = header.readUInt32BE(16);
+  return {
+    magic: header.readUInt32BE(0),
+    flags: header.readUInt16BE(4),
+    type: header.readUInt16BE(6),
+    handle: Buffer.from(header.subarray(8, 16)),
+    offset: hi >= 0x200000 ? Number.MAX_SAFE_INTEGER : hi * 0x100000000 + header.readUInt32BE(20),
+    length: header.readUInt32BE(24),
+  };
+}
+
+/** C: a request header with no flags ("Request message"); `cookie` is the 64-bit handle as a safe integer. */
+export function encodeRequest(type: number, cookie: number, offset: number, length: number): Buffer {
+  const out = Buffer.alloc(REQUEST_HEADER_BYTES);
+  out.writeUInt32BE(NBD_REQUEST_MAGIC, 0);
+  out.writeUInt16BE(0, 4);
+  out.writeUInt16BE(type, 6);
+  out.writeUInt32BE(Math.floor(cookie / 0x1_0000_0000), 8);
+  out.writeUInt32BE(cookie % 0x1_0000_0000, 12);
+  out.writeBigUInt64BE(BigInt(offset), 16);
+  out.writeUInt32BE(length, 24);
+  return out;
+}
+
+/** S: magic, 32-bit error, 64-bit handle ("Simple reply message"). */
+export function encodeSimpleReply(handle: Buffer, errno: number): Buffer {
+  const b = Buffer.alloc(SIMPLE_REPLY_BYTES);
+  b.writeUInt32BE(NBD_SIMPLE_REPLY_MAGIC, 0);
+  b.writeUInt32BE(errno, 4);
+  handle.copy(b, 8);
+  return b;
+}
+
+/** S: magic, 16-bit flags, 16-bit type, 64-bit handle, 32-bit length ("Structured reply chunk message"), at the start of `b`. */
+export function writeStructuredHeader(b: Buffer, handle: Buffer, flags: number, type: number, length: number): void {
+  b.writeUInt32BE(NBD_STRUCTURED_REPLY_MAGIC, 0);
+  b.writeUInt16BE(flags, 4);
+  b.writeUInt16BE(type, 6);
+  handle.copy(b, 8);
+  b.writeUInt32BE(length, 16);
+}
+
+export function encodeStructuredHeader(handle: Buffer, flags: number, type: number, length: number): Buffer {
+  const b = Buffer.alloc(STRUCTURED_HEADER_BYTES);
+  writeStructuredHeader(b, handle, flags, type, length);
+  return b;
+}
+
+// --- Names for logs and messages ---------------------------------------------
 
 const OPTION_NAMES: Record<number, string> = {
   [NBD_OPT_EXPORT_NAME]: 'NBD_OPT_EXPORT_NAME',
@@ -210,4 +345,37 @@ export function optionName(option: number): string {
 /** Human-readable command name for logs. */
 export function commandName(type: number): string {
   return COMMAND_NAMES[type] ?? `command ${type}`;
+}
+
+const OPTION_REPLY_ERRORS: Record<number, string> = {
+  [NBD_REP_ERR_UNSUP]: 'NBD_REP_ERR_UNSUP',
+  [NBD_REP_ERR_POLICY]: 'NBD_REP_ERR_POLICY',
+  [NBD_REP_ERR_INVALID]: 'NBD_REP_ERR_INVALID',
+  [NBD_REP_ERR_PLATFORM]: 'NBD_REP_ERR_PLATFORM',
+  [NBD_REP_ERR_TLS_REQD]: 'NBD_REP_ERR_TLS_REQD',
+  [NBD_REP_ERR_UNKNOWN]: 'NBD_REP_ERR_UNKNOWN',
+  [NBD_REP_ERR_SHUTDOWN]: 'NBD_REP_ERR_SHUTDOWN',
+  [NBD_REP_ERR_BLOCK_SIZE_REQD]: 'NBD_REP_ERR_BLOCK_SIZE_REQD',
+  [NBD_REP_ERR_TOO_BIG]: 'NBD_REP_ERR_TOO_BIG',
+};
+
+/** Name of an option reply error type ("Option reply types"), for messages. */
+export function optionReplyName(type: number): string {
+  return OPTION_REPLY_ERRORS[type] ?? `option reply 0x${type.toString(16)}`;
+}
+
+const ERRNO_NAMES: Record<number, string> = {
+  [NBD_EPERM]: 'EPERM',
+  [NBD_EIO]: 'EIO',
+  [NBD_ENOMEM]: 'ENOMEM',
+  [NBD_EINVAL]: 'EINVAL',
+  [NBD_ENOSPC]: 'ENOSPC',
+  [NBD_EOVERFLOW]: 'EOVERFLOW',
+  [NBD_ENOTSUP]: 'ENOTSUP',
+  [NBD_ESHUTDOWN]: 'ESHUTDOWN',
+};
+
+/** Name of an error value in a reply ("Error values"), for messages. */
+export function errnoName(error: number): string {
+  return ERRNO_NAMES[error] ?? `errno ${error}`;
 }

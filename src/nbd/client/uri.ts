@@ -1,5 +1,5 @@
-import { NbdUriError } from './errors.js';
-import { NBD_DEFAULT_PORT } from '../agent/nbd/protocol.js';
+import { NbdUriError } from '../errors.js';
+import { NBD_DEFAULT_PORT } from '../protocol.js';
 
 /** Where an NBD export lives. */
 export type NbdTarget =
