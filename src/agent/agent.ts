@@ -27,6 +27,7 @@ import { RebuildQueue, type RebuildStatus } from './rebuild-queue.js';
 import { ExportNotFoundError } from '../nbd/errors.js';
 import type { ExportDescription, ExportProvider, NbdExport } from '../nbd/server/export.js';
 import { NbdServer, type NbdServerStats } from '../nbd/server/server.js';
+import { isLoopbackHost, TlsCredentials } from '../nbd/server/tls.js';
 import { AgentMetrics, type MetricsServer } from './metrics.js';
 import type { PassedSocket } from './socket-activation.js';
 import { Prefetcher, type PrefetchProgress } from './prefetcher.js';
@@ -157,6 +158,8 @@ export class Agent implements ExportProvider {
     },
   });
   private metricsServer: MetricsServer | undefined;
+  /** Loaded at start when --tls is on or require. */
+  private tlsCredentials: TlsCredentials | undefined;
   /** Storage objects found to be qcow2 images or not, by key and version (see isDisk). */
   private readonly diskChecks = new Map<string, boolean>();
   /** Prefetch streams whose unused bytes are counted already (see onBootEnd). */
@@ -262,8 +265,18 @@ export class Agent implements ExportProvider {
         const signal = this.stopping.signal;
         this.warmup = await warmUp({ config: c, log: this.log, createAgent: (config, log) => new Agent(config, log), stopped: () => signal.aborted });
       },
+      async () => {
+        if (c.tls.mode !== 'off') this.tlsCredentials = await TlsCredentials.load(c.tls);
+        if (c.listen && c.tls.mode === 'off' && !isLoopbackHost(c.listen.host)) {
+          this.log.warn(
+            { listen: c.listen },
+            `listening on ${c.listen.host}:${c.listen.port} without TLS: any host that reaches it can read every export (see --tls)`,
+          );
+        }
+      },
       () => {
         this.nbd = new NbdServer(this, {
+          ...(this.tlsCredentials && c.tls.mode !== 'off' ? { tls: { mode: c.tls.mode, credentials: this.tlsCredentials } } : {}),
           maxConnections: c.maxConnections,
           maxConnectionsPerClient: c.maxConnectionsPerClient,
           maxBufferedBytes: c.maxBuffered,

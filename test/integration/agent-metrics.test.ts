@@ -7,13 +7,12 @@
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { writeFile } from 'node:fs/promises';
-import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Agent } from '../../src/agent/agent.js';
 import type { AgentConfig } from '../../src/agent/config.js';
 import { NbdClient } from '../../src/nbd/client/index.js';
-import { exportUri, startTestAgent, waitUntil } from '../helpers/agent.js';
+import { exportUri, freePort, startTestAgent, waitUntil } from '../helpers/agent.js';
 import { removeTmpDir, tmpDir } from '../helpers/qemu.js';
 
 const MiB = 1024 * 1024;
@@ -21,15 +20,6 @@ const onPath = (tool: string): Promise<boolean> => new Promise((resolve) => exec
 const required = (process.env.CI !== undefined && !['', '0', 'false'].includes(process.env.CI)) || process.env.BOOTCACHE_E2E === '1';
 const haveTools = (await onPath('promtool')) && (await onPath('prometheus'));
 if (!haveTools && required) throw new Error('promtool and prometheus are required (CI or BOOTCACHE_E2E=1): run scripts/install-deps.sh');
-
-/** A TCP port nothing listens on now. */
-async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const port = (server.address() as { port: number }).port;
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return port;
-}
 
 async function scrape(port: number): Promise<string> {
   const res = await fetch(`http://127.0.0.1:${port}/metrics`);

@@ -5,6 +5,8 @@
  * and how the connection ends.
  */
 import type { Socket } from 'node:net';
+import type { TLSSocket } from 'node:tls';
+import { TlsHandshakeError } from '../../errors.js';
 import { NbdClientRefusedError, NbdProtocolViolationError, ReadCancelledError, StreamEndedError, StreamStalledError } from '../errors.js';
 import { errorText, type ConnectionContext, type ConnectionIo, type NbdLogger, type NbdLogLevel } from './context.js';
 import { Handshake } from './handshake.js';
@@ -35,37 +37,92 @@ export class NbdConnection {
   private readonly pendingWrites = new Set<() => void>();
   private corked = false;
 
+  /** The message stream: the accepted socket, or the TLS session over it after NBD_OPT_STARTTLS. */
+  private socket: Socket;
+  private reader: SocketReader;
+  /** The accepted socket: destroyed with the TLS session over it. */
+  private readonly accepted: Socket;
+
   constructor(
-    private readonly socket: Socket,
+    socket: Socket,
     private readonly ctx: ConnectionContext,
     readonly id: number,
   ) {
     const base = ctx.log;
     this.log = (level, msg, fields) => base(level, msg, { connection: id, ...fields });
-    const reader = new SocketReader(socket, {
-      highWaterMark: REQUEST_BUFFER_BYTES,
-      stallTimeoutMs: ctx.limits.stallTimeoutMs,
-    });
-    this.io = { reader, send: (parts) => this.send(parts) };
+    this.socket = socket;
+    this.accepted = socket;
+    this.reader = this.readerOf(socket);
+    const self = this;
+    this.io = {
+      get reader() {
+        return self.reader;
+      },
+      send: (parts) => this.send(parts),
+      startTls: (ack) => this.startTls(ack),
+    };
     this.handshake = new Handshake(this.io, ctx, this.log);
-    socket.on('error', (err) => this.log('debug', 'socket error', { error: err.message }));
     // TCP only (a no-op on unix sockets): notice peers that vanished without a FIN, e.g. a dead host.
     socket.setKeepAlive(true, 30_000);
-    socket.on('close', () => {
-      for (const resolve of this.pendingWrites) resolve();
-      this.pendingWrites.clear();
-      // A request waiting for buffer memory has nobody to answer any more.
-      ctx.budget.cancel();
-    });
+    this.watch(socket);
     if (ctx.limits.handshakeTimeoutMs > 0) {
       this.handshakeTimer = setTimeout(() => {
         this.closeReason = `handshake not completed within ${ctx.limits.handshakeTimeoutMs} ms`;
         this.ctx.counters.protocolErrors++;
         this.log('warn', 'handshake timeout', { timeoutMs: ctx.limits.handshakeTimeoutMs });
-        this.socket.destroy();
+        this.kill();
       }, ctx.limits.handshakeTimeoutMs);
     }
     this.done = this.run();
+  }
+
+  private kill(): void {
+    this.socket.destroy();
+    this.accepted.destroy();
+  }
+
+  private readerOf(socket: Socket): SocketReader {
+    return new SocketReader(socket, { highWaterMark: REQUEST_BUFFER_BYTES, stallTimeoutMs: this.ctx.limits.stallTimeoutMs });
+  }
+
+  private watch(socket: Socket): void {
+    socket.on('error', (err) => this.log('debug', 'socket error', { error: err.message }));
+    socket.on('close', () => {
+      for (const resolve of this.pendingWrites) resolve();
+      this.pendingWrites.clear();
+      // A request waiting for buffer memory has nobody to answer any more.
+      this.ctx.budget.cancel();
+    });
+  }
+
+  /**
+   * NBD_OPT_STARTTLS: the plaintext reader lets go before the ack is sent,
+   * so the client's first TLS bytes stay in the socket for the TLS session.
+   * Bytes the client sent before the ack break "TLS support" in doc/proto.md.
+   */
+  private async startTls(ack: Buffer[]): Promise<void> {
+    const tls = this.ctx.tls;
+    if (tls === undefined) throw new NbdProtocolViolationError('NBD_OPT_STARTTLS without TLS credentials');
+    const early = this.reader.detach();
+    if (early > 0) throw new NbdProtocolViolationError(`${early} bytes sent after NBD_OPT_STARTTLS before its reply`);
+    // The ack goes out and the TLS session takes the socket in the same tick: the client's
+    // first TLS bytes, and its close if it gives up at once, then reach the session.
+    const raw = this.socket;
+    while (raw.writableCorked > 0) raw.uncork();
+    raw.write(Buffer.concat(ack));
+    const timeoutMs = this.ctx.limits.handshakeTimeoutMs > 0 ? this.ctx.limits.handshakeTimeoutMs : 30_000;
+    let secure: TLSSocket;
+    try {
+      secure = await tls.credentials.upgrade(raw, timeoutMs);
+    } catch (err) {
+      this.ctx.counters.tlsFailures++;
+      throw err;
+    }
+    this.ctx.counters.tlsSessions++;
+    this.socket = secure;
+    this.reader = this.readerOf(secure);
+    this.watch(secure);
+    this.log('debug', 'TLS started', { protocol: secure.getProtocol() });
   }
 
   /** True until the client has finished negotiating (option haggling). */
@@ -80,7 +137,7 @@ export class NbdConnection {
 
   /** Request bytes received and not yet parsed. */
   get requestBufferedBytes(): number {
-    return this.io.reader.bufferedBytes;
+    return this.reader.bufferedBytes;
   }
 
   /**
@@ -90,17 +147,17 @@ export class NbdConnection {
   shutdown(): void {
     if (this.phase === 'handshake') {
       this.closeReason = 'server shutting down';
-      this.socket.destroy();
+      this.kill();
       return;
     }
-    this.io.reader.cancel();
+    this.reader.cancel();
     this.transmission?.stop();
   }
 
   /** Hard disconnect (used when shutdown takes too long). */
   destroy(reason: string): void {
     this.closeReason ??= reason;
-    this.socket.destroy();
+    this.kill();
   }
 
   private async run(): Promise<void> {
@@ -142,13 +199,16 @@ export class NbdConnection {
         reason = 'server shutting down';
       } else if (err instanceof NbdClientRefusedError) {
         reason = `refused: ${err.message}`;
+      } else if (err instanceof TlsHandshakeError) {
+        level = 'warn';
+        reason = err.message;
       } else {
         level = 'error';
         reason = `internal error: ${errorText(err)}`;
       }
       // A refused client was told why: let the reply reach it (a reset could discard it) before closing.
       if (err instanceof NbdClientRefusedError) await this.endGracefully();
-      else this.socket.destroy();
+      else this.kill();
     } finally {
       this.phase = 'closing';
       this.clearHandshakeTimer();
@@ -199,7 +259,7 @@ export class NbdConnection {
     const socket = this.socket;
     if (socket.destroyed) return;
     // Whatever the client still sends is dropped; reading on lets us see its FIN.
-    this.io.reader.cancel();
+    this.reader.cancel();
     socket.resume();
     await new Promise<void>((resolve) => {
       const timer = setTimeout(() => socket.destroy(), LINGER_MS);

@@ -6,6 +6,7 @@
 import type { BudgetAccount } from './buffer-budget.js';
 import type { ExportProvider } from './export.js';
 import type { SocketReader } from './socket-reader.js';
+import type { TlsCredentials } from './tls.js';
 
 export type NbdLogLevel = 'debug' | 'info' | 'warn' | 'error';
 export type NbdLogger = (level: NbdLogLevel, msg: string, fields?: Record<string, unknown>) => void;
@@ -24,6 +25,9 @@ export interface ConnectionLimits {
 /** Counters shared by all connections of a server. */
 export interface ServerCounters {
   handshakes: number;
+  /** Connections that completed a TLS handshake, and those whose TLS handshake failed. */
+  tlsSessions: number;
+  tlsFailures: number;
   requests: number;
   bytesRead: number;
   readErrors: number;
@@ -42,6 +46,8 @@ export interface ConnectionContext {
   /** Reply buffers of `bytes` were dropped unsent (the client went away with replies unread). */
   dropped(bytes: number): void;
   isShuttingDown(): boolean;
+  /** TLS offered to this connection (NBD_OPT_STARTTLS), and whether it must start TLS before anything else. */
+  tls?: { credentials: TlsCredentials; required: boolean };
 }
 
 /**
@@ -56,6 +62,12 @@ export interface ConnectionIo {
    * the bytes are handed to the kernel, or at once if the socket is gone.
    */
   send(parts: Buffer[]): Promise<void>;
+  /**
+   * NBD_OPT_STARTTLS accepted: stops reading the plaintext stream, sends
+   * `ack`, runs the TLS handshake and moves `reader` and `send` onto the
+   * session. Throws when the handshake fails (the connection is over).
+   */
+  startTls(ack: Buffer[]): Promise<void>;
 }
 
 export function errorText(err: unknown): string {

@@ -5,10 +5,9 @@
  * the session (NBD_OPT_ABORT).
  *
  * Each option has one handler in `handlers`, run after the checks every
- * option gets (admission, size, shutdown). NBD_OPT_STARTTLS is answered as a
- * server without TLS ("NOTLS mode"); TLS support replaces that handler, has
- * the connection move `io` onto the TLS session, and adds its
- * NBD_REP_ERR_TLS_REQD gate to those checks.
+ * option gets (admission, size, shutdown, and TLS when it is required).
+ * NBD_OPT_STARTTLS ("TLS support") upgrades the connection when the server
+ * has TLS credentials; without them the server is in "NOTLS mode".
  */
 import { NbdClientRefusedError, NbdProtocolViolationError, ExportNotFoundError } from '../errors.js';
 import * as P from '../protocol.js';
@@ -62,12 +61,14 @@ export class Handshake {
   private opened: NbdExport | null = null;
   /** The admission's answer once known: null (served) or why the client is refused. */
   private refusal: string | null | undefined;
+  /** The connection runs over TLS (NBD_OPT_STARTTLS succeeded). */
+  private tlsActive = false;
 
   private readonly handlers = new Map<number, OptionHandler>([
     [P.NBD_OPT_EXPORT_NAME, (_, data) => this.optExportName(data)],
     [P.NBD_OPT_ABORT, (option) => this.optAbort(option)],
     [P.NBD_OPT_LIST, (_, data) => this.optList(data)],
-    [P.NBD_OPT_STARTTLS, (option, data) => this.optStartTlsRefused(option, data)],
+    [P.NBD_OPT_STARTTLS, (option, data) => (this.ctx.tls ? this.optStartTls(option, data) : this.optStartTlsRefused(option, data))],
     [P.NBD_OPT_INFO, (option, data) => this.optInfoGo(option, data)],
     [P.NBD_OPT_GO, (option, data) => this.optInfoGo(option, data)],
     [P.NBD_OPT_STRUCTURED_REPLY, (option, data) => this.optStructuredReply(option, data)],
@@ -148,6 +149,12 @@ export class Handshake {
       await this.optionReply(option, P.NBD_REP_ERR_SHUTDOWN, 'server is shutting down');
       return CONTINUE;
     }
+    if (this.ctx.tls?.required && !this.tlsActive && option !== P.NBD_OPT_STARTTLS && option !== P.NBD_OPT_ABORT) {
+      // "TLS-only mode": NBD_REP_ERR_TLS_REQD to every other option; NBD_OPT_EXPORT_NAME cannot be answered, so a close.
+      if (option === P.NBD_OPT_EXPORT_NAME) throw new NbdClientRefusedError('NBD_OPT_EXPORT_NAME before TLS, which this server requires');
+      await this.optionReply(option, P.NBD_REP_ERR_TLS_REQD, 'this server requires TLS: send NBD_OPT_STARTTLS first');
+      return CONTINUE;
+    }
     const handler = this.handlers.get(option);
     if (handler === undefined) {
       // "NBD_REP_ERR_UNSUP: The option sent by the client is unknown"; negotiation continues.
@@ -182,6 +189,23 @@ export class Handshake {
   /** NOTLS mode: "MUST respond with NBD_REP_ERR_POLICY ... NBD_REP_ERR_INVALID if the client included data". */
   private async optStartTlsRefused(option: number, data: Buffer): Promise<OptionResult> {
     await this.optionReply(option, data.length > 0 ? P.NBD_REP_ERR_INVALID : P.NBD_REP_ERR_POLICY, 'TLS is not offered by this server');
+    return CONTINUE;
+  }
+
+  /**
+   * "TLS support": ack, then the TLS handshake; a second STARTTLS or one with
+   * data is NBD_REP_ERR_INVALID. What was negotiated in plaintext is
+   * forgotten: the client negotiates again over TLS.
+   */
+  private async optStartTls(option: number, data: Buffer): Promise<OptionResult> {
+    if (data.length > 0 || this.tlsActive) {
+      await this.optionReply(option, P.NBD_REP_ERR_INVALID, this.tlsActive ? 'TLS is already started' : 'NBD_OPT_STARTTLS takes no data');
+      return CONTINUE;
+    }
+    await this.io.startTls(optionReplyParts(option, P.NBD_REP_ACK));
+    this.tlsActive = true;
+    this.structured = false;
+    this.metaExportName = null;
     return CONTINUE;
   }
 

@@ -7,6 +7,7 @@ import { MemoryRelease } from './memory-release.js';
 import { NbdConnection } from './connection.js';
 import type { ConnectionLimits, NbdLogger, ServerCounters } from './context.js';
 import type { ExportProvider } from './export.js';
+import type { TlsCredentials } from './tls.js';
 import { NBD_DEFAULT_PORT, PORTABLE_MAX_BLOCK } from '../protocol.js';
 
 export type { NbdLogger, NbdLogLevel } from './context.js';
@@ -35,6 +36,12 @@ export interface NbdServerOptions {
   /** close(): time to drain in-flight requests before connections are dropped (default 30 s). */
   closeTimeoutMs?: number;
   logger?: NbdLogger;
+  /**
+   * TLS (NBD_OPT_STARTTLS) with these credentials. `require`: a TCP client
+   * gets NBD_REP_ERR_TLS_REQD until it starts TLS; unix socket clients are
+   * local, guarded by the socket's permissions, and may start TLS or not.
+   */
+  tls?: { mode: 'on' | 'require'; credentials: TlsCredentials };
 }
 
 export interface NbdServerStats {
@@ -70,6 +77,9 @@ export interface NbdServerStats {
   readErrors: number;
   /** Connections dropped for breaking the protocol, stalling or flooding. */
   protocolErrors: number;
+  /** Connections that started TLS, and those whose TLS handshake failed (wrong key, untrusted certificate, dropped). */
+  tlsSessions: number;
+  tlsFailures: number;
 }
 
 const MiB = 1024 * 1024;
@@ -109,7 +119,7 @@ export class NbdServer {
   private readonly log: NbdLogger;
   private readonly listeners: net.Server[] = [];
   private readonly connections = new Set<NbdConnection>();
-  private readonly counters: ServerCounters = { handshakes: 0, requests: 0, bytesRead: 0, readErrors: 0, protocolErrors: 0 };
+  private readonly counters: ServerCounters = { handshakes: 0, tlsSessions: 0, tlsFailures: 0, requests: 0, bytesRead: 0, readErrors: 0, protocolErrors: 0 };
   private readonly budget: BufferBudget;
   private readonly maxConnectionsPerClient: number;
   private readonly identifier: ClientIdentifier;
@@ -121,6 +131,7 @@ export class NbdServer {
   private droppedConnections = 0;
   private rejectedPerClient = 0;
   private closing: Promise<void> | null = null;
+  private readonly tls: NbdServerOptions['tls'];
 
   constructor(
     private readonly provider: ExportProvider,
@@ -144,6 +155,7 @@ export class NbdServer {
     const maxBufferedBytes = positiveInteger('maxBufferedBytes', options.maxBufferedBytes, 256 * MiB, 2 * maxRequestBytes);
     this.budget = new BufferBudget(maxBufferedBytes, this.maxConnections);
     this.closeTimeoutMs = positiveInteger('closeTimeoutMs', options.closeTimeoutMs, 30_000, 0);
+    this.tls = options.tls;
     const logger = options.logger;
     // A throwing logger must not break a connection or leave a rejection unhandled.
     this.log = logger === undefined ? () => undefined : (level, msg, fields) => {
@@ -180,6 +192,8 @@ export class NbdServer {
       bytesRead: this.counters.bytesRead,
       readErrors: this.counters.readErrors,
       protocolErrors: this.counters.protocolErrors,
+      tlsSessions: this.counters.tlsSessions,
+      tlsFailures: this.counters.tlsFailures,
     };
   }
 
@@ -303,6 +317,8 @@ export class NbdServer {
         admission,
         dropped: (bytes) => this.memoryRelease.noteDropped(bytes),
         isShuttingDown: () => this.closing !== null,
+        // remoteAddress is set for TCP peers only.
+        ...(this.tls ? { tls: { credentials: this.tls.credentials, required: this.tls.mode === 'require' && socket.remoteAddress !== undefined } } : {}),
       },
       id,
     );

@@ -32,6 +32,7 @@ export class SocketReader {
   private stallTimer: NodeJS.Timeout | null = null;
   private readonly highWaterMark: number;
   private readonly stallTimeoutMs: number;
+  private readonly listeners: { data(chunk: Buffer): void; end(): void; close(): void; error(err: Error): void };
 
   constructor(
     private readonly socket: Socket,
@@ -39,10 +40,32 @@ export class SocketReader {
   ) {
     this.highWaterMark = options.highWaterMark ?? 1024 * 1024;
     this.stallTimeoutMs = options.stallTimeoutMs ?? 0;
-    socket.on('data', (chunk: Buffer) => this.onData(chunk));
-    socket.on('end', () => this.fail(new StreamEndedError('peer closed the connection', this.buffered)));
-    socket.on('close', () => this.fail(new StreamEndedError('connection closed', this.buffered)));
-    socket.on('error', (err) => this.fail(new StreamEndedError(`connection failed: ${err.message}`, this.buffered)));
+    this.listeners = {
+      data: (chunk: Buffer) => this.onData(chunk),
+      end: () => this.fail(new StreamEndedError('peer closed the connection', this.buffered)),
+      close: () => this.fail(new StreamEndedError('connection closed', this.buffered)),
+      error: (err: Error) => this.fail(new StreamEndedError(`connection failed: ${err.message}`, this.buffered)),
+    };
+    socket.on('data', this.listeners.data);
+    socket.on('end', this.listeners.end);
+    socket.on('close', this.listeners.close);
+    socket.on('error', this.listeners.error);
+  }
+
+  /**
+   * Stops reading: the socket is paused (what arrives stays in it for the
+   * next reader, e.g. a TLS session over it) and this reader lets go of it.
+   * Returns the bytes it had received and not handed out.
+   */
+  detach(): number {
+    this.socket.pause();
+    this.socket.off('data', this.listeners.data);
+    this.socket.off('end', this.listeners.end);
+    this.socket.off('close', this.listeners.close);
+    this.socket.off('error', this.listeners.error);
+    const left = this.buffered;
+    this.fail(new ReadCancelledError());
+    return left;
   }
 
   /** Bytes received and not yet consumed. */

@@ -75,7 +75,8 @@ async function readCredential(file: string, what: string, limit = MAX_PSK_FILE_B
 export class TlsCredentials {
   private constructor(
     readonly kind: 'x509' | 'psk',
-    private readonly context: tls.SecureContext,
+    /** createSecureContext options: tls.createServer builds its context from them (it takes no SecureContext). */
+    private readonly context: tls.SecureContextOptions,
     private readonly verifyPeer: boolean,
     private readonly pskKeys: Map<string, Buffer> | undefined,
   ) {}
@@ -85,7 +86,7 @@ export class TlsCredentials {
     if (settings.psk !== undefined) {
       const text = (await readCredential(settings.psk, 'PSK file')).toString('utf8');
       const keys = parsePskFile(text, settings.psk);
-      const context = tls.createSecureContext({ ciphers: `${tls.DEFAULT_CIPHERS}:${PSK_CIPHERS}`, minVersion: 'TLSv1.2' });
+      const context: tls.SecureContextOptions = { ciphers: `${tls.DEFAULT_CIPHERS}:${PSK_CIPHERS}`, minVersion: 'TLSv1.2' };
       return new TlsCredentials('psk', context, false, keys);
     }
     const dir = settings.certificates;
@@ -94,7 +95,9 @@ export class TlsCredentials {
     const key = await readCredential(join(dir, X509_FILES.key), 'server key');
     const ca = settings.verifyPeer ? await readCredential(join(dir, X509_FILES.ca), 'CA certificate (needed by --tls-verify-peer)') : undefined;
     try {
-      const context = tls.createSecureContext({ cert, key, ...(ca ? { ca } : {}), minVersion: 'TLSv1.2' });
+      const context: tls.SecureContextOptions = { cert, key, ...(ca ? { ca } : {}), minVersion: 'TLSv1.2' };
+      // Built once here so that a key that does not match its certificate fails the start, not each client.
+      tls.createSecureContext(context);
       return new TlsCredentials('x509', context, settings.verifyPeer, undefined);
     } catch (err) {
       throw new TlsCredentialsError(`the X.509 files do not form a usable credential: ${(err as Error).message}`, { file: dir, cause: err });
@@ -108,34 +111,39 @@ export class TlsCredentials {
    * destroyed then.
    */
   upgrade(socket: Socket, timeoutMs: number): Promise<tls.TLSSocket> {
+    // Through a tls.Server (one per upgrade, never listening): Node checks a client
+    // certificate (requestCert, rejectUnauthorized) only for sockets a server accepted.
+    const server = tls.createServer({
+      ...this.context,
+      requestCert: this.verifyPeer,
+      rejectUnauthorized: this.verifyPeer,
+      handshakeTimeout: timeoutMs,
+      ...(this.pskKeys ? { pskCallback: (_s: tls.TLSSocket, identity: string) => this.pskKeys!.get(identity) ?? null } : {}),
+    });
     return new Promise((resolve, reject) => {
-      const secure = new tls.TLSSocket(socket, {
-        isServer: true,
-        secureContext: this.context,
-        requestCert: this.verifyPeer,
-        rejectUnauthorized: this.verifyPeer,
-        ...(this.pskKeys ? { pskCallback: (_s: tls.TLSSocket, identity: string) => this.pskKeys!.get(identity) ?? null } : {}),
-      });
       let settled = false;
       const fail = (why: string): void => {
         if (settled) return;
         settled = true;
         clearTimeout(timer);
-        secure.destroy();
         socket.destroy();
         reject(new TlsHandshakeError(`TLS handshake failed: ${why}`));
       };
       const timer = setTimeout(() => fail(`no handshake within ${timeoutMs / 1000} s`), timeoutMs);
       timer.unref();
-      secure.once('secure', () => {
-        // A manually wrapped server socket reports an unverified client certificate without ending the connection.
-        if (this.verifyPeer && !secure.authorized) return fail(`client certificate not accepted (${String(secure.authorizationError ?? 'none sent')})`);
+      server.once('secureConnection', (secure: tls.TLSSocket) => {
+        if (settled) return secure.destroy();
         settled = true;
         clearTimeout(timer);
         resolve(secure);
       });
-      secure.once('error', (err: Error) => fail(err.message));
-      secure.once('close', () => fail('the client closed the connection'));
+      // OpenSSL's message spans lines with its source location; its reason ("binder does not verify") says it.
+      server.on('tlsClientError', (err: Error & { reason?: string }) => fail(err.reason ?? err.message.split('\n')[0]!));
+      socket.once('close', () => fail('the client closed the connection'));
+      // A half-open socket (the NBD listener allows them) hides the peer's EOF from the
+      // TLS session: a client that leaves mid-handshake would hold it until the timeout.
+      socket.allowHalfOpen = false;
+      server.emit('connection', socket);
     });
   }
 }
