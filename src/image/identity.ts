@@ -49,16 +49,33 @@ export function computeIdentity(format: ImageFormat, virtualSize: number, layers
  * Every space an image's blocks may be cached under: its identity, and per
  * layer its owner identity and the identity of the sub-chain it starts.
  */
-export function chainSpaces(image: { layers(): LayerInfo[]; identityLayers(): LayerIdentity[]; identity: string }): string[] {
+export function chainSpaces(image: ChainImage): string[] {
+  return chainSpaceLayers(image).map((s) => s.space);
+}
+
+/**
+ * chainSpaces, each with the layers whose files determine its bytes
+ * (indexes into image.layers(), top is 0): every layer for the image's
+ * identity, layer i alone for its owner identity, i to the last for its sub-chain.
+ */
+export function chainSpaceLayers(image: ChainImage): Array<{ space: string; first: number; last: number }> {
   const infos = image.layers();
   const ids = image.identityLayers();
-  const spaces = new Set<string>([image.identity]);
+  const last = infos.length - 1;
+  const spaces = new Map<string, { space: string; first: number; last: number }>();
+  const add = (space: string, first: number, to: number): void => {
+    if (!spaces.has(space)) spaces.set(space, { space, first, last: to });
+  };
+  add(image.identity, 0, last);
   infos.forEach((info, i) => {
-    spaces.add(computeIdentity(info.format, info.virtualSize, [ids[i]!]));
-    spaces.add(computeIdentity(info.format, info.virtualSize, ids.slice(i)));
+    add(computeIdentity(info.format, info.virtualSize, [ids[i]!]), i, i);
+    add(computeIdentity(info.format, info.virtualSize, ids.slice(i)), i, last);
   });
-  return [...spaces];
+  return [...spaces.values()];
 }
+
+/** What chainSpaces needs of an image. */
+export type ChainImage = { layers(): LayerInfo[]; identityLayers(): LayerIdentity[]; identity: string };
 
 export function sha256Hex(...parts: Buffer[]): string {
   const h = createHash('sha256');
