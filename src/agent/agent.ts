@@ -34,6 +34,8 @@ import { Prefetcher, type PrefetchProgress } from './prefetcher.js';
 import { SidecarStore, SIDECAR_SUFFIXES, type PublishCounters } from './sidecars.js';
 import { warmUp, type WarmupReport } from './warmup.js';
 import { diskRule, hasRawExtension, isQcow2Head } from '../image/disk-names.js';
+import { evictSpaces, listCache, reclaimGone, type CacheListing, type CatalogContext, type EvictResult, type ReclaimReport } from './cache-catalog.js';
+import { SpaceRegistry, type LayerRef } from './space-registry.js';
 
 /**
  * Chunk buffers kept between streams, at most: 2 x --prefetch-depth (a
@@ -177,6 +179,8 @@ export class Agent implements ExportProvider {
   private counting!: CountingStorage;
   private sidecars!: SidecarStore;
   private cache!: CacheDevice;
+  /** Which images the cache's spaces belong to (DIR/spaces.json). */
+  private registry!: SpaceRegistry;
   /** Prefetch chunk buffers of every stream: the streams' windows plus their demanded chunks. */
   private chunkBuffers!: BufferPool;
   /** What the start-up warm-up did (undefined: off, stopped or failed). */
@@ -250,6 +254,7 @@ export class Agent implements ExportProvider {
           },
         );
         this.missWriter = new MissWriter(this.cache);
+        this.registry = await SpaceRegistry.load(c.cache, this.log);
       },
       // Faulted in before the agent listens, not under the first boot's reads:
       // a boot that starts with the agent would wait behind their page faults.
@@ -298,6 +303,8 @@ export class Agent implements ExportProvider {
           status: async () => this.status(),
           markBooted: async (name) => this.markBooted(name),
           warm: (name) => this.warm(name),
+          cache: () => this.cacheListing(),
+          evict: (name) => this.evict(name),
         }, gid, controlSocket?.fd);
       },
       async () => {
@@ -352,6 +359,7 @@ export class Agent implements ExportProvider {
       await entry.service.image.close().catch(() => undefined);
     }
     await this.missWriter?.flush();
+    await this.registry?.flush();
     this.chunkBuffers?.close();
     const closing = options.removeNewCache === true ? this.cache?.closeAndRemoveIfCreated() : this.cache?.close();
     await closing?.catch((err: unknown) => this.log.warn({ err }, 'closing cache'));
@@ -359,13 +367,94 @@ export class Agent implements ExportProvider {
     else this.log.debug('agent did not start; what it had opened is closed');
   }
 
-  async runMaintenance(): Promise<void> {
+  /**
+   * Reclaims the cached blocks of images gone from storage (see
+   * reclaimGone), then compacts the cache index. Returns what it reclaimed,
+   * or undefined when it failed (logged).
+   */
+  async runMaintenance(): Promise<ReclaimReport | undefined> {
     try {
+      await this.missWriter.flush();
+      const r = await reclaimGone(this.catalog(), (key) => this.storage.stat(key));
+      this.log.info(
+        {
+          reclaimedSpaces: r.reclaimed.length,
+          reclaimedBytes: r.reclaimedBytes,
+          // Bounded in the log line; the counts above are complete.
+          reclaimed: r.reclaimed.slice(0, 32),
+          keptSpaces: r.kept,
+          inUseSpaces: r.inUse,
+          undecidedSpaces: r.undecided,
+          unknownSpaces: r.unknown,
+          unknownBytes: r.unknownBytes,
+        },
+        'maintenance: cached blocks of images gone from storage reclaimed',
+      );
       await this.cache.compact();
       this.log.info({ cache: this.cache.stats() }, 'maintenance: cache index compacted');
+      return r;
     } catch (err) {
       this.log.warn({ err: (err as Error).message }, 'maintenance failed');
+      return undefined;
     }
+  }
+
+  private catalog(): CatalogContext {
+    return { cache: this.cache, registry: this.registry, openSpaces: () => this.openSpaces() };
+  }
+
+  /**
+   * Exports in use now (connections open, or a segment rebuild queued), by
+   * the spaces they use. An export loaded without connections (NBD_OPT_INFO,
+   * a control call) is not in use: a new connection checks storage again first.
+   */
+  private openSpaces(): Map<string, string[]> {
+    const open = new Map<string, string[]>();
+    for (const entry of [...this.services.values(), ...this.retired]) {
+      if (entry.service.connections === 0 && !entry.rebuilds.busy) continue;
+      for (const space of entry.service.spaces) {
+        const names = open.get(space) ?? [];
+        if (!names.includes(entry.service.name)) names.push(entry.service.name);
+        open.set(space, names);
+      }
+    }
+    return open;
+  }
+
+  /** `agent cache`: the cached spaces with their bytes, last boot and the images they belong to. */
+  async cacheListing(): Promise<CacheListing> {
+    // Misses read so far are counted as cached.
+    await this.missWriter.flush();
+    return listCache(this.catalog());
+  }
+
+  /**
+   * `agent evict`: drops the cached blocks of the export's chain (its current
+   * version, older versions still open, and those the registry recorded under
+   * its name), shared backing layers included. An export gone from storage
+   * can still be evicted while the registry knows it.
+   */
+  async evict(name: string): Promise<EvictResult> {
+    const spaces: string[] = [];
+    let lookupError: unknown;
+    try {
+      spaces.push(...(await this.serviceFor(name)).service.spaces);
+    } catch (err) {
+      lookupError = err;
+    }
+    for (const entry of this.retired) if (entry.service.name === name) spaces.push(...entry.service.spaces);
+    spaces.push(...this.registry.spacesOf(name));
+    if (spaces.length === 0) {
+      if (lookupError instanceof ExportNotFoundError) {
+        throw new ExportNotFoundError(`${lookupError.message}, and the cache knows no image of that name`);
+      }
+      throw lookupError ?? new ExportNotFoundError(`no export named ${JSON.stringify(name)}`);
+    }
+    // Misses waiting to be written land first, then go with the rest.
+    await this.missWriter.flush();
+    const result = await evictSpaces(this.catalog(), name, spaces);
+    this.log.info({ export: name, blocks: result.blocks, bytes: result.bytes, spaces: result.spaces }, 'cache of export evicted');
+    return result;
   }
 
   // ExportProvider
@@ -482,7 +571,8 @@ export class Agent implements ExportProvider {
   }
 
   private async createService(name: string): Promise<ServiceEntry> {
-    const { image, version } = await this.openImage(name);
+    const { image, version, layers } = await this.openImage(name);
+    this.registry.record(name, image, layers);
     const service = new CacheManager(name, image, this.cache, {
       bootPolicy: this.config.boot,
       cacheMisses: this.config.cacheMisses,
@@ -505,23 +595,26 @@ export class Agent implements ExportProvider {
     return entry;
   }
 
-  /** Opens an image and its chain, with the storage version of each layer opened (top first, joined). */
-  private async openImage(key: string): Promise<{ image: DiskImage; version: string }> {
+  /**
+   * Opens an image and its chain, with the storage version of each layer
+   * opened (top first, joined) and each layer's key, stamp and version.
+   */
+  private async openImage(key: string): Promise<{ image: DiskImage; version: string; layers: LayerRef[] }> {
     const storage = this.storage;
-    const versions: string[] = [];
+    const layers: LayerRef[] = [];
     const opener: SourceOpener = {
       async openRelative(from, name) {
         const backingKey = storage.resolveRelative(from.name, name);
         const source = await storage.openSource(backingKey);
-        versions.push(source.version);
+        layers.push({ key: backingKey, stamp: source.stamp, version: source.version });
         return { source, key: backingKey };
       },
     };
     const source = await storage.openSource(key);
-    versions.push(source.version);
-    // Backing files open top down, one at a time: `versions` is in chain order.
+    layers.push({ key, stamp: source.stamp, version: source.version });
+    // Backing files open top down, one at a time: `layers` is in chain order.
     const image = await openImageFromSource(source, opener, {}, [key]);
-    return { image, version: versions.join('|') };
+    return { image, version: layers.map((l) => l.version).join('|'), layers };
   }
 
   private async startPrefetch(entry: ServiceEntry): Promise<void> {

@@ -59,7 +59,7 @@ export interface AgentConfig {
   readahead: number;
   /** Map block size for recorded boots. */
   blockSize: number;
-  /** node-cron schedule for maintenance (cache index compaction), or 'off'. */
+  /** node-cron schedule for maintenance (reclaiming the cache of images gone from storage, index compaction), or 'off'. */
   maintenance: string;
   /** NBD connections at once (negotiating or not); see NbdServer's dropOldestNegotiating. */
   maxConnections: number;

@@ -4,6 +4,8 @@
  *   GET  /status                      -> AgentStatus
  *   POST /mark-booted?export=NAME      -> the ended boot's summary
  *   POST /warm?export=NAME             -> the segment streamed into the cache (WarmResult)
+ *   GET  /cache                       -> the cached spaces and their images (CacheListing)
+ *   POST /evict?export=NAME            -> the export's cached blocks dropped (EvictResult)
  */
 import { rm } from 'node:fs/promises';
 import { createServer, request, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
@@ -16,6 +18,8 @@ export interface ControlHandlers {
   status(): Promise<unknown>;
   markBooted(exportName: string): Promise<unknown>;
   warm(exportName: string): Promise<unknown>;
+  cache(): Promise<unknown>;
+  evict(exportName: string): Promise<unknown>;
 }
 
 export class ControlServer {
@@ -53,6 +57,12 @@ export class ControlServer {
   }
 }
 
+function exportParam(url: URL, endpoint: string): string {
+  const name = url.searchParams.get('export');
+  if (!name) throw new UsageError(`${endpoint} needs ?export=NAME`);
+  return name;
+}
+
 async function handle(req: IncomingMessage, res: ServerResponse, handlers: ControlHandlers): Promise<void> {
   const url = new URL(req.url ?? '/', 'http://agent');
   try {
@@ -60,13 +70,13 @@ async function handle(req: IncomingMessage, res: ServerResponse, handlers: Contr
     if (req.method === 'GET' && url.pathname === '/status') {
       body = await handlers.status();
     } else if (req.method === 'POST' && url.pathname === '/mark-booted') {
-      const name = url.searchParams.get('export');
-      if (!name) throw new UsageError('mark-booted needs ?export=NAME');
-      body = await handlers.markBooted(name);
+      body = await handlers.markBooted(exportParam(url, 'mark-booted'));
     } else if (req.method === 'POST' && url.pathname === '/warm') {
-      const name = url.searchParams.get('export');
-      if (!name) throw new UsageError('warm needs ?export=NAME');
-      body = await handlers.warm(name);
+      body = await handlers.warm(exportParam(url, 'warm'));
+    } else if (req.method === 'GET' && url.pathname === '/cache') {
+      body = await handlers.cache();
+    } else if (req.method === 'POST' && url.pathname === '/evict') {
+      body = await handlers.evict(exportParam(url, 'evict'));
     } else {
       res.writeHead(404, { 'content-type': 'application/json' });
       res.end(JSON.stringify({ error: { code: 'BC_NOT_FOUND', message: `no such endpoint: ${req.method} ${url.pathname}` } }));

@@ -21,12 +21,15 @@ export class RebuildQueue {
   private state: RebuildState = 'idle';
   private lastError: string | undefined;
   private lastPublishedAt: string | undefined;
+  /** Rebuilds queued or running. */
+  private pending = 0;
 
   /**
    * Runs `rebuild` after the rebuilds queued before it; `done` hears how it
    * ended (published, nothing to publish, or the error).
    */
   enqueue(rebuild: () => Promise<RebuildOutcome>, done: (outcome: RebuildOutcome | Error) => void): void {
+    this.pending++;
     this.tail = this.tail.then(async () => {
       this.state = 'running';
       try {
@@ -39,8 +42,15 @@ export class RebuildQueue {
         this.state = 'failed';
         this.lastError = error.message;
         done(error);
+      } finally {
+        this.pending--;
       }
     });
+  }
+
+  /** True from enqueue until that rebuild has ended. */
+  get busy(): boolean {
+    return this.pending > 0;
   }
 
   /** Resolves when every rebuild queued so far has ended. */

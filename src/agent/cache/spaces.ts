@@ -44,7 +44,7 @@ export class ImageSpaces {
    * per layer its owner identity and the identity of the sub-chain it starts.
    */
   all(): string[] {
-    return [...new Set([this.image.identity, ...this.layerOwners.flatMap((owner, i) => [owner, this.subChains[i]!])])];
+    return chainSpaceLayers(this.image).map((s) => s.space);
   }
 
   /**
@@ -75,8 +75,31 @@ export class ImageSpaces {
 }
 
 /** Every space an image's blocks may be cached under (ImageSpaces.all). */
-export function chainSpaces(image: SpaceSource): string[] {
-  return new ImageSpaces(image).all();
+export function chainSpaces(image: ChainImage): string[] {
+  return chainSpaceLayers(image).map((s) => s.space);
+}
+
+/** What the spaces of a chain depend on: its identity and its layers. */
+export type ChainImage = Pick<DiskImage, 'identity' | 'layers'>;
+
+/**
+ * chainSpaces, each with the layers whose files determine its bytes
+ * (indexes into image.layers(), top is 0): every layer for the image's
+ * identity, layer i alone for its owner identity, i to the last for its sub-chain.
+ */
+export function chainSpaceLayers(image: ChainImage): Array<{ space: string; first: number; last: number }> {
+  const layers = image.layers();
+  const last = layers.length - 1;
+  const spaces = new Map<string, { space: string; first: number; last: number }>();
+  const add = (space: string, first: number, to: number): void => {
+    if (!spaces.has(space)) spaces.set(space, { space, first, last: to });
+  };
+  add(image.identity, 0, last);
+  layers.forEach((layer, i) => {
+    add(layerIdentity(layer, [layer]), i, i);
+    add(layerIdentity(layer, layers.slice(i)), i, last);
+  });
+  return [...spaces.values()];
 }
 
 function layerIdentity(top: LayerInfo, chain: LayerInfo[]): string {

@@ -72,7 +72,7 @@ ${EXIT_CODES}`;
     'prefetch-depth': Flags.integer({ description: 'Prefetch reads in flight (the bounded buffer, default 4).', helpValue: 'N' }),
     readahead: Flags.string({ description: 'Largest sequential readahead on cache misses, e.g. 2M; 0 turns it off (default 2M).', helpValue: 'BYTES' }),
     'log-level': Flags.string({ description: 'pino log level.', options: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] }),
-    maintenance: Flags.string({ description: 'Cron schedule for maintenance (cache index compaction), or "off".', helpValue: 'CRON' }),
+    maintenance: Flags.string({ description: 'Cron schedule for maintenance (reclaiming the cached blocks of images gone from storage, cache index compaction), or "off".', helpValue: 'CRON' }),
     warmup: Flags.boolean({ description: `Before listening, boot a scratch image through a private agent (about 2 s) so the first real boot runs on optimised code (default ${CONFIG_DEFAULTS.warmup ? 'on' : 'off'}).`, allowNo: true }),
   };
 

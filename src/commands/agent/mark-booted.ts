@@ -1,8 +1,8 @@
-import { Args, Flags } from '@oclif/core';
+import { Flags } from '@oclif/core';
 import type { BootSummary } from '../../agent/boot-recorder.js';
-import { DEFAULT_CONTROL } from '../../agent/config.js';
 import { waitForConsoleLine } from '../../agent/console-watch.js';
 import { controlRequest } from '../../agent/control.js';
+import { controlFlag, exportArg } from '../../cli/agent-control.js';
 import { BaseCommand, commandUsage, exitCodesHelp } from '../../cli/base-command.js';
 import { ExitCode } from '../../errors.js';
 import { parseUntil } from '../../profile/console.js';
@@ -31,11 +31,11 @@ ${EXIT_CODES}`;
   ];
 
   static override args = {
-    export: Args.string({ description: 'Export name (the image path relative to the storage root).', required: true }),
+    export: exportArg(),
   };
 
   static override flags = {
-    control: Flags.string({ description: "The agent's control socket.", helpValue: 'PATH', default: DEFAULT_CONTROL }),
+    control: controlFlag(),
     console: Flags.string({ description: "Wait for a line on this serial console log (QEMU's -serial file:PATH) before marking the boot.", helpValue: 'FILE' }),
     until: Flags.string({ description: `With --console: the line that says the guest has booted, a regular expression (default ${DEFAULT_UNTIL}).`, helpValue: 'REGEX' }),
     timeout: Flags.integer({ description: 'With --console: seconds to wait for the line (default 600).', helpValue: 'SECONDS', default: 600 }),

@@ -1,7 +1,6 @@
-import { Flags } from '@oclif/core';
 import type { AgentStatus, ExportStatus } from '../../agent/agent.js';
-import { DEFAULT_CONTROL } from '../../agent/config.js';
 import { controlRequest } from '../../agent/control.js';
+import { controlFlag } from '../../cli/agent-control.js';
 import { BaseCommand, commandUsage, exitCodesHelp } from '../../cli/base-command.js';
 import { ExitCode } from '../../errors.js';
 import { formatBytes } from '../../cli/progress.js';
@@ -18,7 +17,7 @@ ${EXIT_CODES}`;
   static override examples = ['<%= config.bin %> <%= command.id %> --json', '<%= config.bin %> <%= command.id %> --control /tmp/agent.ctl'];
 
   static override flags = {
-    control: Flags.string({ description: "The agent's control socket.", helpValue: 'PATH', default: DEFAULT_CONTROL }),
+    control: controlFlag(),
   };
 
   static override usage = commandUsage(this);

@@ -1,7 +1,7 @@
-import { Args, Flags } from '@oclif/core';
+import { Flags } from '@oclif/core';
 import type { WarmResult } from '../../agent/agent.js';
-import { DEFAULT_CONTROL } from '../../agent/config.js';
 import { controlRequest } from '../../agent/control.js';
+import { controlFlag, exportArg } from '../../cli/agent-control.js';
 import { BaseCommand, commandUsage, exitCodesHelp } from '../../cli/base-command.js';
 import { formatBytes } from '../../cli/progress.js';
 import { ExitCode } from '../../errors.js';
@@ -21,11 +21,11 @@ ${EXIT_CODES}`;
   static override examples = ['<%= config.bin %> <%= command.id %> debian12.qcow2', '<%= config.bin %> <%= command.id %> pool/debian12.qcow2 --control /tmp/agent.ctl --json'];
 
   static override args = {
-    export: Args.string({ description: 'Export name (the image path relative to the storage root).', required: true }),
+    export: exportArg(),
   };
 
   static override flags = {
-    control: Flags.string({ description: "The agent's control socket.", helpValue: 'PATH', default: DEFAULT_CONTROL }),
+    control: controlFlag(),
     timeout: Flags.integer({ description: 'Seconds to wait for the stream to end (default 600).', helpValue: 'SECONDS', default: 600 }),
   };
 
