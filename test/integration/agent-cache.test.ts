@@ -11,7 +11,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { Agent } from '../../src/agent/agent.js';
 import type { CacheListing, CachedSpace, EvictResult } from '../../src/agent/cache-catalog.js';
 import type { AgentConfig } from '../../src/agent/config.js';
-import { NbdClient } from '../../src/nbd-client/index.js';
+import { NbdClient } from '../../src/nbd/client/index.js';
 import { startTestAgent, exportUri, waitUntil } from '../helpers/agent.js';
 import { cli } from '../helpers/cli.js';
 import { qemuImg, qemuIo, removeTmpDir, tmpDir } from '../helpers/qemu.js';
