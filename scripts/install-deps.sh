@@ -24,6 +24,9 @@ command -v systemd-socket-activate >/dev/null || need+=(systemd)
 # promtool and a Prometheus server for the metrics tests.
 command -v promtool >/dev/null || need+=(prometheus)
 command -v uuidgen >/dev/null || need+=(uuid-runtime)
+# virt-xml-validate (and its xmllint) checks the libvirt XML in the docs.
+command -v virt-xml-validate >/dev/null || need+=(libvirt-clients)
+command -v xmllint >/dev/null || need+=(libxml2-utils)
 # psktool and certtool make the TLS tests' keys and certificates.
 command -v psktool >/dev/null || need+=(gnutls-bin)
 if [ ${#need[@]} -gt 0 ]; then

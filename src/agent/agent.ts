@@ -156,7 +156,10 @@ export class Agent implements ExportProvider {
     publish: () => this.counters.publish,
     nbd: () => {
       const s = this.nbd?.stats;
-      return s && { open: s.activeConnections, refused: s.rejectedConnections + s.rejectedPerClient, dropped: s.droppedConnections, protocolErrors: s.protocolErrors };
+      return s && {
+        open: s.activeConnections, refused: s.rejectedConnections + s.rejectedPerClient, dropped: s.droppedConnections,
+        protocolErrors: s.protocolErrors, tlsSessions: s.tlsSessions, tlsFailures: s.tlsFailures,
+      };
     },
   });
   private metricsServer: MetricsServer | undefined;

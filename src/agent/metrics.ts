@@ -26,7 +26,7 @@ export interface MetricsSources {
   cache(): { usedBytes: number; capacityBytes: number; evictions: number };
   boots(): Record<BootOutcome, number>;
   publish(): { maps: number; segments: number; builds: number; conflicts: number };
-  nbd(): { open: number; refused: number; dropped: number; protocolErrors: number } | undefined;
+  nbd(): { open: number; refused: number; dropped: number; protocolErrors: number; tlsSessions: number; tlsFailures: number } | undefined;
 }
 
 /** Latency buckets from 50 µs (a cache hit) to 10 s (a storage read under retries). */
@@ -108,6 +108,10 @@ export class AgentMetrics {
     readCounter(r, 'bootcache_nbd_connections_refused_total', 'NBD connections refused (connection limit, per-client limit).', [], () => [[{}, sources.nbd()?.refused ?? 0]]);
     readCounter(r, 'bootcache_nbd_connections_dropped_total', 'NBD connections still negotiating that were dropped to make room.', [], () => [[{}, sources.nbd()?.dropped ?? 0]]);
     readCounter(r, 'bootcache_nbd_protocol_errors_total', 'NBD protocol errors from clients.', [], () => [[{}, sources.nbd()?.protocolErrors ?? 0]]);
+    readCounter(r, 'bootcache_nbd_tls_handshakes_total', 'TLS handshakes of NBD clients (NBD_OPT_STARTTLS), by result.', ['result'], () => {
+      const n = sources.nbd();
+      return [[{ result: 'ok' }, n?.tlsSessions ?? 0], [{ result: 'failed' }, n?.tlsFailures ?? 0]];
+    });
   }
 
   guestRead(source: GuestReadSource, seconds: number): void {
