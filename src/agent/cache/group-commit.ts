@@ -224,7 +224,10 @@ export class GroupCommit {
     const epoch = (this.epoch + 1) >>> 0;
     const salt = randomSalt();
     // Capture the index and the records it covers in one synchronous step.
-    const snapshot = encodeSnapshot(state.index, { blockSize: state.blockSize, slotCount: state.usableSlots, epoch });
+    // One slot count for the snapshot and the journal header, even if a shrink comes between
+    // (their headers must agree; a data file shorter than the count is handled at load).
+    const slotCount = state.usableSlots;
+    const snapshot = encodeSnapshot(state.index, { blockSize: state.blockSize, slotCount, epoch });
     const covered = this.pending;
     this.pending = new Batch(salt);
     this.inflight = covered;
@@ -233,7 +236,7 @@ export class GroupCommit {
       // Every slot the snapshot maps was written before the capture: make those bytes durable first.
       this.dataDirty = false;
       await state.files.data.datasync();
-      journal = await writeIndexFiles(state.dir, snapshot, { blockSize: state.blockSize, slotCount: state.usableSlots, epoch, salt });
+      journal = await writeIndexFiles(state.dir, snapshot, { blockSize: state.blockSize, slotCount, epoch, salt });
     } catch (err) {
       const error = fromSystemError(err, state.dir, 'compacting the cache index');
       this.inflight = undefined;
