@@ -13,15 +13,14 @@
 // Environment: BENCH_ROUNDS (default 2), BENCH_DELAYS (default "2,10"),
 // BENCH_HIT_SECONDS (default 5), BENCH_HIT_ROUNDS (default 3),
 // BENCH_SKIP_HIT=1, BENCH_WORK (default /var/tmp/bootcache-bench).
-import { createHash } from 'node:crypto';
-import { createReadStream, existsSync, mkdirSync, writeFileSync, readFileSync, linkSync } from 'node:fs';
+import { existsSync, mkdirSync, writeFileSync, linkSync } from 'node:fs';
 import { open, rm, stat, mkdir, readFile } from 'node:fs/promises';
 import { loadavg, cpus, totalmem, freemem, hostname, release } from 'node:os';
 import { dirname, join } from 'node:path';
-import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { stopChild, run, startServer, killAllSync } from './lib/process.js';
 import { agentArgs, startAgent, pollAgent, exportOf } from './lib/agent.js';
+import { IMAGE_NAME, blockData, ensureBootImage } from './lib/boot-image.js';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const bin = join(root, 'bin/run.js');
@@ -35,11 +34,8 @@ const HIT_ROUNDS = intEnv('BENCH_HIT_ROUNDS', 3);
 const SKIP_HIT = process.env.BENCH_SKIP_HIT === '1';
 const GiB = 1024 ** 3;
 const MiB = 1024 ** 2;
-const IMAGE_NAME = 'debian12-boot.raw';
 const HIT_NAME = 'hit-64m.raw';
 const HIT_BYTES = 64 * MiB;
-/** Bumped whenever the generated image content changes. */
-const IMAGE_VERSION = 2;
 
 function intEnv(name, fallback) {
   const v = process.env[name];
@@ -51,62 +47,6 @@ function intEnv(name, fallback) {
 
 // ---------------------------------------------------------------------------
 // Fixtures, cached under $BENCH_WORK.
-
-/** Deterministic non-zero bytes for one 4 KiB block: its SHA-256, repeated. */
-function blockData(block) {
-  return Buffer.alloc(4096, createHash('sha256').update(`bootcache-bench ${block}`).digest());
-}
-
-/** The trace's read blocks (4 KiB), sorted. */
-async function traceBlocks() {
-  const blocks = new Set();
-  let header = true;
-  for await (const line of createInterface({ input: createReadStream(trace) })) {
-    if (header) { header = false; continue; }
-    const [, op, offset, length] = line.split(',');
-    if (op !== 'read') continue;
-    const start = Number(offset);
-    const end = start + Number(length);
-    for (let b = Math.floor(start / 4096); b * 4096 < end; b++) blocks.add(b);
-  }
-  return [...blocks].sort((a, b) => a - b);
-}
-
-/**
- * A 2 GiB raw image with data in every block the trace reads (sparse
- * elsewhere). Raw for every configuration: nbdkit 1.32 has no qcow2 decoder
- * filter, and raw keeps the comparison about caching, not image formats.
- */
-async function ensureBootImage() {
-  const path = join(work, IMAGE_NAME);
-  const stampPath = `${path}.json`;
-  const blocks = await traceBlocks();
-  const want = { version: IMAGE_VERSION, size: 2 * GiB, blocks: blocks.length, trace: traceRel };
-  if (existsSync(path) && existsSync(stampPath)) {
-    const have = JSON.parse(readFileSync(stampPath, 'utf8'));
-    const st = await stat(path);
-    if (JSON.stringify(have.want) === JSON.stringify(want) && have.mtimeMs === st.mtimeMs && st.size === want.size) {
-      return { path, blocks: blocks.length };
-    }
-  }
-  console.log(`bench: making ${path} (2 GiB raw, ${blocks.length} blocks of data where the trace reads)`);
-  await rm(path, { force: true });
-  const fh = await open(path, 'w');
-  await fh.truncate(2 * GiB);
-  let i = 0;
-  while (i < blocks.length) {
-    let j = i + 1;
-    while (j < blocks.length && blocks[j] === blocks[j - 1] + 1 && j - i < 256) j++;
-    const data = Buffer.concat(blocks.slice(i, j).map(blockData));
-    await fh.write(data, 0, data.length, blocks[i] * 4096);
-    i = j;
-  }
-  await fh.sync();
-  await fh.close();
-  const st = await stat(path);
-  writeFileSync(stampPath, JSON.stringify({ want, mtimeMs: st.mtimeMs }, null, 2));
-  return { path, blocks: blocks.length };
-}
 
 /** A 64 MiB raw image of pseudo-random data for the hit-path test. */
 async function ensureHitImage() {
@@ -564,7 +504,7 @@ async function main() {
     qemuNbd: await toolVersion('qemu-nbd', ['--version']),
     fio: await toolVersion('fio', ['--version']),
   };
-  const { path: image, blocks } = await ensureBootImage();
+  const { path: image, blocks } = await ensureBootImage({ work, trace, traceRel });
   const hitImage = SKIP_HIT ? null : await ensureHitImage();
   // Sockets and per-run state; on the image's filesystem so the image can be hard-linked.
   const dir = join(work, `run-${process.pid}`);

@@ -646,6 +646,7 @@ export class Agent implements ExportProvider {
         {
           chunkBytes: this.config.prefetchChunk,
           depth: this.config.prefetchDepth,
+          rateBytesPerS: this.config.prefetchRate,
           buffers: this.chunkBuffers,
           onWarning: (message) => this.log.warn({ export: service.name }, message),
         },

@@ -55,6 +55,8 @@ export interface AgentConfig {
   prefetchChunk: number;
   /** Segment chunks in flight at once (the bounded prefetch buffer). */
   prefetchDepth: number;
+  /** Pace of the segment stream's chunk reads, bytes per second (0: unlimited); guest reads are not paced. */
+  prefetchRate: number;
   /** Largest sequential readahead window on misses, bytes (0: off); see readahead.ts. */
   readahead: number;
   /** Map block size for recorded boots. */
@@ -103,6 +105,7 @@ export const CONFIG_DEFAULTS: Omit<AgentConfig, 'storage' | 'cache'> = {
   // buffer of 8 x 4 MiB with half the requests (docs/benchmarks-agent.md).
   prefetchChunk: 8 * 1024 * 1024,
   prefetchDepth: 4,
+  prefetchRate: 0,
   readahead: DEFAULT_READAHEAD.maxBytes,
   blockSize: 4096,
   maintenance: '17 3 * * *',
@@ -144,7 +147,7 @@ type Raw = Record<string, unknown>;
 
 const KNOWN_KEYS = new Set([
   'storage', 'cache', 'socket', 'listen', 'control', 'cacheSize', 'cacheMisses', 'storageDelayMs',
-  'storageErrorRate', 'storageRetries', 'storageRetryDelayMs', 'boot', 'merge', 'prefetchChunk', 'prefetchDepth', 'readahead', 'blockSize', 'maintenance',
+  'storageErrorRate', 'storageRetries', 'storageRetryDelayMs', 'boot', 'merge', 'prefetchChunk', 'prefetchDepth', 'prefetchRate', 'readahead', 'blockSize', 'maintenance',
   'maxConnections', 'socketMode', 'socketGroup', 'logLevel', 'warmup', 'maxConnectionsPerClient', 'maxBuffered',
   'storageTimeoutMs', 's3Endpoint', 's3PathStyle', 's3Region', 'metrics', 'rawExtensions',
   'tls', 'tlsCertificates', 'tlsVerifyPeer', 'tlsPsk',
@@ -211,6 +214,7 @@ export const FLAG_FOR_KEY: Readonly<Record<string, { flag: string; scale?: numbe
   'merge.window': { flag: 'merge-window' },
   prefetchChunk: { flag: 'prefetch-chunk' },
   prefetchDepth: { flag: 'prefetch-depth' },
+  prefetchRate: { flag: 'prefetch-rate' },
   readahead: { flag: 'readahead' },
   logLevel: { flag: 'log-level' },
   maintenance: { flag: 'maintenance' },
@@ -361,6 +365,8 @@ export function resolveConfig(fromFile: Raw, overrides: Raw = {}, fromFlags: Raw
     merge,
     prefetchChunk: size('prefetchChunk', 64 * 1024, 256 * 1024 * 1024, 'from 64K to 256M'),
     prefetchDepth: int('prefetchDepth', 1, 64),
+    // A floor of 64K per second: a bare "25" (bytes) is a missing suffix, not a pace.
+    prefetchRate: size('prefetchRate', 64 * 1024, Number.MAX_SAFE_INTEGER, '0 (unlimited) or at least 64K (bytes per second)', true),
     readahead: size('readahead', 64 * 1024, 32 * 1024 * 1024, '0 (off) or from 64K to 32M', true),
     blockSize,
     maintenance: maintenance.value,

@@ -6,6 +6,7 @@
  * One Prefetcher per image, whatever the number of VMs booting from it.
  * Foreground reads never queue behind it: a block whose chunk is in flight
  * waits for that chunk; any other block is read directly (see CacheManager).
+ * A paced stream (rateBytesPerS) keeps one read on the link; see pacedWorker().
  */
 import { crc32 } from 'node:zlib';
 import { readSourceInto } from '../image/file-source.js';
@@ -66,6 +67,54 @@ export interface PrefetchOptions {
   onWarning?: (message: string) => void;
   /** Chunk buffers shared with other streams (see BufferPool); default: the stream's own. */
   buffers?: BufferPool;
+  /**
+   * Paces the stream's chunk reads to this many bytes per second (a token
+   * bucket holding one chunk, full at the start); undefined or 0: unpaced.
+   * Demand chunks and rank reads (a guest waiting) never wait for it; a
+   * demand chunk's bytes are taken from the bucket all the same, so the
+   * stream waits longer afterwards and its segment reads keep to the rate.
+   */
+  rateBytesPerS?: number;
+}
+
+/**
+ * A token bucket over bytes: `rate` bytes per second, holding at most `burst`
+ * bytes, full at the start. Spending may overdraw it (a demand chunk, which
+ * does not wait): the debt is paid back before waitMs() says 0 again. So over
+ * the time from the start to the end of any wait, what was spent is at most
+ * burst + rate x t.
+ */
+export class TokenBucket {
+  private tokens: number;
+  private last: number;
+
+  constructor(
+    readonly rate: number,
+    readonly burst: number,
+    private readonly now: () => number = () => performance.now(),
+  ) {
+    this.tokens = burst;
+    this.last = now();
+  }
+
+  /** Milliseconds until the bucket holds `bytes` (capped at the burst); 0: now. */
+  waitMs(bytes: number): number {
+    this.refill();
+    const missing = Math.min(bytes, this.burst) - this.tokens;
+    return missing <= 0 ? 0 : (missing / this.rate) * 1000;
+  }
+
+  /** Takes `bytes` out of the bucket, into debt if it holds fewer. */
+  spend(bytes: number): void {
+    this.refill();
+    this.tokens -= bytes;
+  }
+
+  private refill(): void {
+    const t = this.now();
+    this.tokens = Math.min(this.burst, this.tokens + ((t - this.last) / 1000) * this.rate);
+    this.last = t;
+  }
 }
 
 /**
@@ -95,6 +144,10 @@ export interface PrefetchProgress {
   chunksInFlight: number;
   /** Chunks started out of order because a guest read wanted one of their blocks first. */
   chunksDemanded: number;
+  /** The pace, bytes per second (a paced stream only). */
+  rateBytesPerS?: number;
+  /** Time the paced stream waited for its bucket, ms (a paced stream only). */
+  pacedMs?: number;
   startedAt?: number;
   durationMs?: number;
   error?: string;
@@ -118,7 +171,14 @@ export class Prefetcher {
   private readonly started: Uint8Array;
   /** Chunks started on demand (see demandChunk()), in flight now. */
   private readonly demanded = new Set<Promise<void>>();
+  /** Storage reads of demand chunks in progress (a paced stream starts no read meanwhile). */
+  private readonly demandReads = new Set<Promise<unknown>>();
   private chunksDemanded = 0;
+  /** The paced stream's bucket (options.rateBytesPerS > 0), else undefined. */
+  private readonly pace: TokenBucket | undefined;
+  private pacedMs = 0;
+  /** Ends the paced stream's wait for its bucket early (stop(), a failed chunk). */
+  private wake: (() => void) | undefined;
   /** The first failure of a chunk started on demand: it fails the stream when the workers are done. */
   private demandFailure: Error | undefined;
   private stopped = false;
@@ -154,6 +214,8 @@ export class Prefetcher {
     this.chunkCount = Math.ceil(segment.blockCount / this.blocksPerChunk);
     this.started = new Uint8Array(this.chunkCount);
     this.buffers = options.buffers ?? new BufferPool(this.blocksPerChunk * segment.blockSize, options.depth + (options.demandDepth ?? options.depth));
+    const rate = options.rateBytesPerS ?? 0;
+    this.pace = rate > 0 ? new TokenBucket(rate, this.blocksPerChunk * segment.blockSize) : undefined;
   }
 
   /** Starts streaming; the returned promise settles when the stream ends (never rejects). */
@@ -177,6 +239,7 @@ export class Prefetcher {
 
   stop(): void {
     this.stopped = true;
+    this.wake?.();
   }
 
   /** Bytes of prefetched blocks that the boot never read (`read`: the boot's bitmap of `readBlockSize` blocks). */
@@ -235,6 +298,14 @@ export class Prefetcher {
     const chunk = Math.floor(this.map.rank(block) / this.blocksPerChunk);
     this.chunksDemanded++;
     const load = this.startChunk(chunk);
+    const read = this.chunkData.get(chunk);
+    if (read) {
+      // Read now, unpaced; its bytes count against the stream's pace (see rateBytesPerS).
+      this.pace?.spend(this.chunkBytesOf(chunk));
+      this.demandReads.add(read);
+      const done = (): boolean => this.demandReads.delete(read);
+      read.then(done, done);
+    }
     this.demanded.add(load);
     load.then(
       () => this.demanded.delete(load),
@@ -283,6 +354,10 @@ export class Prefetcher {
       chunksInFlight: this.inFlight.size,
       chunksDemanded: this.chunksDemanded,
     };
+    if (this.pace) {
+      p.rateBytesPerS = this.pace.rate;
+      p.pacedMs = Math.round(this.pacedMs);
+    }
     if (this.startedAt !== undefined) {
       p.startedAt = this.startedAt;
       p.durationMs = (this.finishedAt ?? performance.now()) - this.startedAt;
@@ -295,8 +370,8 @@ export class Prefetcher {
     let workers: Array<Promise<void>> = [];
     try {
       await this.source;
-      // A window of `depth` chunks in flight: the bounded buffer.
-      workers = Array.from({ length: Math.min(this.options.depth, this.chunkCount) }, () => this.worker());
+      // A window of `depth` chunks in flight: the bounded buffer (paced: one reader, see pacedWorker()).
+      workers = this.pace ? [this.pacedWorker(this.pace)] : Array.from({ length: Math.min(this.options.depth, this.chunkCount) }, () => this.worker());
       await Promise.all(workers);
       // Chunks started on demand finish too (their failure fails the stream, as a worker's would).
       while (this.demanded.size > 0) await Promise.allSettled([...this.demanded]);
@@ -318,10 +393,106 @@ export class Prefetcher {
 
   private async worker(): Promise<void> {
     for (;;) {
-      while (this.nextChunk < this.chunkCount && this.started[this.nextChunk] === 1) this.nextChunk++;
-      if (this.stopped || this.nextChunk >= this.chunkCount) return;
-      await this.startChunk(this.nextChunk);
+      const chunk = this.nextUnstarted();
+      if (this.stopped || chunk === undefined) return;
+      await this.startChunk(chunk);
     }
+  }
+
+  /** The lowest chunk neither the stream nor a demand has started, if any. */
+  private nextUnstarted(): number | undefined {
+    while (this.nextChunk < this.chunkCount && this.started[this.nextChunk] === 1) this.nextChunk++;
+    return this.nextChunk < this.chunkCount ? this.nextChunk : undefined;
+  }
+
+  /**
+   * The paced stream. Guest reads never wait for the pace, and a demand read
+   * shares the storage link with at most one stream read:
+   * - one stream read at a time (not `depth`): the next starts when the last
+   *   one's data is back, and only once the bucket holds its bytes; up to
+   *   `depth` chunks may still be verified and stored (the buffer bound);
+   * - the chunk waiting for the bucket is not claimed: a guest read of it
+   *   starts it at once as an unpaced demand chunk, and the stream moves on;
+   * - no stream read starts while a demand chunk's read is on the link.
+   * So a demand read finds at most the one stream read that had started before
+   * it. A demand chunk's bytes are taken from the bucket (it never waits for
+   * it): the stream pays them back by waiting. One read at a time keeps up
+   * with the pace while a chunk's read takes less than chunkBytes / rate
+   * (320 ms for 8 MiB at 25 MiB/s).
+   */
+  private async pacedWorker(pace: TokenBucket): Promise<void> {
+    const loads = new Set<Promise<void>>();
+    let failure: unknown;
+    const track = (load: Promise<void>): void => {
+      loads.add(load);
+      load.then(
+        () => loads.delete(load),
+        (err: unknown) => {
+          loads.delete(load);
+          failure ??= err;
+          // As run() does for a failed worker: the chunks still being stored stop at their next slice.
+          this.stopped = true;
+          this.wake?.();
+        },
+      );
+    };
+    for (;;) {
+      if (loads.size >= this.options.depth) {
+        await Promise.race(loads).catch(() => undefined);
+        continue;
+      }
+      const chunk = this.nextUnstarted();
+      if (this.stopped || chunk === undefined) break;
+      const bytes = this.chunkReadBytes(chunk);
+      if (bytes > 0) {
+        const waitMs = pace.waitMs(bytes);
+        if (waitMs > 0) {
+          const napStart = performance.now();
+          await this.nap(waitMs);
+          this.pacedMs += performance.now() - napStart;
+          continue; // the chunk may have been demanded meanwhile
+        }
+        if (this.demandReads.size > 0) {
+          await Promise.allSettled([...this.demandReads]);
+          continue;
+        }
+        pace.spend(bytes);
+      }
+      const load = this.startChunk(chunk);
+      track(load);
+      // startChunk() registered the chunk's read synchronously (undefined: every block cached, no read).
+      await this.chunkData.get(chunk)?.catch(() => undefined);
+    }
+    await Promise.allSettled([...loads]);
+    if (failure !== undefined) throw failure;
+  }
+
+  /** Segment bytes of `chunk` (the last chunk may be short). */
+  private chunkBytesOf(chunk: number): number {
+    return Math.min(this.blocksPerChunk, this.segment.blockCount - chunk * this.blocksPerChunk) * this.segment.blockSize;
+  }
+
+  /** Segment bytes loadChunk() will read for `chunk`: 0 when every block of it is cached. */
+  private chunkReadBytes(chunk: number): number {
+    const firstRank = chunk * this.blocksPerChunk;
+    const ranks = Math.min(this.blocksPerChunk, this.segment.blockCount - firstRank);
+    for (let i = 0; i < ranks; i++) {
+      if (!this.sink.has(this.map.select(firstRank + i))) return this.chunkBytesOf(chunk);
+    }
+    return 0;
+  }
+
+  /** Waits `ms`, or less when stop() (or a failed chunk) wakes the stream. */
+  private nap(ms: number): Promise<void> {
+    return new Promise<void>((resolve) => {
+      const done = (): void => {
+        clearTimeout(timer);
+        this.wake = undefined;
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      this.wake = done;
+    });
   }
 
   /** Loads one chunk (read, verify, store), tracked in inFlight/chunkData while it runs. */

@@ -230,6 +230,13 @@ describe('bootcache agent (process)', () => {
     expect(b.stderr().trim()).toMatch(/config: boot\.maxShareFloor must be a size such as 4096, 64K, 512M or 8G, got "half" \[BC_USAGE\]$/);
   });
 
+  it('rejects a --prefetch-rate that is not a pace with exit 2, in one line naming it', async () => {
+    const p = paths('rate');
+    const a = startAgent(['--storage', join(dir, 'storage'), '--cache', p.cache, '--socket', p.socket, '--control', p.control, '--prefetch-rate', '25']);
+    expect(await a.exited).toBe(2);
+    expect(a.stderr().trim()).toMatch(/^[^\n]*--prefetch-rate must be 0 \(unlimited\) or at least 64K \(bytes per second\), got "25" \[BC_USAGE\]$/);
+  });
+
   it('gives both sockets the --socket-group and the NBD socket the --socket-mode; an unknown group is a usage error', async () => {
     const p = paths('group');
     const a = startAgent(['--storage', join(dir, 'storage'), '--cache', p.cache, '--socket', p.socket, '--control', p.control,

@@ -25,6 +25,25 @@ describe('agent configuration: readahead', () => {
   });
 });
 
+describe('agent configuration: prefetchRate (--prefetch-rate)', () => {
+  it('is unlimited (0) by default, takes sizes per second from the flag or the key, and 0 is unlimited', () => {
+    expect(resolveConfig({}, base).prefetchRate).toBe(0);
+    expect(resolveConfig({}, base, { 'prefetch-rate': '25M' }).prefetchRate).toBe(25 * 1024 * 1024);
+    expect(resolveConfig({ prefetchRate: '1.5G' }, base).prefetchRate).toBe(1.5 * 1024 ** 3);
+    expect(resolveConfig({ prefetchRate: '25M' }, base, { 'prefetch-rate': '0' }).prefetchRate).toBe(0);
+  });
+
+  it('refuses rates that are not sizes or are below 64K per second, in one line naming the flag or the key', () => {
+    const fails = (file: Record<string, unknown>, flags: Record<string, unknown>, pattern: RegExp): void => {
+      expect(() => resolveConfig(file, base, flags)).toThrow(UsageError);
+      expect(() => resolveConfig(file, base, flags)).toThrow(pattern);
+    };
+    fails({}, { 'prefetch-rate': '25' }, /^--prefetch-rate must be 0 \(unlimited\) or at least 64K \(bytes per second\), got "25"$/);
+    fails({}, { 'prefetch-rate': '25MB/s' }, /^--prefetch-rate must be a size such as 4096, 64K, 512M or 8G, got "25MB\/s"$/);
+    fails({ prefetchRate: -1 }, {}, /^config: prefetchRate must be a whole number of bytes, got -1$/);
+  });
+});
+
 describe('agent configuration: boot.maxShare (whole-disk reads are not boots)', () => {
   it('defaults to half the image\'s data above 256 MiB; flags and keys set it, 0 turns it off', () => {
     expect(resolveConfig({}, base).boot).toMatchObject({ maxShare: 0.5, maxShareFloor: 256 * 1024 * 1024 });

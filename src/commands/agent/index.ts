@@ -23,7 +23,7 @@ export default class AgentRun extends BaseCommand<typeof AgentRun> {
 
 Runs in the foreground until SIGTERM or SIGINT: it then stops accepting, finishes in-flight requests, and flushes maps and the cache index (a signal during the start makes it give up cleanly, exit status 0). Logs are JSON lines (pino) on stdout. TCP is used only with --listen (default port ${DEFAULT_NBD_PORT}).
 
-Settings come from flags or a JSON config file (--config); flags win. Config keys: storage, cache, socket, listen, control, metrics, rawExtensions, cacheSize, cacheMisses, storageDelayMs, storageErrorRate, storageRetries, storageRetryDelayMs, storageTimeoutMs, s3Endpoint, s3PathStyle, s3Region, tls, tlsCertificates, tlsVerifyPeer, tlsPsk, boot {idleMs, windowMs, minReads, maxShare, maxShareFloor}, merge {minSeen, window}, prefetchChunk, prefetchDepth, readahead, blockSize, maintenance, maxConnections, maxConnectionsPerClient, maxBuffered, socketMode, socketGroup, logLevel, warmup.
+Settings come from flags or a JSON config file (--config); flags win. Config keys: storage, cache, socket, listen, control, metrics, rawExtensions, cacheSize, cacheMisses, storageDelayMs, storageErrorRate, storageRetries, storageRetryDelayMs, storageTimeoutMs, s3Endpoint, s3PathStyle, s3Region, tls, tlsCertificates, tlsVerifyPeer, tlsPsk, boot {idleMs, windowMs, minReads, maxShare, maxShareFloor}, merge {minSeen, window}, prefetchChunk, prefetchDepth, prefetchRate, readahead, blockSize, maintenance, maxConnections, maxConnectionsPerClient, maxBuffered, socketMode, socketGroup, logLevel, warmup.
 
 ${EXIT_CODES}`;
 
@@ -70,6 +70,7 @@ ${EXIT_CODES}`;
     'merge-window': Flags.integer({ description: 'K, the boots remembered for merging (default 4).', helpValue: 'K' }),
     'prefetch-chunk': Flags.string({ description: 'Segment bytes per sequential prefetch read (default 8M).', helpValue: 'BYTES' }),
     'prefetch-depth': Flags.integer({ description: 'Prefetch reads in flight (the bounded buffer, default 4).', helpValue: 'N' }),
+    'prefetch-rate': Flags.string({ description: 'Pace the segment stream to this many bytes per second on a shared storage link, e.g. 25M; it then keeps one read in flight. Guest reads are never paced (default 0, unlimited).', helpValue: 'BYTES_PER_S' }),
     readahead: Flags.string({ description: 'Largest sequential readahead on cache misses, e.g. 2M; 0 turns it off (default 2M).', helpValue: 'BYTES' }),
     'log-level': Flags.string({ description: 'pino log level.', options: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] }),
     maintenance: Flags.string({ description: 'Cron schedule for maintenance (reclaiming the cached blocks of images gone from storage, cache index compaction), or "off".', helpValue: 'CRON' }),
