@@ -149,6 +149,10 @@ export async function warmUp(options: WarmupOptions): Promise<WarmupReport | und
       socketGroup: undefined,
       socketGroupLabel: undefined,
       listen: undefined,
+      // Private: no metrics port, no TLS, no pacing of its tiny stream.
+      metrics: undefined,
+      tls: { mode: 'off', verifyPeer: false },
+      prefetchRate: 0,
       warmup: false,
     });
     const quiet = log.child({ warmup: true }, { level: 'silent' });
