@@ -44,6 +44,9 @@ import { SpaceRegistry, type LayerRef } from './space-registry.js';
  */
 const CHUNK_BUFFERS_MAX_BYTES = 128 * 1024 * 1024;
 
+/** A rebuild waits at most this long for boots on this host to be past their first seconds. */
+const REBUILD_MAX_WAIT_MS = 120_000;
+
 export interface AgentCounters {
   /** Read requests and bytes that reached storage, retries included. */
   storage: { readRequests: number; readBytes: number };
@@ -714,7 +717,36 @@ export class Agent implements ExportProvider {
         }
         else this.counters.boots.skipped++;
       },
+      () => this.awayFromBootStarts(),
     );
+  }
+
+  /**
+   * Waits while a boot on this host is in its first seconds (rebuildQuietMs):
+   * a rebuild reads the image through the cache and writes a segment, work
+   * that would compete with the reads a starting boot waits for. Gives up
+   * waiting after REBUILD_MAX_WAIT_MS, or at once when the agent stops.
+   */
+  private async awayFromBootStarts(): Promise<void> {
+    const quietMs = this.config.rebuildQuietMs;
+    if (quietMs <= 0) return;
+    const deadline = performance.now() + REBUILD_MAX_WAIT_MS;
+    const signal = this.stopping.signal;
+    while (!signal.aborted && performance.now() < deadline) {
+      const now = performance.now();
+      const starting = [...this.services.values()].some((e) => {
+        const b = e.service.bootSummary();
+        return b?.state === 'recording' && now - b.startedAt < quietMs;
+      });
+      if (!starting) return;
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, Math.min(500, quietMs));
+        signal.addEventListener('abort', () => {
+          clearTimeout(timer);
+          resolve();
+        }, { once: true });
+      });
+    }
   }
 
   /**

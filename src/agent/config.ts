@@ -76,6 +76,8 @@ export interface AgentConfig {
   /** Where socketGroup came from ("--socket-group", "config: socketGroup"): the group is looked up at start, and its error names this. */
   socketGroupLabel?: string;
   logLevel: 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
+  /** A segment rebuild waits while a boot on this host started less than this long ago, ms (0: never waits). */
+  rebuildQuietMs: number;
   /** Boot a scratch image through a private agent before listening, so the first boot runs on optimised code (warmup.ts). */
   warmup: boolean;
 }
@@ -115,6 +117,7 @@ export const CONFIG_DEFAULTS: Omit<AgentConfig, 'storage' | 'cache'> = {
   socketMode: 0o660,
   logLevel: 'info',
   warmup: true,
+  rebuildQuietMs: 20_000,
   tls: { mode: 'off', verifyPeer: false },
 };
 
@@ -150,7 +153,7 @@ const KNOWN_KEYS = new Set([
   'storageErrorRate', 'storageRetries', 'storageRetryDelayMs', 'boot', 'merge', 'prefetchChunk', 'prefetchDepth', 'prefetchRate', 'readahead', 'blockSize', 'maintenance',
   'maxConnections', 'socketMode', 'socketGroup', 'logLevel', 'warmup', 'maxConnectionsPerClient', 'maxBuffered',
   'storageTimeoutMs', 's3Endpoint', 's3PathStyle', 's3Region', 'metrics', 'rawExtensions',
-  'tls', 'tlsCertificates', 'tlsVerifyPeer', 'tlsPsk',
+  'tls', 'tlsCertificates', 'tlsVerifyPeer', 'tlsPsk', 'rebuildQuietMs',
 ]);
 const KNOWN_BOOT_KEYS = new Set(['idleMs', 'windowMs', 'minReads', 'maxShare', 'maxShareFloor']);
 const KNOWN_MERGE_KEYS = new Set(['minSeen', 'window']);
@@ -377,6 +380,7 @@ export function resolveConfig(fromFile: Raw, overrides: Raw = {}, fromFlags: Raw
     socketMode: parseMode(setting('socketMode')),
     logLevel: logLevel.value as AgentConfig['logLevel'],
     warmup: bool('warmup'),
+    rebuildQuietMs: num('rebuildQuietMs', 0, 600_000),
     tls: tlsSettings(setting),
   };
   if (realLocation(config.socket) === realLocation(config.control)) {

@@ -3,7 +3,8 @@
  * for `status`. A rebuild that fails leaves the queue usable: the next boot's
  * rebuild runs as usual.
  */
-export type RebuildState = 'idle' | 'running' | 'failed';
+/** waiting: queued behind a boot in its first seconds on this host (see Agent.awayFromBootStarts). */
+export type RebuildState = 'idle' | 'waiting' | 'running' | 'failed';
 
 export interface RebuildStatus {
   state: RebuildState;
@@ -25,14 +26,19 @@ export class RebuildQueue {
   private pending = 0;
 
   /**
-   * Runs `rebuild` after the rebuilds queued before it; `done` hears how it
-   * ended (published, nothing to publish, or the error).
+   * Runs `rebuild` after the rebuilds queued before it, and after `wait`
+   * (which never rejects); `done` hears how it ended (published, nothing to
+   * publish, or the error).
    */
-  enqueue(rebuild: () => Promise<RebuildOutcome>, done: (outcome: RebuildOutcome | Error) => void): void {
+  enqueue(rebuild: () => Promise<RebuildOutcome>, done: (outcome: RebuildOutcome | Error) => void, wait?: () => Promise<void>): void {
     this.pending++;
     this.tail = this.tail.then(async () => {
-      this.state = 'running';
       try {
+        if (wait) {
+          this.state = 'waiting';
+          await wait();
+        }
+        this.state = 'running';
         const outcome = await rebuild();
         if (outcome.published) this.lastPublishedAt = new Date().toISOString();
         this.state = 'idle';
