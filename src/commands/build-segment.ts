@@ -16,7 +16,7 @@ export type BuildSegmentCommandResult = BuildSegmentResult & { image: string; ma
 
 export default class BuildSegment extends BaseCommand<typeof BuildSegment> {
   static override summary = 'Build the boot segment: the blocks of the map, back to back.';
-  static override description = `Reads the blocks set in the map from the image (guest-visible data: a qcow2 image and its raw conversion give the same segment data) and writes them in ascending block order, with a checksum per block, streaming with bounded memory. The block of rank r sits at r x blockSize from the data start. The file is written atomically (temporary file, fsync, rename).
+  static override description = `Reads the blocks set in the map from the image (guest-visible data: a qcow2 image and its raw conversion give the same segment data) and writes them in ascending block order, with a CRC-32 checksum and a SHA-256 content digest per block (segment version 2), streaming with bounded memory. The block of rank r sits at r x blockSize from the data start. The file is written atomically (temporary file, fsync, rename).
 
 The --json result includes blocks, bytes and dataSha256 (SHA-256 of the concatenated block data in segment order).
 

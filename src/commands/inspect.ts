@@ -59,6 +59,7 @@ ${EXIT_CODES}`;
       const s = await loc.read(path, inspectSegment);
       this.log(`${path}: boot segment v${s.version}`);
       this.log(`  ${s.blocks} blocks of ${s.blockSize} B (${formatBytes(s.bytes)}), block checksums ${s.blockChecksum}`);
+      this.log(`  block digests ${s.blockDigest ?? `none (a version ${s.version} segment)`}`);
       this.log(`  image identity ${s.identity}`);
       this.log(`  map digest ${s.mapDigest}`);
       this.log(`  dataSha256 ${s.dataSha256}`);

@@ -19,7 +19,7 @@ export type VerifyCommandResult = VerifyReport & { image: string; map: string; a
 
 export default class Verify extends BaseCommand<typeof Verify> {
   static override summary = 'Check a boot segment against its map and image.';
-  static override description = `Checks the segment header, that image, map and segment belong together (image identity, map digest, block count), each block's checksum, and every block against the image data at the offset computed from the map (select over the bitmap). Exits 1 and names the first mismatching blocks (rank and image offset) when anything differs; a file that is not a well-formed image, map or segment (truncated, the wrong kind) is exit 3.
+  static override description = `Checks the segment header, that image, map and segment belong together (image identity, map digest, block count), each block's checksum and (version 2 segments) SHA-256 digest, and every block against the image data at the offset computed from the map (select over the bitmap). Exits 1 and names the first mismatching blocks (rank and image offset) when anything differs; a file that is not a well-formed image, map or segment (truncated, the wrong kind) is exit 3.
 
 After a copy that did not keep the image's mtime (plain cp; cp -p and rsync -a keep it), the identity differs while the data and checksums all match: verify says so, and --adopt then re-stamps the map and segment for the copy.
 

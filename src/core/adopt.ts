@@ -3,8 +3,8 @@
  * image that holds the same data (a copy made without keeping the mtime).
  * Only after verifySegment compared every block and found the identity to be
  * the only difference (VerifyReport.adoptable). Both files are replaced
- * atomically; the segment's blocks and checksums are copied unchanged, only
- * its header (identity, header checksum) is new.
+ * atomically; the segment's blocks, checksums and digests are copied
+ * unchanged, in its version, only its header (identity, header checksum) is new.
  */
 import { createHash } from 'node:crypto';
 import { MismatchError } from '../errors.js';
@@ -51,14 +51,16 @@ export async function adoptForImage(
   return { identity: image.identity, rewritten };
 }
 
-/** Writes the segment again with a header for `identity`: same blocks, same checksum table. */
+/** Writes the segment again with a header for `identity`: same version, blocks, checksum and digest tables. */
 async function restampSegment(reader: SegmentReader, path: string, identity: string): Promise<void> {
   const h = reader.header;
-  const layout = segmentLayout(h.blockCount, h.blockSize, h.checksumLength);
+  const layout = segmentLayout(h.blockCount, h.blockSize, { version: h.version, checksumAlgorithm: h.checksumAlgorithm });
   // The table area is the table and the zero padding up to the data (docs/formats.md, "Segment (.bcseg)").
   const tableArea = Buffer.alloc(layout.dataOffset - layout.tableOffset);
   reader.blockChecksums(0, h.blockCount).copy(tableArea, 0);
+  const digests = reader.hasDigests ? reader.blockDigests(0, h.blockCount) : undefined;
   const header = encodeSegmentHeader({
+    version: h.version,
     blockSize: h.blockSize,
     blockCount: h.blockCount,
     virtualSize: h.virtualSize,
@@ -67,9 +69,11 @@ async function restampSegment(reader: SegmentReader, path: string, identity: str
     dataSha256: h.dataSha256,
     tableSha256: createHash('sha256').update(tableArea).digest('hex'),
     checksumAlgorithm: h.checksumAlgorithm,
+    ...(h.digests ? { digestTableSha256: h.digests.tableSha256 } : {}),
   });
   await withAtomicFile(path, async (file) => {
     await file.write(header, 0);
+    if (digests) await file.write(digests, layout.digestOffset);
     await file.write(tableArea, layout.tableOffset);
     const length = reader.dataLength;
     for (let done = 0; done < length; done += COPY_CHUNK_BYTES) {

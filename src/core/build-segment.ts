@@ -9,8 +9,16 @@ import type { DiskImage } from '../image/types.js';
 import { AtomicFile } from '../format/atomic-write.js';
 import { shortHex } from '../format/binary.js';
 import type { BootMap } from '../format/map.js';
-import { BLOCK_CHECKSUM_LENGTH, encodeSegmentHeader, segmentLayout } from '../format/segment.js';
-import { checksumTable, createChecksummer, sharedBuffer } from './checksum-worker.js';
+import {
+  BLOCK_CHECKSUM_LENGTH,
+  BLOCK_DIGEST_LENGTH,
+  SEGMENT_VERSION,
+  encodeSegmentHeader,
+  segmentLayout,
+  type BlockHashKind,
+  type SegmentVersion,
+} from '../format/segment.js';
+import { createChecksummer, hashTable, sharedBuffer } from './checksum-worker.js';
 import {
   DEFAULT_READ_CHUNK_BYTES,
   canReadInto,
@@ -34,8 +42,10 @@ export interface BuildSegmentOptions {
    * 0 disables it.
    */
   syncEveryBytes?: number;
-  /** Compute block checksums on a worker thread (segments of 16 MiB or more; default off, see checksum-worker.ts). */
+  /** Compute block checksums and digests on a worker thread (segments of 16 MiB or more; default off, see checksum-worker.ts). */
   checksumWorker?: boolean;
+  /** Segment version to write (default SEGMENT_VERSION; 1, without digests, for tests and benchmarks). */
+  version?: SegmentVersion;
 }
 
 export interface BuildSegmentResult {
@@ -47,6 +57,8 @@ export interface BuildSegmentResult {
   /** Size of the .bcseg file. */
   fileBytes: number;
   blockSize: number;
+  /** Segment version written (2: with per-block digests). */
+  version: SegmentVersion;
   dataSha256: string;
   identity: string;
   mapDigest: string;
@@ -76,7 +88,10 @@ export async function buildSegment(
   checkMapMatchesImage(image, map);
   const blockSize = map.blockSize;
   const totalBlocks = map.blocksSet;
-  const layout = segmentLayout(totalBlocks, blockSize);
+  const version = options.version ?? SEGMENT_VERSION;
+  const layout = segmentLayout(totalBlocks, blockSize, { version });
+  // Checksums always; digests from version 2 (docs/formats.md, "Segment (.bcseg)").
+  const kinds: readonly BlockHashKind[] = version === 1 ? ['crc32'] : ['crc32', 'sha256'];
   const chunkBlocks = chunkBlocksFor(options.readChunkBytes ?? DEFAULT_READ_CHUNK_BYTES, blockSize);
   const readAhead = Math.max(1, options.readAhead ?? 3);
   const mapDigest = map.mapDigest();
@@ -84,8 +99,9 @@ export async function buildSegment(
 
   const dataHash = createHash('sha256');
   const tableHash = createHash('sha256');
+  const digestTableHash = createHash('sha256');
   const file = await AtomicFile.create(outPath);
-  // Per-block checksums run here or, if asked, on a worker while this thread
+  // Per-block checksums and digests run here or, if asked, on a worker while this thread
   // hashes the whole data. Chunks go through a ring of reusable buffers
   // (shared with the worker, if any): filled by the reads when the image can
   // read into a buffer, else (worker only) copied from the read buffers. A buffer is taken again only after the
@@ -120,17 +136,19 @@ export async function buildSegment(
           for (const buf of buffers) offset += buf.copy(slot, offset);
           data = [slot];
         }
-        const table = checksummer.wantsShared
-          ? checksummer.checksums(data[0], blockSize)
-          : Promise.resolve(Buffer.concat(data.map((buf) => checksumTable(buf, blockSize))));
+        const tables = checksummer.wantsShared
+          ? checksummer.tables(data[0], blockSize, kinds)
+          : Promise.resolve(kinds.map((kind) => Buffer.concat(data.map((buf) => hashTable(buf, blockSize, kind)))));
         for (const buf of data) dataHash.update(buf);
-        const checksums = await table;
-        tableHash.update(checksums);
+        const [checksums, digests] = await tables;
+        tableHash.update(checksums!);
+        if (digests) digestTableHash.update(digests);
         // One write in flight while the next chunk is hashed.
         await pendingWrite;
         pendingWrite = Promise.all([
           file.writev(data, layout.dataOffset + chunk.rank * blockSize),
-          file.write(checksums, layout.tableOffset + chunk.rank * BLOCK_CHECKSUM_LENGTH),
+          file.write(checksums!, layout.tableOffset + chunk.rank * BLOCK_CHECKSUM_LENGTH),
+          ...(digests ? [file.write(digests, layout.digestOffset + chunk.rank * BLOCK_DIGEST_LENGTH)] : []),
         ]);
         pendingWrite.catch(() => undefined); // surfaced by the next await
         doneBlocks += chunk.blocks;
@@ -148,6 +166,7 @@ export async function buildSegment(
     tableHash.update(Buffer.alloc(layout.dataOffset - layout.tableOffset - layout.tableLength));
     const dataSha256 = dataHash.digest('hex');
     const header = encodeSegmentHeader({
+      version,
       blockSize,
       blockCount: totalBlocks,
       virtualSize: map.virtualSize,
@@ -155,6 +174,7 @@ export async function buildSegment(
       mapDigest,
       dataSha256,
       tableSha256: tableHash.digest('hex'),
+      ...(version === 1 ? {} : { digestTableSha256: digestTableHash.digest('hex') }),
     });
     // Zero padding up to the data offset (an empty segment ends there).
     await file.write(Buffer.alloc(layout.dataOffset - layout.tableOffset - layout.tableLength), layout.tableOffset + layout.tableLength);
@@ -166,6 +186,7 @@ export async function buildSegment(
       bytes: totalBlocks * blockSize,
       fileBytes: layout.fileSize,
       blockSize,
+      version,
       dataSha256,
       identity: map.identity,
       mapDigest,

@@ -1,41 +1,40 @@
 /**
- * Per-block checksums on a worker thread, so that they run in parallel with
- * the main thread's SHA-256 over the whole data (buildSegment, verify hash
- * every byte twice). Data goes to the worker in SharedArrayBuffer-backed
- * buffers, so nothing is copied on the way.
+ * Per-block tables (checksums, digests) on a worker thread, so that they run
+ * in parallel with the main thread's SHA-256 over the whole data
+ * (buildSegment, verify hash every byte more than once). Data goes to the
+ * worker in SharedArrayBuffer-backed buffers, so nothing is copied on the way.
  */
 import { Worker } from 'node:worker_threads';
-import {
-  BLOCK_CHECKSUM_ALGORITHM,
-  BLOCK_CHECKSUM_CRC32,
-  blockChecksumLength,
-  writeBlockChecksums,
-  type BlockChecksumAlgorithm,
-} from '../format/segment.js';
+import { blockHashLength, writeBlockHashes, type BlockHashKind } from '../format/segment.js';
 import { HELPER_RESOURCE_LIMITS, helperThreadsThatFit } from '../process/address-space.js';
 
 /**
- * The worker: receives {id, data, offset, length, blockSize, algorithm},
- * answers {id, table} or {id, error}. The same entries as
- * writeBlockChecksums (docs/formats.md, "Segment header", checksumAlgorithm).
+ * The worker: receives {id, data, offset, length, blockSize, kinds}, answers
+ * {id, tables} (one per kind) or {id, error}. The same entries as
+ * writeBlockHashes (docs/formats.md, "Segment (.bcseg)": checksum and digest
+ * tables).
  */
 const WORKER_SOURCE = `
 const { parentPort } = require('node:worker_threads');
 const { hash } = require('node:crypto');
 const { crc32 } = require('node:zlib');
-parentPort.on('message', ({ id, data, offset, length, blockSize, algorithm }) => {
+const LENGTHS = { crc32: 4, 'sha256-128': 16, sha256: 32 };
+parentPort.on('message', ({ id, data, offset, length, blockSize, kinds }) => {
   try {
     const bytes = new Uint8Array(data, offset, length);
-    const crc = algorithm === ${BLOCK_CHECKSUM_CRC32};
-    const entry = crc ? 4 : 16;
-    const table = new Uint8Array((length / blockSize) * entry);
-    const view = new DataView(table.buffer);
-    for (let o = 0, t = 0; o < length; o += blockSize, t += entry) {
-      const block = bytes.subarray(o, o + blockSize);
-      if (crc) view.setUint32(t, crc32(block), true);
-      else table.set(hash('sha256', block, 'buffer').subarray(0, 16), t);
-    }
-    parentPort.postMessage({ id, table: table.buffer }, [table.buffer]);
+    const tables = kinds.map((kind) => {
+      const entry = LENGTHS[kind];
+      if (entry === undefined) throw new Error('unknown table kind ' + kind);
+      const table = new Uint8Array((length / blockSize) * entry);
+      const view = new DataView(table.buffer);
+      for (let o = 0, t = 0; o < length; o += blockSize, t += entry) {
+        const block = bytes.subarray(o, o + blockSize);
+        if (kind === 'crc32') view.setUint32(t, crc32(block), true);
+        else table.set(hash('sha256', block, 'buffer').subarray(0, entry), t);
+      }
+      return table.buffer;
+    });
+    parentPort.postMessage({ id, tables }, tables);
   } catch (err) {
     parentPort.postMessage({ id, error: String(err && err.message || err) });
   }
@@ -43,31 +42,35 @@ parentPort.on('message', ({ id, data, offset, length, blockSize, algorithm }) =>
 `;
 
 interface Pending {
-  resolve: (table: Buffer) => void;
+  resolve: (tables: Buffer[]) => void;
   reject: (err: Error) => void;
 }
 
-/** Checksum tables (one entry per block, see writeBlockChecksums) of whole-block buffers. */
+/** Per-block tables (one entry per block and kind, see writeBlockHashes) of whole-block buffers. */
 export interface BlockChecksummer {
-  /** `data` is a whole number of blocks; worker-backed checksummers want it in a SharedArrayBuffer. */
-  checksums(data: Buffer, blockSize: number, algorithm?: BlockChecksumAlgorithm): Promise<Buffer>;
+  /**
+   * One table per kind, in the order asked. `data` is a whole number of
+   * blocks; worker-backed checksummers want it in a SharedArrayBuffer.
+   */
+  tables(data: Buffer, blockSize: number, kinds: readonly BlockHashKind[]): Promise<Buffer[]>;
   /** True when `data` must live in a SharedArrayBuffer (see sharedBuffer). */
   readonly wantsShared: boolean;
   close(): Promise<void>;
 }
 
-/** Checksums on the calling thread. */
+/** Tables on the calling thread. */
 export const inlineChecksummer: BlockChecksummer = {
   wantsShared: false,
-  async checksums(data, blockSize, algorithm) {
-    return checksumTable(data, blockSize, algorithm);
+  async tables(data, blockSize, kinds) {
+    return kinds.map((kind) => hashTable(data, blockSize, kind));
   },
   async close() {},
 };
 
-export function checksumTable(data: Uint8Array, blockSize: number, algorithm: BlockChecksumAlgorithm = BLOCK_CHECKSUM_ALGORITHM): Buffer {
-  const table = Buffer.allocUnsafe((data.length / blockSize) * blockChecksumLength(algorithm));
-  writeBlockChecksums(data, blockSize, table, 0, algorithm);
+/** The table of `kind` for the whole blocks in `data`. */
+export function hashTable(data: Uint8Array, blockSize: number, kind: BlockHashKind): Buffer {
+  const table = Buffer.allocUnsafe((data.length / blockSize) * blockHashLength(kind));
+  writeBlockHashes(data, blockSize, table, 0, kind);
   return table;
 }
 
@@ -80,11 +83,11 @@ class WorkerChecksummer implements BlockChecksummer {
   // Not unref'd: while a result is awaited the worker may be the only thing
   // keeping the event loop alive. close() (always called) terminates it.
   constructor(private readonly worker: Worker) {
-    worker.on('message', (msg: { id: number; table?: ArrayBuffer; error?: string }) => {
+    worker.on('message', (msg: { id: number; tables?: ArrayBuffer[]; error?: string }) => {
       const p = this.pending.get(msg.id);
       if (!p) return;
       this.pending.delete(msg.id);
-      if (msg.table) p.resolve(Buffer.from(msg.table));
+      if (msg.tables) p.resolve(msg.tables.map((table) => Buffer.from(table)));
       else p.reject(new Error(`checksum worker: ${msg.error ?? 'no result'}`));
     });
     worker.on('error', (err) => this.fail(err));
@@ -97,13 +100,13 @@ class WorkerChecksummer implements BlockChecksummer {
     this.pending.clear();
   }
 
-  checksums(data: Buffer, blockSize: number, algorithm: BlockChecksumAlgorithm = BLOCK_CHECKSUM_ALGORITHM): Promise<Buffer> {
-    if (!(data.buffer instanceof SharedArrayBuffer)) return Promise.resolve(checksumTable(data, blockSize, algorithm));
+  tables(data: Buffer, blockSize: number, kinds: readonly BlockHashKind[]): Promise<Buffer[]> {
+    if (!(data.buffer instanceof SharedArrayBuffer)) return inlineChecksummer.tables(data, blockSize, kinds);
     if (this.failure) return Promise.reject(this.failure);
     const id = this.nextId++;
-    return new Promise<Buffer>((resolve, reject) => {
+    return new Promise<Buffer[]>((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
-      this.worker.postMessage({ id, data: data.buffer, offset: data.byteOffset, length: data.length, blockSize, algorithm });
+      this.worker.postMessage({ id, data: data.buffer, offset: data.byteOffset, length: data.length, blockSize, kinds });
     });
   }
 

@@ -53,6 +53,8 @@ export interface SegmentInspection {
   dataSha256: string;
   /** Per-block checksums: 'crc32' or (segments written before 2026-11-27) 'sha256-128'. */
   blockChecksum: 'crc32' | 'sha256-128';
+  /** Per-block content digests: 'sha256' (version 2), null in version 1. */
+  blockDigest: 'sha256' | null;
 }
 
 /** Loads (and so fully checks) a map and summarises it. */
@@ -83,7 +85,7 @@ export async function inspectMap(path: string): Promise<MapInspection> {
   };
 }
 
-/** Reads a segment's header and checksum table (not its data; that is verify's job). */
+/** Reads a segment's header and tables (not its data; that is verify's job). */
 export async function inspectSegment(path: string): Promise<SegmentInspection> {
   const reader = await SegmentReader.open(path);
   try {
@@ -102,6 +104,7 @@ export async function inspectSegment(path: string): Promise<SegmentInspection> {
       mapDigest: h.mapDigest,
       dataSha256: h.dataSha256,
       blockChecksum: h.checksumAlgorithm === BLOCK_CHECKSUM_CRC32 ? 'crc32' : 'sha256-128',
+      blockDigest: h.digests ? 'sha256' : null,
     };
   } finally {
     await reader.close();

@@ -1,13 +1,16 @@
 /**
  * verify: checks a segment against its map and image. A segment that does
- * not parse (magic, version, sizes, header checksum, table hash) is a
- * malformed input: SegmentReader's InvalidSegmentError, not a report. On a
- * well-formed segment every check that can run does run, so one report says
- * everything that is wrong:
+ * not parse (magic, version, sizes, header checksum, checksum table hash) is
+ * a malformed input: SegmentReader's InvalidSegmentError, not a report. A
+ * damaged digest table is reported, entry by entry. On a well-formed segment
+ * every check that can run does run, so one report says everything that is
+ * wrong:
  * - header:    the segment parses (always pass in a report)
  * - identity:  segment, map and image all carry the image's identity
  * - mapDigest: the segment was laid out from this map (digest, block size, block count)
  * - checksums: each block matches its table checksum; the data matches dataSha256
+ * - digests:   each block's stored digest is the SHA-256 of the segment's
+ *              block and of the image's block (skip: a version 1 segment)
  * - data:      each block equals the image data at select(rank) × blockSize
  */
 import { createHash } from 'node:crypto';
@@ -15,7 +18,7 @@ import { hasUsableReadInto } from '../image/file-source.js';
 import type { ByteSource, DiskImage } from '../image/types.js';
 import { shortHex } from '../format/binary.js';
 import type { BootMap } from '../format/map.js';
-import { SegmentReader, type SegmentSource } from '../format/segment.js';
+import { BLOCK_DIGEST_LENGTH, SegmentReader, blockDigest, checksumKind, type BlockHashKind, type SegmentSource } from '../format/segment.js';
 import { createChecksummer, sharedBuffer } from './checksum-worker.js';
 import {
   DEFAULT_READ_CHUNK_BYTES,
@@ -35,10 +38,19 @@ export interface VerifyChecks {
   identity: CheckStatus;
   mapDigest: CheckStatus;
   checksums: CheckStatus;
+  digests: CheckStatus;
   data: CheckStatus;
 }
 
-export type MismatchReason = 'checksum' | 'data' | 'checksum+data';
+/** What is wrong with one block, in this order, joined by '+'. */
+export type MismatchReason =
+  | 'checksum'
+  | 'digest'
+  | 'data'
+  | 'checksum+digest'
+  | 'checksum+data'
+  | 'digest+data'
+  | 'checksum+digest+data';
 
 export interface VerifyMismatch {
   /** Position of the block in the segment. */
@@ -49,7 +61,8 @@ export interface VerifyMismatch {
   imageOffset: number | null;
   /**
    * checksum: the segment block does not match its stored checksum;
-   * data: the segment block differs from the image; checksum+data: both.
+   * digest: its stored digest is not the SHA-256 of the segment block;
+   * data: the segment block differs from the image; combinations joined by '+'.
    */
   reason: MismatchReason;
 }
@@ -63,6 +76,10 @@ export interface VerifyReport {
   /** Blocks the segment holds (0 when its header is unreadable). */
   blockCount: number;
   checksumMismatches: number;
+  /** Blocks whose stored digest is not the SHA-256 of the segment's block. */
+  digestMismatches: number;
+  /** Blocks whose stored digest is not the SHA-256 of the image's block (counted where the data differs). */
+  imageDigestMismatches: number;
   dataMismatches: number;
   /** The first `maxMismatches` bad blocks, in rank order. */
   mismatches: VerifyMismatch[];
@@ -82,7 +99,7 @@ export interface VerifyOptions {
   /** Mismatches listed in the report (default 10); all are counted. */
   maxMismatches?: number;
   onProgress?: (doneBlocks: number, totalBlocks: number) => void;
-  /** Compute block checksums on a worker thread (segments of 16 MiB or more; default off, see checksum-worker.ts). */
+  /** Compute block checksums and digests on a worker thread (segments of 16 MiB or more; default off, see checksum-worker.ts). */
   checksumWorker?: boolean;
 }
 
@@ -93,7 +110,7 @@ export async function verifySegment(
   segmentPath: string,
   options: VerifyOptions = {},
 ): Promise<VerifyReport> {
-  const reader = await SegmentReader.open(segmentPath);
+  const reader = await SegmentReader.open(segmentPath, { allowDamagedDigests: true });
   try {
     return await verifySegmentReader(image, map, reader, options);
   } finally {
@@ -101,7 +118,10 @@ export async function verifySegment(
   }
 }
 
-/** Verifies an open segment (from a file or any SegmentSource). */
+/**
+ * Verifies an open segment (from a file or any SegmentSource). Open it with
+ * allowDamagedDigests for a report that names damaged digest entries.
+ */
 export async function verifySegmentReader(
   image: DiskImage,
   map: BootMap,
@@ -109,7 +129,19 @@ export async function verifySegmentReader(
   options: VerifyOptions = {},
 ): Promise<VerifyReport> {
   const problems: string[] = [];
-  const checks: VerifyChecks = { header: 'pass', identity: 'pass', mapDigest: 'pass', checksums: 'pass', data: 'pass' };
+  const checks: VerifyChecks = {
+    header: 'pass',
+    identity: 'pass',
+    mapDigest: 'pass',
+    checksums: 'pass',
+    digests: reader.hasDigests ? 'pass' : 'skip',
+    data: 'pass',
+  };
+  if (!reader.hasDigests) problems.push(`no block digests: a version ${reader.header.version} segment`);
+  if (!reader.digestTableIntact) {
+    checks.digests = 'fail';
+    problems.push('digest table does not match its SHA-256 in the header: the digest table is corrupted');
+  }
 
   if (reader.identity !== image.identity) {
     checks.identity = 'fail';
@@ -151,6 +183,8 @@ export async function verifySegmentReader(
   const maxMismatches = options.maxMismatches ?? 10;
   const mismatches: VerifyMismatch[] = [];
   let checksumMismatches = 0;
+  let digestMismatches = 0;
+  let imageDigestMismatches = 0;
   let dataMismatches = 0;
   let blocksChecked = 0;
   const blockSize = reader.blockSize;
@@ -158,17 +192,17 @@ export async function verifySegmentReader(
   const chunkBlocks = chunkBlocksFor(options.readChunkBytes ?? DEFAULT_READ_CHUNK_BYTES, blockSize);
   const dataHash = createHash('sha256');
   const entryLength = reader.header.checksumLength;
+  const kinds: readonly BlockHashKind[] = reader.hasDigests
+    ? [checksumKind(reader.checksumAlgorithm), 'sha256']
+    : [checksumKind(reader.checksumAlgorithm)];
 
-  const record = (rank: number, block: number | null, checksumOk: boolean, dataOk: boolean): void => {
+  const record = (rank: number, block: number | null, checksumOk: boolean, digestOk: boolean, dataOk: boolean): void => {
     if (!checksumOk) checksumMismatches++;
+    if (!digestOk) digestMismatches++;
     if (!dataOk) dataMismatches++;
     if (mismatches.length < maxMismatches) {
-      mismatches.push({
-        rank,
-        block,
-        imageOffset: block === null ? null : block * blockSize,
-        reason: !checksumOk && !dataOk ? 'checksum+data' : !checksumOk ? 'checksum' : 'data',
-      });
+      const parts = [checksumOk ? '' : 'checksum', digestOk ? '' : 'digest', dataOk ? '' : 'data'].filter((p) => p !== '');
+      mismatches.push({ rank, block, imageOffset: block === null ? null : block * blockSize, reason: parts.join('+') as MismatchReason });
     }
   };
 
@@ -225,10 +259,12 @@ export async function verifySegmentReader(
           segment = segmentRing[slot]!.subarray(0, read.length);
           read.copy(segment);
         }
-        const computed = checksummer.checksums(segment, blockSize, reader.checksumAlgorithm);
+        const computed = checksummer.tables(segment, blockSize, kinds);
         dataHash.update(segment);
         // Compare piece by piece; look at single blocks only where something differs.
         const badData = new Set<number>(); // ranks
+        // Where the data differs, the stored digest is also checked against the image's block
+        // (elsewhere the image's block is the segment's, whose digest is checked below).
         let offset = 0;
         let rank = chunk.rank;
         for (let p = 0; p < chunk.pieces.length; p++) {
@@ -238,22 +274,29 @@ export async function verifySegmentReader(
           if (imageData !== undefined && !segPiece.equals(imageData)) {
             for (let i = 0; i < count; i++) {
               const range = [i * blockSize, (i + 1) * blockSize] as const;
-              if (!segPiece.subarray(...range).equals(imageData.subarray(...range))) badData.add(rank + i);
+              if (segPiece.subarray(...range).equals(imageData.subarray(...range))) continue;
+              badData.add(rank + i);
+              if (reader.hasDigests && !blockDigest(imageData.subarray(...range)).equals(reader.blockDigest(rank + i))) {
+                imageDigestMismatches++;
+              }
             }
           }
           offset += count * blockSize;
           rank += count;
         }
-        const checksums = await computed;
+        const [checksums, digests] = await computed;
         const stored = reader.blockChecksums(chunk.rank, chunk.blocks);
-        if (badData.size > 0 || !checksums.equals(stored)) {
+        const storedDigests = digests ? reader.blockDigests(chunk.rank, chunk.blocks) : undefined;
+        if (badData.size > 0 || !checksums!.equals(stored) || (storedDigests && !digests!.equals(storedDigests))) {
           rank = chunk.rank;
           for (const piece of chunk.pieces) {
             for (let i = 0; i < piece.count; i++, rank++) {
               const t = (rank - chunk.rank) * entryLength;
-              const checksumOk = checksums.subarray(t, t + entryLength).equals(stored.subarray(t, t + entryLength));
+              const checksumOk = checksums!.subarray(t, t + entryLength).equals(stored.subarray(t, t + entryLength));
+              const d = (rank - chunk.rank) * BLOCK_DIGEST_LENGTH;
+              const digestOk = !storedDigests || digests!.subarray(d, d + BLOCK_DIGEST_LENGTH).equals(storedDigests.subarray(d, d + BLOCK_DIGEST_LENGTH));
               const dataOk = !badData.has(rank);
-              if (!checksumOk || !dataOk) record(rank, canCompare ? piece.block + i : null, checksumOk, dataOk);
+              if (!checksumOk || !digestOk || !dataOk) record(rank, canCompare ? piece.block + i : null, checksumOk, digestOk, dataOk);
             }
           }
         }
@@ -269,6 +312,14 @@ export async function verifySegmentReader(
     checks.checksums = 'fail';
     problems.push(`${checksumMismatches} of ${totalBlocks} blocks do not match their stored checksums`);
   }
+  if (digestMismatches > 0) {
+    checks.digests = 'fail';
+    problems.push(`${digestMismatches} of ${totalBlocks} blocks do not match their stored digests`);
+  }
+  if (imageDigestMismatches > 0) {
+    checks.digests = 'fail';
+    problems.push(`${imageDigestMismatches} of ${totalBlocks} stored digests are not the SHA-256 of the image's block`);
+  }
   const dataSha256 = dataHash.digest('hex');
   if (dataSha256 !== reader.dataSha256) {
     checks.checksums = 'fail';
@@ -280,7 +331,8 @@ export async function verifySegmentReader(
   }
   const adoptable =
     checks.identity === 'fail' &&
-    (['header', 'mapDigest', 'checksums', 'data'] as const).every((c) => checks[c] === 'pass');
+    (['header', 'mapDigest', 'checksums', 'data'] as const).every((c) => checks[c] === 'pass') &&
+    checks.digests !== 'fail';
   if (adoptable) {
     problems.push(
       `data and checksums of all ${totalBlocks} blocks matched ${image.name}: it holds the same data, but its identity ` +
@@ -289,13 +341,16 @@ export async function verifySegmentReader(
     );
   }
   return {
-    ok: Object.values(checks).every((c) => c === 'pass'),
+    // A version 1 segment's skipped digests do not fail it.
+    ok: Object.entries(checks).every(([check, status]) => status === 'pass' || (check === 'digests' && status === 'skip')),
     adoptable,
     segment: reader.name,
     checks,
     blocksChecked,
     blockCount: totalBlocks,
     checksumMismatches,
+    digestMismatches,
+    imageDigestMismatches,
     dataMismatches,
     mismatches,
     problems,

@@ -492,6 +492,32 @@ describe('bootcache agent', () => {
     await boot(config, 'disk.raw', 5);
   });
 
+  it('prefetches a version 1 segment (no digests, written by older builds) as before', async () => {
+    await publishFirstBoot('v1segment', 7);
+    const path = join(storageDir, 'disk.raw');
+    const map = await loadMap(`${path}.bcmap`);
+    // The published segment replaced by the previous version's, built from the same map.
+    const image = await openImage(path);
+    try {
+      expect((await buildSegment(image, map, `${path}.bcseg`, { version: 1 })).version).toBe(1);
+    } finally {
+      await image.close();
+    }
+    const old = await SegmentReader.open(`${path}.bcseg`);
+    expect([old.header.version, old.hasDigests]).toEqual([1, false]);
+    await old.close();
+    await expectSegmentVerifies(path, map);
+    const { agent, config } = await startAgent('v1segment-2');
+    const client = await NbdClient.connect(uri(config, 'disk.raw'));
+    const prefetch = () => agent.status().exports.find((x) => x.name === 'disk.raw')?.prefetch;
+    await waitFor(() => prefetch()?.state === 'done', 'the prefetch');
+    await client.close();
+    expect(prefetch()).toMatchObject({ badBlocks: 0, blocksLoaded: map.blocksSet });
+    // The same boot again, all from the prefetched blocks; boot() compares every read with the image.
+    await boot(config, 'disk.raw', 7);
+    expect(agent.status().counters.guestReads.storage).toBe(0);
+  });
+
   it('does not prefetch a segment of another block size than its own, and serves the image bytes', async () => {
     freshStorage('blocksize');
     // A map and segment of 64 KiB blocks (build-map --block-size 65536) for map blocks 1..200; the agent uses 4 KiB.

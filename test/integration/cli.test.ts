@@ -3,7 +3,7 @@
  * verify -> inspect, with --json results, exit codes and one-line errors.
  */
 import { execFileSync } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { mkdtemp, open, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -91,6 +91,48 @@ describe('bootcache CLI pipeline', () => {
     const report = j.json as { ok: boolean; mismatches: Array<{ rank: number; imageOffset: number }> };
     expect(report.ok).toBe(false);
     expect(report.mismatches[0]!.rank).toBe(info.bytes / 4096 - 1);
+  });
+
+  it('segments carry block digests: inspect shows them, verify names a bad digest (exit 1) and refuses a malformed digest table (exit 3)', async () => {
+    const image = raw;
+    const mapPath = join(dir, 'd.bcmap');
+    const segPath = join(dir, 'd.bcseg');
+    expect((await cli('build-map', image, '--trace', trace, '--out', mapPath)).status).toBe(0);
+    expect((await cli('build-segment', image, '--map', mapPath, '--out', segPath)).status).toBe(0);
+    const human = await cli('inspect', segPath);
+    expect(human.status, human.stderr).toBe(0);
+    expect(human.stdout).toMatch(/boot segment v2\n/);
+    expect(human.stdout).toMatch(/block digests sha256\n/);
+    const info = (await cli('inspect', segPath, '--json')).json as { version: number; blockDigest: string | null; blocks: number };
+    expect(info).toMatchObject({ version: 2, blockDigest: 'sha256' });
+    const seg = await readFile(segPath);
+    const verifyWith = (file: Buffer, ...flags: string[]) =>
+      writeFile(join(dir, 'x.bcseg'), file).then(() => cli('verify', image, '--map', mapPath, '--segment', join(dir, 'x.bcseg'), ...flags));
+
+    // A flipped byte in the digest entry of rank 3 (the digest table starts at 272, 32 bytes per block).
+    const badDigest = Buffer.from(seg);
+    badDigest[272 + 3 * 32 + 5] ^= 0x10;
+    const r = await verifyWith(badDigest);
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/digest table does not match its SHA-256 in the header/);
+    expect(r.stderr).toMatch(/block rank 3 \(image offset \d+\): digest mismatch/);
+    const j = (await verifyWith(badDigest, '--json')).json as { checks: { digests: string }; digestMismatches: number };
+    expect(j).toMatchObject({ checks: { digests: 'fail', checksums: 'pass', data: 'pass' }, digestMismatches: 1 });
+
+    // Malformed: truncated inside the digest table, or an unknown digest algorithm (header resealed).
+    const truncated = await verifyWith(seg.subarray(0, 272 + 50));
+    expect(truncated.status).toBe(3);
+    expect(truncated.stderr.trim()).toMatch(/^bootcache verify: error: .*x\.bcseg: file is 322 bytes but its header describes \d+ .*: truncated \[BC_INVALID_SEGMENT\]$/);
+    expect(truncated.stderr.trim().split('\n')).toHaveLength(1);
+    const unknown = Buffer.from(seg);
+    unknown.writeUInt32LE(7, 236);
+    unknown.fill(0, 192, 224);
+    createHash('sha256').update(unknown.subarray(0, 272)).digest().copy(unknown, 192);
+    const u = await verifyWith(unknown);
+    expect(u.status).toBe(3);
+    expect(u.stderr.trim()).toMatch(/unsupported block digest \(algorithm 7, 32 bytes\) \[BC_INVALID_SEGMENT\]$/);
+    expect(u.stderr.trim().split('\n')).toHaveLength(1);
+    expect((await cli('inspect', join(dir, 'x.bcseg'))).status).toBe(3);
   });
 
   it('a rewritten image no longer matches its map (identity)', async () => {

@@ -288,7 +288,7 @@ describe('build-segment and verify read qcow2 images into reused buffers', () =>
           const report = await verifySegment(img, map, out, { readChunkBytes, readAhead, maxMismatches: 100 });
           expect(report.ok).toBe(false);
           expect(report.mismatches.map((m) => [m.rank, m.block, m.reason])).toEqual(
-            ranks.map((r) => [r, map.index.select(r), 'checksum+data']),
+            ranks.map((r) => [r, map.index.select(r), 'checksum+digest+data']),
           );
         }
       } finally {

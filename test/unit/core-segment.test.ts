@@ -1,5 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { open, readFile, readdir, rm, writeFile, mkdtemp, stat } from 'node:fs/promises';
+import { open, readFile, readdir, rm, writeFile, mkdtemp, stat, truncate } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -66,7 +66,10 @@ async function expectSegmentMatchesImage(segmentPath: string, map: BootMap): Pro
       const expected = padded.subarray(block * BS, (block + 1) * BS);
       const actual = file.subarray(reader.dataOffset + r * BS, reader.dataOffset + (r + 1) * BS);
       if (!actual.equals(expected)) throw new Error(`rank ${r} (block ${block}) differs from the image`);
+      // Version 2: the stored digest is the SHA-256 of the image's block.
+      if (!reader.blockDigest(r).equals(createHash('sha256').update(expected).digest())) throw new Error(`rank ${r}: wrong digest`);
     }
+    expect(reader.header.version).toBe(2);
     expect(reader.dataSha256).toBe(createHash('sha256').update(file.subarray(reader.dataOffset)).digest('hex'));
   } finally {
     await reader.close();
@@ -264,12 +267,16 @@ describe('verifySegment', () => {
       const report = await verifySegment(image, map, out, { checksumWorker: true });
       expect(inline).toEqual(report);
       expect(report.ok).toBe(false);
-      expect(report.checks).toEqual({ header: 'pass', identity: 'pass', mapDigest: 'pass', checksums: 'fail', data: 'fail' });
+      expect(report.checks).toEqual({ header: 'pass', identity: 'pass', mapDigest: 'pass', checksums: 'fail', digests: 'fail', data: 'fail' });
       expect(report.checksumMismatches).toBe(1);
+      expect(report.digestMismatches).toBe(1);
+      // The table still names the image's content: the segment's copy is what is damaged.
+      expect(report.imageDigestMismatches).toBe(0);
       expect(report.dataMismatches).toBe(1);
       const block = map.index.select(rank);
-      expect(report.mismatches).toEqual([{ rank, block, imageOffset: block * BS, reason: 'checksum+data' }]);
+      expect(report.mismatches).toEqual([{ rank, block, imageOffset: block * BS, reason: 'checksum+digest+data' }]);
       expect(report.problems.join('\n')).toMatch(/1 of \d+ blocks do not match their stored checksums/);
+      expect(report.problems.join('\n')).toMatch(/1 of \d+ blocks do not match their stored digests/);
       expect(report.problems.join('\n')).toMatch(/data SHA-256/);
     } finally {
       await image.close();
@@ -285,8 +292,12 @@ describe('verifySegment', () => {
       const map = new BootMap({ blockSize: BS, virtualSize: image.virtualSize, identity: image.identity, boots: 1, bitmap });
       const out = join(dir, 'sha.bcseg');
       const meta = { blockSize: BS, virtualSize: image.virtualSize, identity: image.identity, mapDigest: map.mapDigest() };
-      await writeFile(out, serializeSegment({ ...meta, checksumAlgorithm: BLOCK_CHECKSUM_SHA256_128 }, imageBytes.subarray(0, 5000 * BS)));
-      for (const checksumWorker of [false, true]) expect((await verifySegment(image, map, out, { checksumWorker })).ok).toBe(true);
+      await writeFile(out, serializeSegment({ ...meta, checksumAlgorithm: BLOCK_CHECKSUM_SHA256_128, version: 1 }, imageBytes.subarray(0, 5000 * BS)));
+      for (const checksumWorker of [false, true]) {
+        const report = await verifySegment(image, map, out, { checksumWorker });
+        expect(report.ok).toBe(true);
+        expect(report.checks.digests).toBe('skip');
+      }
       const reader = await SegmentReader.open(out);
       const offset = reader.blockOffset(4321) + 9;
       await reader.close();
@@ -320,6 +331,11 @@ describe('verifySegment', () => {
       expect(report.checks.identity).toBe('fail');
       expect(report.checks.checksums).toBe('pass');
       expect(report.checks.data).toBe('fail');
+      // The stored digest names the old content, not the image's.
+      expect(report.checks.digests).toBe('fail');
+      expect(report.digestMismatches).toBe(0);
+      expect(report.imageDigestMismatches).toBe(1);
+      expect(report.problems.join('\n')).toMatch(/1 of \d+ stored digests are not the SHA-256 of the image's block/);
       expect(report.mismatches).toEqual([{ rank: 5, block, imageOffset: block * BS, reason: 'data' }]);
       expect(report.problems[0]).toMatch(/image rewritten/);
       await expect(buildSegment(after, map, join(dir, 'again.bcseg'))).rejects.toThrow(MismatchError);
@@ -356,19 +372,77 @@ describe('verifySegment', () => {
     }
   });
 
-  it('refuses a damaged header or table as a malformed segment (InvalidSegmentError), not a report', async () => {
+  it('refuses a damaged header, checksum table or a truncated segment as malformed (InvalidSegmentError), not a report', async () => {
     const image = await openRaw();
     try {
       const map = randomMap(image, 19);
       const out = join(dir, 'badheader.bcseg');
       await buildSegment(image, map, out);
+      const reader = await SegmentReader.open(out);
+      const { tableOffset, dataOffset } = reader.header;
+      await reader.close();
       await flipByte(out, 60);
       await expect(verifySegment(image, map, out)).rejects.toThrow(InvalidSegmentError);
       await expect(verifySegment(image, map, out)).rejects.toThrow(/header checksum mismatch/);
       await flipByte(out, 60);
-      await flipByte(out, 300); // in the checksum table
-      await expect(verifySegment(image, map, out)).rejects.toThrow(/table is corrupted/);
+      await flipByte(out, tableOffset + 3); // in the checksum table
+      await expect(verifySegment(image, map, out)).rejects.toThrow(/checksum table does not match .*: the table is corrupted/);
+      await flipByte(out, tableOffset + 3);
+      await truncate(out, 272 + 100); // inside the digest table
+      await expect(verifySegment(image, map, out)).rejects.toThrow(InvalidSegmentError);
+      await expect(verifySegment(image, map, out)).rejects.toThrow(new RegExp(`file is 372 bytes but its header describes \\d+ .*from offset ${dataOffset}\\): truncated$`));
       await expect(verifySegment(image, map, join(dir, 'missing.bcseg'))).rejects.toThrow(FileNotFoundError);
+    } finally {
+      await image.close();
+    }
+  });
+
+  it('reports a flipped byte in the digest table as that block\'s digest mismatch', async () => {
+    const image = await openRaw();
+    try {
+      const map = randomMap(image, 23);
+      const out = join(dir, 'baddigest.bcseg');
+      await buildSegment(image, map, out);
+      const rank = map.blocksSet - 2;
+      await flipByte(out, 272 + rank * 32 + 17);
+      for (const checksumWorker of [false, true]) {
+        const report = await verifySegment(image, map, out, { checksumWorker });
+        expect(report.ok).toBe(false);
+        expect(report.checks).toEqual({ header: 'pass', identity: 'pass', mapDigest: 'pass', checksums: 'pass', digests: 'fail', data: 'pass' });
+        expect(report.digestMismatches).toBe(1);
+        const block = map.index.select(rank);
+        expect(report.mismatches).toEqual([{ rank, block, imageOffset: block * BS, reason: 'digest' }]);
+        expect(report.problems.join('\n')).toMatch(/digest table does not match its SHA-256 in the header/);
+        expect(report.adoptable).toBe(false);
+      }
+      // Anything but verify refuses the segment outright.
+      await expect(inspectSegment(out)).rejects.toThrow(/the digest table is corrupted/);
+    } finally {
+      await image.close();
+    }
+  });
+
+  it('verifies a version 1 segment (no digests) as before', async () => {
+    const image = await openRaw();
+    try {
+      const map = randomMap(image, 29);
+      const out = join(dir, 'v1.bcseg');
+      const built = await buildSegment(image, map, out, { version: 1 });
+      expect(built.version).toBe(1);
+      const reader = await SegmentReader.open(out);
+      expect(reader.header.version).toBe(1);
+      expect(reader.hasDigests).toBe(false);
+      expect(reader.dataOffset).toBe(Math.ceil((224 + 4 * map.blocksSet) / 4096) * 4096);
+      await reader.close();
+      const report = await verifySegment(image, map, out);
+      expect(report.ok).toBe(true);
+      expect(report.checks.digests).toBe('skip');
+      expect(report.problems).toEqual(['no block digests: a version 1 segment']);
+      expect((await inspectSegment(out)).blockDigest).toBeNull();
+      await flipByte(out, built.fileBytes - 5);
+      const bad = await verifySegment(image, map, out);
+      expect(bad.ok).toBe(false);
+      expect(bad.mismatches).toEqual([expect.objectContaining({ rank: map.blocksSet - 1, reason: 'checksum+data' })]);
     } finally {
       await image.close();
     }
@@ -402,8 +476,9 @@ describe('inspect and detectFileKind', () => {
       const seg = await inspectSegment(segPath);
       expect(seg).toMatchObject({
         kind: 'segment',
-        version: 1,
+        version: 2,
         blockChecksum: 'crc32',
+        blockDigest: 'sha256',
         blocks: map.blocksSet,
         bytes: map.blocksSet * BS,
         blockSize: BS,
