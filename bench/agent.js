@@ -91,7 +91,7 @@ function diffCounters(after, before) {
       readRequests: after.storage.readRequests - before.storage.readRequests,
       readBytes: after.storage.readBytes - before.storage.readBytes,
     },
-    cache: { hits: after.cache.hits - before.cache.hits, misses: after.cache.misses - before.cache.misses },
+    cache: { hits: after.cache.lookups.hit - before.cache.lookups.hit, misses: after.cache.lookups.miss - before.cache.lookups.miss },
     prefetch: { bytes: after.prefetch.bytes - before.prefetch.bytes },
   };
 }
