@@ -15,6 +15,8 @@ import {
   MAX_BLOCK_SIZE,
   MIN_BLOCK_SIZE,
   identityToBytes,
+  sha256FromHex,
+  sha256WithFieldZeroed,
   isAllZero,
   isValidBlockSize,
   readSafeU64,
@@ -185,10 +187,10 @@ export function encodeIndexHeader(fields: ImageIndexHeaderFields): Buffer {
   buf.writeUInt32LE(BLOCK_DIGEST_LENGTH, OFF_DIGEST_LENGTH);
   buf.writeUInt32LE(BLOCK_DIGEST_SHA256, OFF_DIGEST_ALGORITHM);
   buf.writeUInt32LE(key.length, OFF_PREVIOUS_LENGTH);
-  hexDigest(fields.bitmapSha256, 'bitmap SHA-256').copy(buf, OFF_BITMAP_SHA256);
-  hexDigest(fields.digestTableSha256, 'digest table SHA-256').copy(buf, OFF_TABLE_SHA256);
+  sha256FromHex(fields.bitmapSha256, 'bitmap SHA-256').copy(buf, OFF_BITMAP_SHA256);
+  sha256FromHex(fields.digestTableSha256, 'digest table SHA-256').copy(buf, OFF_TABLE_SHA256);
   key.copy(buf, OFF_PREVIOUS_KEY);
-  headerChecksum(buf).copy(buf, OFF_HEADER_CHECKSUM);
+  sha256WithFieldZeroed(buf, OFF_HEADER_CHECKSUM).copy(buf, OFF_HEADER_CHECKSUM);
   return buf;
 }
 
@@ -202,19 +204,7 @@ export function indexBlockCount(virtualSize: number, blockSize: number): number 
   return blockCount;
 }
 
-function hexDigest(hex: string, what: string): Buffer {
-  if (!/^[0-9a-f]{64}$/.test(hex)) throw new RangeError(`${what} must be 64 lowercase hex digits`);
-  return Buffer.from(hex, 'hex');
-}
 
-/** SHA-256 of `header` with the checksum field taken as zero. */
-function headerChecksum(header: Buffer): Buffer {
-  return createHash('sha256')
-    .update(header.subarray(0, OFF_HEADER_CHECKSUM))
-    .update(Buffer.alloc(32))
-    .update(header.subarray(OFF_HEADER_CHECKSUM + 32))
-    .digest();
-}
 
 function sha256Hex(data: Uint8Array): string {
   return createHash('sha256').update(data).digest('hex');
@@ -338,7 +328,7 @@ export class ImageIndex {
     }
     if (headerLength > size) fail(`truncated header: file is ${size} bytes, the header says ${headerLength}`);
     const raw = await region(0, headerLength);
-    if (!headerChecksum(raw).equals(raw.subarray(OFF_HEADER_CHECKSUM, OFF_HEADER_CHECKSUM + 32))) {
+    if (!sha256WithFieldZeroed(raw, OFF_HEADER_CHECKSUM).equals(raw.subarray(OFF_HEADER_CHECKSUM, OFF_HEADER_CHECKSUM + 32))) {
       fail('header checksum mismatch: the header is corrupted');
     }
     const blockSize = raw.readUInt32LE(OFF_BLOCK_SIZE);
