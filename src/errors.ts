@@ -13,7 +13,7 @@ export const ExitCode = {
   VERIFY_FAILED: 1,
   /** bad flags or arguments (oclif uses 2 for parse errors too). */
   USAGE: 2,
-  /** input unreadable, malformed or unsupported (image, map, segment, trace). */
+  /** input unreadable, malformed or unsupported (image, map, segment, index, trace). */
   BAD_INPUT: 3,
   /** I/O failure on output or storage (cannot write, disk full, storage fault). */
   IO: 4,
@@ -74,6 +74,12 @@ export class InvalidMapError extends BootcacheError {
 /** A .bcseg file that fails its structural checks. */
 export class InvalidSegmentError extends BootcacheError {
   readonly code = 'BC_INVALID_SEGMENT';
+  readonly exitCode = ExitCode.BAD_INPUT;
+}
+
+/** A .bcidx image index that fails its structural checks. */
+export class InvalidIndexError extends BootcacheError {
+  readonly code = 'BC_INVALID_INDEX';
   readonly exitCode = ExitCode.BAD_INPUT;
 }
 

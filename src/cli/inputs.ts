@@ -5,6 +5,7 @@
  */
 import { open, stat } from 'node:fs/promises';
 import {
+  InvalidIndexError,
   InvalidMapError,
   InvalidSegmentError,
   InvalidTraceError,
@@ -12,15 +13,17 @@ import {
   UnknownFileTypeError,
   fromSystemError,
 } from '../errors.js';
+import { INDEX_MAGIC } from '../format/image-index.js';
 import { MAP_MAGIC } from '../format/map.js';
 import { SEGMENT_MAGIC } from '../format/segment.js';
 
-export type InputKind = 'image' | 'map' | 'segment' | 'trace';
+export type InputKind = 'image' | 'map' | 'segment' | 'index' | 'trace';
 
 const NAMES: Record<InputKind, string> = {
   image: 'a disk image',
   map: 'a boot workload map',
   segment: 'a boot segment',
+  index: 'an image index',
   trace: 'a boot trace',
 };
 
@@ -47,13 +50,14 @@ export async function checkInput(path: string, kind?: InputKind): Promise<void> 
   const message = `is ${NAMES[found]}, not ${NAMES[kind]}`;
   if (kind === 'map') throw new InvalidMapError(message, { file: path });
   if (kind === 'segment') throw new InvalidSegmentError(message, { file: path });
+  if (kind === 'index') throw new InvalidIndexError(message, { file: path });
   if (kind === 'trace') throw new InvalidTraceError(message, { file: path });
   throw new UnknownFileTypeError(message, { file: path });
 }
 
-/** 'map' or 'segment' when the file starts with their magic, else undefined. */
-async function magicKind(path: string): Promise<'map' | 'segment' | undefined> {
-  const length = Math.max(MAP_MAGIC.length, SEGMENT_MAGIC.length);
+/** 'map', 'segment' or 'index' when the file starts with their magic, else undefined. */
+async function magicKind(path: string): Promise<'map' | 'segment' | 'index' | undefined> {
+  const length = Math.max(MAP_MAGIC.length, SEGMENT_MAGIC.length, INDEX_MAGIC.length);
   const buf = Buffer.alloc(length);
   let bytesRead: number;
   try {
@@ -69,5 +73,6 @@ async function magicKind(path: string): Promise<'map' | 'segment' | undefined> {
   const head = buf.subarray(0, bytesRead);
   if (head.subarray(0, MAP_MAGIC.length).equals(MAP_MAGIC)) return 'map';
   if (head.subarray(0, SEGMENT_MAGIC.length).equals(SEGMENT_MAGIC)) return 'segment';
+  if (head.subarray(0, INDEX_MAGIC.length).equals(INDEX_MAGIC)) return 'index';
   return undefined;
 }

@@ -12,9 +12,7 @@ import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import { Flags } from '@oclif/core';
 import { BootcacheError, FileNotFoundError } from '../errors.js';
-import { detectFileKind, type FileKind } from '../core/inspect.js';
-import { MAP_MAGIC } from '../format/map.js';
-import { SEGMENT_MAGIC } from '../format/segment.js';
+import { detectFileKind, kindOfHead, type FileKind } from '../core/inspect.js';
 import { openImageFromSource } from '../image/open.js';
 import type { DiskImage, SourceOpener } from '../image/types.js';
 import { createS3Client, type S3Options } from '../storage/open.js';
@@ -90,15 +88,12 @@ export class Locations {
     return this.named(location, () => fn(path), path);
   }
 
-  /** What the file is, by its first bytes: a map, a segment, or else an image. */
+  /** What the file is, by its first bytes: a map, a segment, an index, or else an image. */
   async kind(location: string): Promise<FileKind> {
     if (!isS3Url(location)) return detectFileKind(location);
     const { storage, key } = this.object(location);
     const size = (await storage.stat(key))?.size ?? 0;
-    const head = size === 0 ? Buffer.alloc(0) : await storage.read(key, 0, Math.min(size, 16));
-    if (head.subarray(0, MAP_MAGIC.length).equals(MAP_MAGIC)) return 'map';
-    if (head.subarray(0, SEGMENT_MAGIC.length).equals(SEGMENT_MAGIC)) return 'segment';
-    return 'image';
+    return kindOfHead(size === 0 ? Buffer.alloc(0) : await storage.read(key, 0, Math.min(size, 16)));
   }
 
   /** Opens an image: a local file, or an s3:// object read in place (backing files resolve relative to its key). */

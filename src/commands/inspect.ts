@@ -5,19 +5,20 @@ import { imageFlags } from '../cli/image-flags.js';
 import { s3Flags, withLocations, type Locations } from '../cli/locations.js';
 import { formatBytes } from '../cli/progress.js';
 import { inspectImage, type ImageInspection } from '../core/inspect-image.js';
-import { inspectMap, inspectSegment, type MapInspection, type SegmentInspection } from '../core/inspect.js';
+import { inspectIndex, inspectMap, inspectSegment, type IndexInspection, type MapInspection, type SegmentInspection } from '../core/inspect.js';
 
 
 const EXIT_CODES = exitCodesHelp([ExitCode.BAD_INPUT, ExitCode.IO], { [ExitCode.IO]: 'I/O failure reading the file' });
 
-export type InspectResult = ImageInspection | MapInspection | SegmentInspection;
+export type InspectResult = ImageInspection | MapInspection | SegmentInspection | IndexInspection;
 
 export default class Inspect extends BaseCommand<typeof Inspect> {
-  static override summary = 'Describe an image, a boot workload map or a boot segment.';
+  static override summary = 'Describe an image, a boot workload map, a boot segment or an image index.';
   static override description = `Recognises the file by its first bytes.
 - image: format, virtual size, cluster size, backing chain, allocated bytes;
 - map: blockSize, blocksSet, bytes, runs (contiguous runs of blocks), boots merged;
-- segment: blocks, bytes, block checksum algorithm, identity, dataSha256.
+- segment: blocks, bytes, block checksum algorithm, identity, dataSha256;
+- index: data blocks (those with a digest), digest table size, identity, previous version.
 
 ${EXIT_CODES}`;
 
@@ -25,16 +26,17 @@ ${EXIT_CODES}`;
     '<%= config.bin %> <%= command.id %> debian12.qcow2',
     '<%= config.bin %> <%= command.id %> debian12.qcow2.bcmap --json',
     '<%= config.bin %> <%= command.id %> debian12.qcow2.bcseg',
+    '<%= config.bin %> <%= command.id %> debian12.qcow2.bcidx --json',
   ];
 
   static override args = {
-    file: Args.string({ description: 'Image, map (.bcmap) or segment (.bcseg).', required: true }),
+    file: Args.string({ description: 'Image, map (.bcmap), segment (.bcseg) or image index (.bcidx).', required: true }),
   };
 
   static override flags = {
     ...imageFlags,
     ...s3Flags,
-    kind: Flags.option({ description: 'Treat the file as this kind instead of detecting it.', options: ['image', 'map', 'segment'] as const })(),
+    kind: Flags.option({ description: 'Treat the file as this kind instead of detecting it.', options: ['image', 'map', 'segment', 'index'] as const })(),
   };
 
   static override usage = commandUsage(this);
@@ -64,6 +66,15 @@ ${EXIT_CODES}`;
       this.log(`  map digest ${s.mapDigest}`);
       this.log(`  dataSha256 ${s.dataSha256}`);
       return s;
+    }
+    if (kind === 'index') {
+      const x = await loc.read(path, inspectIndex);
+      this.log(`${path}: image index v${x.version}`);
+      this.log(`  ${x.blockCount} blocks of ${x.blockSize} B, virtual size ${formatBytes(x.virtualSize)}`);
+      this.log(`  ${x.dataBlocks} data blocks (${formatBytes(x.dataBytes)}), the others read as zeros; digest table ${formatBytes(x.tableBytes)} (${x.blockDigest})`);
+      this.log(`  image identity ${x.identity}`);
+      this.log(`  previous version ${x.previous ?? 'none'}`);
+      return x;
     }
     const info = await loc.withImage(path, this.flags, (image) => inspectImage(image));
     this.log(`${path}: ${info.format}, virtual size ${formatBytes(info.virtualSize)} (${info.virtualSize} bytes)`);

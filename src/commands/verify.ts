@@ -4,6 +4,7 @@ import { imageFlags } from '../cli/image-flags.js';
 import { s3Flags, withLocations, type Locations } from '../cli/locations.js';
 import { runTasks } from '../cli/progress.js';
 import { adoptForImage, type AdoptResult } from '../core/adopt.js';
+import { verifyImageIndexFile, type IndexVerifyReport } from '../core/image-index.js';
 import { verifySegment, type VerifyReport } from '../core/verify.js';
 import { shortHex } from '../format/binary.js';
 import { ExitCode, UsageError } from '../errors.js';
@@ -15,11 +16,15 @@ const EXIT_CODES = exitCodesHelp([ExitCode.VERIFY_FAILED, ExitCode.BAD_INPUT, Ex
   [ExitCode.IO]: 'I/O failure reading the files, or (--adopt) the map or segment cannot be written',
 });
 
-export type VerifyCommandResult = VerifyReport & { image: string; map: string; adopted?: AdoptResult };
+export type VerifySegmentResult = VerifyReport & { image: string; map: string; adopted?: AdoptResult };
+export type VerifyIndexResult = IndexVerifyReport & { image: string };
+export type VerifyCommandResult = VerifySegmentResult | VerifyIndexResult;
 
 export default class Verify extends BaseCommand<typeof Verify> {
-  static override summary = 'Check a boot segment against its map and image.';
+  static override summary = 'Check a boot segment against its map and image, or an image index against its image.';
   static override description = `Checks the segment header, that image, map and segment belong together (image identity, map digest, block count), each block's checksum and (version 2 segments) SHA-256 digest, and every block against the image data at the offset computed from the map (select over the bitmap). Exits 1 and names the first mismatching blocks (rank and image offset) when anything differs; a file that is not a well-formed image, map or segment (truncated, the wrong kind) is exit 3.
+
+With --index IDX it checks an image index instead (and no map or segment): it reads the image once, recomputes every block's SHA-256, and exits 1 naming the first blocks whose digest differs, that hold data without a digest, or that have a digest but read as zeros, or when the image identity differs (the image changed); a malformed index is exit 3.
 
 After a copy that did not keep the image's mtime (plain cp; cp -p and rsync -a keep it), the identity differs while the data and checksums all match: verify says so, and --adopt then re-stamps the map and segment for the copy.
 
@@ -29,6 +34,7 @@ ${EXIT_CODES}`;
     '<%= config.bin %> <%= command.id %> debian12.qcow2',
     '<%= config.bin %> <%= command.id %> debian12.qcow2 --map debian12.qcow2.bcmap --segment debian12.qcow2.bcseg --json',
     '<%= config.bin %> <%= command.id %> copy.qcow2 --map copy.qcow2.bcmap --segment copy.qcow2.bcseg --adopt',
+    '<%= config.bin %> <%= command.id %> debian12.qcow2 --index debian12.qcow2.bcidx',
   ];
 
   static override args = {
@@ -40,6 +46,11 @@ ${EXIT_CODES}`;
     ...s3Flags,
     map: Flags.string({ description: 'Boot workload map (default: IMAGE.bcmap).', helpValue: 'MAP' }),
     segment: Flags.string({ description: 'Boot segment (default: IMAGE.bcseg).', helpValue: 'SEG' }),
+    index: Flags.string({
+      description: 'Check this image index (.bcidx) against the image, instead of a map and segment.',
+      helpValue: 'IDX',
+      exclusive: ['map', 'segment', 'adopt'],
+    }),
     adopt: Flags.boolean({
       description:
         'When only the image identity differs (a copy without its mtime) and every block matched, re-stamp the map and segment for this image (atomically).',
@@ -50,10 +61,50 @@ ${EXIT_CODES}`;
   static override usage = commandUsage(this);
 
   async run(): Promise<VerifyCommandResult> {
-    return withLocations(this.flags, (loc) => this.verify(loc));
+    return withLocations<VerifyCommandResult>(this.flags, (loc) => (this.flags.index === undefined ? this.verify(loc) : this.verifyIndex(loc, this.flags.index)));
   }
 
-  private async verify(loc: Locations): Promise<VerifyCommandResult> {
+  private async verifyIndex(loc: Locations, indexPath: string): Promise<VerifyIndexResult> {
+    const { image: imagePath } = this.args;
+    await loc.check(imagePath, 'image');
+    await loc.check(indexPath, 'index');
+    const report = await loc.withImage(imagePath, this.flags, async (image) => {
+      const ctx: { report?: IndexVerifyReport } = {};
+      await runTasks(
+        [
+          {
+            title: `Verifying ${indexPath} against ${imagePath}`,
+            task: async (c, task) => {
+              c.report = await loc.read(indexPath, (path) =>
+                verifyImageIndexFile(image, path, {
+                  onProgress: (done, total) => {
+                    task.output = `${done}/${total} blocks`;
+                  },
+                }),
+              );
+            },
+          },
+        ],
+        ctx,
+        this.interactive,
+      );
+      return ctx.report!;
+    });
+    const result: VerifyIndexResult = { ...report, index: indexPath, image: imagePath };
+    if (report.ok) {
+      this.log(`${indexPath}: OK (${report.blocksChecked} blocks read, ${report.imageDataBlocks} digests checked against ${imagePath})`);
+      return result;
+    }
+    process.exitCode = ExitCode.VERIFY_FAILED;
+    if (!this.jsonEnabled()) {
+      process.stderr.write(`${indexPath}: verification FAILED\n`);
+      for (const problem of report.problems) process.stderr.write(`  ${problem}\n`);
+      for (const m of report.mismatches) process.stderr.write(`  block ${m.block} (image offset ${m.imageOffset}): ${m.reason} mismatch\n`);
+    }
+    return result;
+  }
+
+  private async verify(loc: Locations): Promise<VerifySegmentResult> {
     const { image: imagePath } = this.args;
     const mapPath = this.flags.map ?? `${imagePath}.bcmap`;
     const segmentPath = this.flags.segment ?? `${imagePath}.bcseg`;
@@ -89,7 +140,7 @@ ${EXIT_CODES}`;
       const adoption = this.flags.adopt && verified.adoptable ? await adoptForImage(image, map, mapPath, segmentPath, verified) : undefined;
       return { report: verified, adopted: adoption };
     });
-    const result: VerifyCommandResult = { ...report, image: imagePath, map: mapPath, ...(adopted ? { adopted } : {}) };
+    const result: VerifySegmentResult = { ...report, image: imagePath, map: mapPath, ...(adopted ? { adopted } : {}) };
     if (report.ok) {
       this.log(`${segmentPath}: OK (${report.blocksChecked} blocks checked against ${imagePath})`);
       return result;

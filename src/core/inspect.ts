@@ -1,18 +1,24 @@
 /** inspect (map and segment part) and file kind detection by magic. */
+import { INDEX_MAGIC, ImageIndex } from '../format/image-index.js';
 import { MAP_MAGIC, loadMap } from '../format/map.js';
 import { BLOCK_CHECKSUM_CRC32, SEGMENT_MAGIC, SegmentReader } from '../format/segment.js';
 import { FileByteSource } from '../image/file-source.js';
 
-export type FileKind = 'map' | 'segment' | 'image';
+export type FileKind = 'map' | 'segment' | 'index' | 'image';
 
-/** 'map' or 'segment' by magic; anything else is taken to be an image. */
+/** The kind of a file whose first bytes are `head`: 'map', 'segment' or 'index' by magic, else 'image'. */
+export function kindOfHead(head: Buffer): FileKind {
+  if (head.subarray(0, MAP_MAGIC.length).equals(MAP_MAGIC)) return 'map';
+  if (head.subarray(0, SEGMENT_MAGIC.length).equals(SEGMENT_MAGIC)) return 'segment';
+  if (head.subarray(0, INDEX_MAGIC.length).equals(INDEX_MAGIC)) return 'index';
+  return 'image';
+}
+
+/** 'map', 'segment' or 'index' by magic; anything else is taken to be an image. */
 export async function detectFileKind(path: string): Promise<FileKind> {
   const file = await FileByteSource.open(path);
   try {
-    const magic = await file.read(0, Math.min(file.size, MAP_MAGIC.length));
-    if (magic.equals(MAP_MAGIC)) return 'map';
-    if (magic.equals(SEGMENT_MAGIC)) return 'segment';
-    return 'image';
+    return kindOfHead(await file.read(0, Math.min(file.size, 16)));
   } finally {
     await file.close().catch(() => undefined);
   }
@@ -108,5 +114,54 @@ export async function inspectSegment(path: string): Promise<SegmentInspection> {
     };
   } finally {
     await reader.close();
+  }
+}
+
+export interface IndexInspection {
+  kind: 'index';
+  path: string;
+  version: number;
+  blockSize: number;
+  virtualSize: number;
+  blockCount: number;
+  /** Blocks with a digest; the others read as zeros. */
+  dataBlocks: number;
+  /** dataBlocks × blockSize. */
+  dataBytes: number;
+  fileBytes: number;
+  /** Bytes of the digest table (32 per data block). */
+  tableBytes: number;
+  identity: string;
+  blockDigest: 'sha256';
+  /** The image this one is a new version of, as stored, or null. */
+  previous: string | null;
+  bitmapSha256: string;
+  digestTableSha256: string;
+}
+
+/** Opens (and so fully checks) an image index and summarises it. */
+export async function inspectIndex(path: string): Promise<IndexInspection> {
+  const index = await ImageIndex.open(path);
+  try {
+    const h = index.header;
+    return {
+      kind: 'index',
+      path,
+      version: h.version,
+      blockSize: h.blockSize,
+      virtualSize: h.virtualSize,
+      blockCount: h.blockCount,
+      dataBlocks: h.dataBlocks,
+      dataBytes: h.dataBlocks * h.blockSize,
+      fileBytes: index.source.size,
+      tableBytes: h.dataBlocks * h.digestLength,
+      identity: h.identity,
+      blockDigest: 'sha256',
+      previous: h.previous,
+      bitmapSha256: h.bitmapSha256,
+      digestTableSha256: h.digestTableSha256,
+    };
+  } finally {
+    await index.close();
   }
 }

@@ -1,4 +1,5 @@
-/** Small helpers shared by the .bcmap and .bcseg codecs (docs/formats.md). */
+/** Small helpers shared by the .bcmap, .bcseg and .bcidx codecs (docs/formats.md). */
+import { createHash } from 'node:crypto';
 
 /** Block sizes allowed in maps and segments: powers of two, 512 B .. 2 MiB. */
 export const MIN_BLOCK_SIZE = 512;
@@ -37,4 +38,19 @@ export function isAllZero(buf: Uint8Array): boolean {
 /** Shortens a hex digest for messages. */
 export function shortHex(hex: string): string {
   return hex.length > 16 ? `${hex.slice(0, 16)}…` : hex;
+}
+
+/** The 32 raw bytes of a SHA-256 given as 64 lowercase hex digits (`what` names it in the error). */
+export function sha256FromHex(hex: string, what: string): Buffer {
+  if (!/^[0-9a-f]{64}$/.test(hex)) throw new RangeError(`${what} must be 64 lowercase hex digits`);
+  return Buffer.from(hex, 'hex');
+}
+
+/** SHA-256 of `buf` with the 32-byte checksum field at `offset` taken as zero (header and file checksums). */
+export function sha256WithFieldZeroed(buf: Uint8Array, offset: number): Buffer {
+  return createHash('sha256')
+    .update(buf.subarray(0, offset))
+    .update(Buffer.alloc(32))
+    .update(buf.subarray(offset + 32))
+    .digest();
 }

@@ -12,6 +12,8 @@ import {
   MAX_BLOCK_SIZE,
   MIN_BLOCK_SIZE,
   identityToBytes,
+  sha256FromHex,
+  sha256WithFieldZeroed,
   isAllZero,
   isValidBlockSize,
   readSafeU64,
@@ -267,9 +269,9 @@ export function encodeSegmentHeader(fields: SegmentHeaderFields): Buffer {
   writeU64(buf, fields.blockCount, OFF_BLOCK_COUNT);
   writeU64(buf, fields.virtualSize, OFF_VIRTUAL_SIZE);
   identityToBytes(fields.identity).copy(buf, OFF_IDENTITY);
-  hexDigest(fields.mapDigest, 'map digest').copy(buf, OFF_MAP_DIGEST);
-  hexDigest(fields.dataSha256, 'data SHA-256').copy(buf, OFF_DATA_SHA256);
-  hexDigest(fields.tableSha256, 'table SHA-256').copy(buf, OFF_TABLE_SHA256);
+  sha256FromHex(fields.mapDigest, 'map digest').copy(buf, OFF_MAP_DIGEST);
+  sha256FromHex(fields.dataSha256, 'data SHA-256').copy(buf, OFF_DATA_SHA256);
+  sha256FromHex(fields.tableSha256, 'table SHA-256').copy(buf, OFF_TABLE_SHA256);
   writeU64(buf, layout.tableOffset, OFF_TABLE_OFFSET);
   writeU64(buf, layout.dataOffset, OFF_DATA_OFFSET);
   buf.writeUInt32LE(blockChecksumLength(algorithm), OFF_CHECKSUM_LENGTH);
@@ -278,25 +280,13 @@ export function encodeSegmentHeader(fields: SegmentHeaderFields): Buffer {
     writeU64(buf, layout.digestOffset, OFF_DIGEST_OFFSET);
     buf.writeUInt32LE(BLOCK_DIGEST_LENGTH, OFF_DIGEST_LENGTH);
     buf.writeUInt32LE(BLOCK_DIGEST_SHA256, OFF_DIGEST_ALGORITHM);
-    hexDigest(fields.digestTableSha256 ?? '', 'digest table SHA-256').copy(buf, OFF_DIGEST_TABLE_SHA256);
+    sha256FromHex(fields.digestTableSha256 ?? '', 'digest table SHA-256').copy(buf, OFF_DIGEST_TABLE_SHA256);
   }
   createHash('sha256').update(buf).digest().copy(buf, OFF_HEADER_CHECKSUM);
   return buf;
 }
 
-function hexDigest(hex: string, what: string): Buffer {
-  if (!/^[0-9a-f]{64}$/.test(hex)) throw new RangeError(`${what} must be 64 lowercase hex digits`);
-  return Buffer.from(hex, 'hex');
-}
 
-/** Computes the header checksum of `header` (the checksum field taken as zero). */
-function headerChecksum(header: Buffer): Buffer {
-  return createHash('sha256')
-    .update(header.subarray(0, OFF_HEADER_CHECKSUM))
-    .update(Buffer.alloc(32))
-    .update(header.subarray(OFF_HEADER_CHECKSUM + 32))
-    .digest();
-}
 
 /**
  * Builds a whole segment in memory from its metadata and the block data
@@ -420,7 +410,7 @@ export class SegmentReader {
     }
     if (headerLength > size) fail(`truncated header: file is ${size} bytes, the header says ${headerLength}`);
     const raw = headerLength === fixedLength ? fixed : await region(0, headerLength);
-    if (!headerChecksum(raw).equals(raw.subarray(OFF_HEADER_CHECKSUM, OFF_HEADER_CHECKSUM + 32))) {
+    if (!sha256WithFieldZeroed(raw, OFF_HEADER_CHECKSUM).equals(raw.subarray(OFF_HEADER_CHECKSUM, OFF_HEADER_CHECKSUM + 32))) {
       fail('header checksum mismatch: the header is corrupted');
     }
 

@@ -77,6 +77,25 @@ describe.skipIf(rgw === undefined)('commands on s3:// locations (Ceph RGW)', () 
     expect(inspectedSeg.json).toMatchObject({ dataSha256: (seg.json as { dataSha256: string }).dataSha256 });
   });
 
+  it('index writes IMAGE.bcidx into the bucket with the digests of a local copy; inspect and verify --index read it there', async () => {
+    const image = `s3://${bucket}/img/top.qcow2`;
+    const built = await cli('index', image, '--previous', './base.raw', ...s3, '--json');
+    expect(built.stderr).toBe('');
+    expect(built.status).toBe(0);
+    expect(built.json).toMatchObject({ index: `${image}.bcidx`, previous: './base.raw' });
+    await admin.send(new HeadObjectCommand({ Bucket: bucket, Key: 'img/top.qcow2.bcidx' }));
+    const local = await cli('index', join(dir, 'top.qcow2'), '--json');
+    expect(local.status).toBe(0);
+    const table = (r: { json: unknown }): string => (r.json as { digestTableSha256: string }).digestTableSha256;
+    expect(table(built)).toBe(table(local));
+
+    const inspected = await cli('inspect', `${image}.bcidx`, ...s3, '--json');
+    expect(inspected.json).toMatchObject({ kind: 'index', digestTableSha256: table(local), previous: './base.raw' });
+    const verified = await cli('verify', image, '--index', `${image}.bcidx`, ...s3, '--json');
+    expect(verified.status).toBe(0);
+    expect(verified.json).toMatchObject({ ok: true, index: `${image}.bcidx` });
+  });
+
   it('errors are one line naming the s3:// location', async () => {
     const missing = await cli('inspect', `s3://${bucket}/img/missing.qcow2`, ...s3);
     expect(missing.status).toBe(3);
