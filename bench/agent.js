@@ -82,7 +82,8 @@ async function replay(uri, log, extra = []) {
 }
 
 function pickCounters(status) {
-  return JSON.parse(JSON.stringify(status.counters));
+  // The cache device's own lookups are status.cache.lookups, beside the counters.
+  return { ...JSON.parse(JSON.stringify(status.counters)), cache: { hits: status.cache.lookups.hit, misses: status.cache.lookups.miss } };
 }
 
 function diffCounters(after, before) {
@@ -91,7 +92,7 @@ function diffCounters(after, before) {
       readRequests: after.storage.readRequests - before.storage.readRequests,
       readBytes: after.storage.readBytes - before.storage.readBytes,
     },
-    cache: { hits: after.cache.lookups.hit - before.cache.lookups.hit, misses: after.cache.lookups.miss - before.cache.lookups.miss },
+    cache: { hits: after.cache.hits - before.cache.hits, misses: after.cache.misses - before.cache.misses },
     prefetch: { bytes: after.prefetch.bytes - before.prefetch.bytes },
   };
 }
