@@ -23,6 +23,7 @@ import { ControlServer } from './control.js';
 import { applySocketAccess, resolveGroup } from './socket-access.js';
 import { MissWriter } from './miss-writer.js';
 import { CacheManager, type ReadCounters } from './cache-manager.js';
+import { emptyContentCounters, type ContentCounters } from './content-blocks.js';
 import { RebuildQueue, type RebuildStatus } from './rebuild-queue.js';
 import { ExportNotFoundError } from '../nbd/errors.js';
 import type { ExportDescription, ExportProvider, NbdExport } from '../nbd/server/export.js';
@@ -137,6 +138,8 @@ export class Agent implements ExportProvider {
     boots: { recorded: 0, skipped: 0, failed: 0, discarded: 0 },
     publish: { maps: 0, segments: 0, segmentsKept: 0, conflicts: 0, repairs: 0, builds: 0 },
   };
+  /** Content-space hits and misses of every export (status `cache.content`). */
+  private readonly contentCounters = emptyContentCounters();
   private readonly services = new Map<string, ServiceEntry>();
   /** Services of older versions, kept for the connections still open on them. */
   private readonly retired = new Set<ServiceEntry>();
@@ -641,6 +644,8 @@ export class Agent implements ExportProvider {
         );
         return;
       }
+      // Before the stream: its has() and stores go by content where the segment gives digests.
+      service.setContent(loaded.digests, this.contentCounters);
       const prefetcher = new Prefetcher(
         this.storage,
         loaded.prefetchMap,
@@ -831,7 +836,7 @@ export class Agent implements ExportProvider {
       storage: this.storage.description,
       socket: this.socketDescription(),
       exports,
-      cache: cacheStatus(this.cache.stats()),
+      cache: cacheStatus(this.cache.stats(), this.contentCounters),
       prefetchBuffers: this.chunkBuffers.stats(),
       nbd: this.nbd!.stats,
       counters,
@@ -876,10 +881,14 @@ function isoTime(monotonicMs: number): string {
 }
 
 /** The cache device's stats for `status`: its own lookups named as such, apart from the guest reads. */
-function cacheStatus(stats: ReturnType<CacheDevice['stats']>): CacheStatus {
+function cacheStatus(stats: ReturnType<CacheDevice['stats']>, content: ContentCounters): CacheStatus {
   const { hits, misses, ...rest } = stats;
-  return { ...rest, lookups: { hit: hits, miss: misses } };
+  return { ...rest, lookups: { hit: hits, miss: misses }, content: { ...content } };
 }
 
 /** `status.cache`: the cache device's state; `lookups` counts its get() calls (hit or miss), whoever made them. */
-export type CacheStatus = Omit<ReturnType<CacheDevice['stats']>, 'hits' | 'misses'> & { lookups: { hit: number; miss: number } };
+export type CacheStatus = Omit<ReturnType<CacheDevice['stats']>, 'hits' | 'misses'> & {
+  lookups: { hit: number; miss: number };
+  /** The content space (docs/cache-device.md, "Content-addressed blocks"). */
+  content: ContentCounters;
+};
