@@ -123,6 +123,12 @@ describe('content-addressed blocks', () => {
     expect(b.blocksLoaded).toBe(CHANGED * RUN);
     const prefetchB = agent.status().exports.find((e) => e.name === 'b.raw')!.prefetch!;
     expect(prefetchB.bytesRead).toBe(CHANGED * RUN * BS);
+    // A's blocks and B's, each as if stored apart, in A's blocks plus B's changed fifth.
+    expect(agent.status().cache.content).toMatchObject({
+      logicalBytes: 2 * RUNS * RUN * BS,
+      physicalBytes: (RUNS + CHANGED) * RUN * BS,
+      ratio: (2 * RUNS) / (RUNS + CHANGED),
+    });
     console.log(`B warm: ${b.storageBytes} storage bytes, segment ${segmentBytes} bytes (${((100 * b.storageBytes) / segmentBytes).toFixed(1)} %), stream ${prefetchB.bytesRead} bytes`);
 
     await expectIdentical(agent, config, 'b.raw');
