@@ -23,6 +23,8 @@ import { ControlServer } from './control.js';
 import { applySocketAccess, resolveGroup } from './socket-access.js';
 import { MissWriter } from './miss-writer.js';
 import { CacheManager, type ReadCounters } from './cache-manager.js';
+import { emptyContentCounters, type ContentCounters } from './content-blocks.js';
+import { ContentLedger, type ContentBytes } from './content-ledger.js';
 import { RebuildQueue, type RebuildStatus } from './rebuild-queue.js';
 import { ExportNotFoundError } from '../nbd/errors.js';
 import type { ExportDescription, ExportProvider, NbdExport } from '../nbd/server/export.js';
@@ -137,6 +139,10 @@ export class Agent implements ExportProvider {
     boots: { recorded: 0, skipped: 0, failed: 0, discarded: 0 },
     publish: { maps: 0, segments: 0, segmentsKept: 0, conflicts: 0, repairs: 0, builds: 0 },
   };
+  /** Content-space hits and misses of every export (status `cache.content`). */
+  private readonly contentCounters = emptyContentCounters();
+  /** The image versions with digests seen since start: logical bytes (status, metrics). */
+  private readonly contentLedger = new ContentLedger((space, block) => this.cache.has(space, block));
   private readonly services = new Map<string, ServiceEntry>();
   /** Services of older versions, kept for the connections still open on them. */
   private readonly retired = new Set<ServiceEntry>();
@@ -153,7 +159,8 @@ export class Agent implements ExportProvider {
     prefetch: () => this.counters.prefetch,
     cache: () => {
       const s = this.cache?.stats();
-      return { usedBytes: s?.usedBytes ?? 0, capacityBytes: s?.capacityBytes ?? 0, evictions: s?.evictions ?? 0 };
+      const { logicalBytes, ratio } = s ? this.contentLedger.bytes(s) : { logicalBytes: 0, ratio: 1 };
+      return { usedBytes: s?.usedBytes ?? 0, capacityBytes: s?.capacityBytes ?? 0, evictions: s?.evictions ?? 0, logicalBytes, ratio };
     },
     boots: () => ({ ...this.counters.boots }),
     publish: () => this.counters.publish,
@@ -641,6 +648,9 @@ export class Agent implements ExportProvider {
         );
         return;
       }
+      // Before the stream: its has() and stores go by content where the segment gives digests.
+      service.setContent(loaded.digests, this.contentCounters);
+      if (service.contentKeys) this.contentLedger.record(service.image.identity, service.contentKeys);
       const prefetcher = new Prefetcher(
         this.storage,
         loaded.prefetchMap,
@@ -831,7 +841,7 @@ export class Agent implements ExportProvider {
       storage: this.storage.description,
       socket: this.socketDescription(),
       exports,
-      cache: cacheStatus(this.cache.stats()),
+      cache: this.cacheStatus(),
       prefetchBuffers: this.chunkBuffers.stats(),
       nbd: this.nbd!.stats,
       counters,
@@ -839,6 +849,11 @@ export class Agent implements ExportProvider {
     if (this.config.listen) status.listen = `${this.config.listen.host}:${this.config.listen.port}`;
     if (this.warmup) status.warmup = this.warmup;
     return status;
+  }
+
+  private cacheStatus(): CacheStatus {
+    const stats = this.cache.stats();
+    return cacheStatus(stats, { ...this.contentCounters, ...this.contentLedger.bytes(stats) });
   }
 
   /** Removes leftovers of interrupted rebuilds. */
@@ -876,10 +891,14 @@ function isoTime(monotonicMs: number): string {
 }
 
 /** The cache device's stats for `status`: its own lookups named as such, apart from the guest reads. */
-function cacheStatus(stats: ReturnType<CacheDevice['stats']>): CacheStatus {
+function cacheStatus(stats: ReturnType<CacheDevice['stats']>, content: CacheStatus['content']): CacheStatus {
   const { hits, misses, ...rest } = stats;
-  return { ...rest, lookups: { hit: hits, miss: misses } };
+  return { ...rest, lookups: { hit: hits, miss: misses }, content };
 }
 
 /** `status.cache`: the cache device's state; `lookups` counts its get() calls (hit or miss), whoever made them. */
-export type CacheStatus = Omit<ReturnType<CacheDevice['stats']>, 'hits' | 'misses'> & { lookups: { hit: number; miss: number } };
+export type CacheStatus = Omit<ReturnType<CacheDevice['stats']>, 'hits' | 'misses'> & {
+  lookups: { hit: number; miss: number };
+  /** The content space and what it saves (docs/cache-device.md, "Content-addressed blocks"). */
+  content: ContentCounters & ContentBytes;
+};

@@ -31,6 +31,13 @@
  * (ImageSpaces.owner), so overlays on one backing file share its cached blocks;
  * the chain identity when layers mix within the block. Single-layer images
  * use their identity without a lookup.
+ *
+ * Content-addressed blocks: once the image's version 2 segment is known
+ * (setContent), a block with a digest in it is looked up by content first
+ * (ContentBlocks: one space shared by every image, each hit checked against
+ * the digest of the version opened), then in its own space, then storage. It
+ * is cached by content when streamed, or when missed and the bytes read hash
+ * to its digest; other blocks are cached in their own space as above.
  */
 import { ImageChangedError } from '../errors.js';
 import type { DiskImage, Extent } from '../image/types.js';
@@ -38,6 +45,7 @@ import type { BlockCache, CacheBlockKind, CacheEntry } from './block-cache.js';
 import { BootLifecycle } from './boot-lifecycle.js';
 import type { BootPolicy, BootRecorder, BootSummary } from './boot-recorder.js';
 import { ImageSpaces } from './cache/spaces.js';
+import { CONTENT_SPACE, ContentBlocks, type ContentCounters, type SegmentDigests } from './content-blocks.js';
 import { MissWriter } from './miss-writer.js';
 import type { Prefetcher } from './prefetcher.js';
 import { DEFAULT_READAHEAD, SequentialReadahead } from './readahead.js';
@@ -95,6 +103,8 @@ export class CacheManager {
   /** Spaces this image's blocks were found in (marked booted when a boot ends). */
   private readonly usedSpaces = new Set<string>();
   private prefetcher: Prefetcher | undefined;
+  /** The content side of the read path, once the digests of the image's segment are known. */
+  private content: ContentBlocks | undefined;
   private readonly boots: BootLifecycle;
   connections = 0;
   private readonly now: () => number;
@@ -132,6 +142,20 @@ export class CacheManager {
 
   setPrefetcher(prefetcher: Prefetcher | undefined): void {
     this.prefetcher = prefetcher;
+  }
+
+  /**
+   * The digests of the image's segment (checked against this version's
+   * identity and map when loaded): from now on, blocks with a digest live in
+   * the content space. Undefined: back to image spaces only.
+   */
+  setContent(digests: SegmentDigests | undefined, counters: ContentCounters): void {
+    this.content = digests ? new ContentBlocks(this.cache, digests, counters) : undefined;
+  }
+
+  /** Content keys of the segment's blocks, by rank (status: logical bytes), if known. */
+  get contentKeys(): Float64Array | undefined {
+    return this.content?.keys;
   }
 
   /** Set once the image changed under the cache manager: its error and when it was seen. */
@@ -234,8 +258,15 @@ export class CacheManager {
       waits.push(this.readCached(hitStart, end - hitStart, spaceOf(hitStart), slice(hitStart, end - hitStart)));
       hitStart = -1;
     };
+    const content = this.content;
     for (let block = first; block <= last; block++) {
       const space = spaceOf(block);
+      if (content?.has(block)) {
+        cacheBlocks++;
+        flushHits(block);
+        waits.push(this.readContent(content, block, space, slice(block)));
+        continue;
+      }
       if (this.cache.has(space, block)) {
         cacheBlocks++;
         if (hitStart >= 0 && spaceOf(hitStart) !== space) flushHits(block);
@@ -280,6 +311,17 @@ export class CacheManager {
     }
     const start = offset - first * bs;
     return out.subarray(start, start + length);
+  }
+
+  /**
+   * A block by content into `into`; an entry that fails its digest (or was
+   * evicted meanwhile) is read from the block's own space or storage instead.
+   */
+  private async readContent(content: ContentBlocks, block: number, space: string, into: Buffer): Promise<void> {
+    this.usedSpaces.add(CONTENT_SPACE);
+    if (await content.read(block, into)) return;
+    if (this.cache.has(space, block)) return this.readCached(block, 1, space, into);
+    (await this.refetch(block, space)).copy(into);
   }
 
   /** Cached blocks [start, start + count) of `space` into `into`; a block evicted meanwhile is fetched again. */
@@ -344,7 +386,7 @@ export class CacheManager {
     };
     for (let block = first; block <= last; block++) {
       const space = spaces?.[block - first] ?? this.space;
-      const skip = this.cache.has(space, block) || this.inFlight.has(flightKey(space, block)) ||
+      const skip = this.content?.has(block) === true || this.cache.has(space, block) || this.inFlight.has(flightKey(space, block)) ||
         this.prefetcher?.unstreamed(block) === true || this.prefetcher?.pending(block) !== undefined;
       if (skip) flush(block);
       else if (runStart < 0) runStart = block;
@@ -392,7 +434,14 @@ export class CacheManager {
       this.inFlight.set(key, p);
       p.then(
         async (data) => {
-          if (this.options.cacheMisses) await this.missWriter.queue(space, block, data, kind);
+          if (!this.options.cacheMisses) return;
+          // By content only when the bytes are the ones the segment describes.
+          const key = this.content?.keyFor(block, data);
+          if (key === undefined) await this.missWriter.queue(space, block, data, kind);
+          else {
+            this.usedSpaces.add(CONTENT_SPACE);
+            await this.missWriter.queue(CONTENT_SPACE, key, data, kind);
+          }
         },
         () => undefined,
       ).finally(() => {
@@ -422,24 +471,36 @@ export class CacheManager {
       .then((data) => (data ? data.subarray(offset - first * bs, end - first * bs) : this.image.read(offset, end - offset)));
   }
 
-  /** Stores blocks loaded by the prefetcher as one cache batch per space. */
+  /**
+   * Stores blocks loaded by the prefetcher as one cache batch per space:
+   * by content when the segment gives their digest (the prefetch checked
+   * their CRC; hits are checked against the digest when read).
+   */
   async storeStreamed(entries: readonly CacheEntry[]): Promise<void> {
     const puts = new Map<string, CacheEntry[]>();
+    const content = this.content;
     for (const entry of entries) {
-      const space = this.layered ? await this.ownerSpace(entry.block) : this.space;
-      if (this.cache.has(space, entry.block)) continue;
+      const key = content?.keyOf(entry.block);
+      const space = key !== undefined ? CONTENT_SPACE : this.layered ? await this.ownerSpace(entry.block) : this.space;
+      const block = key ?? entry.block;
+      if (this.cache.has(space, block)) continue;
       let list = puts.get(space);
       if (!list) puts.set(space, (list = []));
-      list.push(entry);
+      list.push(key === undefined ? entry : { ...entry, block });
     }
+    if (puts.has(CONTENT_SPACE)) this.usedSpaces.add(CONTENT_SPACE);
     // Settled, not fail-fast: the caller reuses the data's buffer once this returns, so no write may still read it.
     const results = await Promise.allSettled([...puts].map(([space, list]) => this.cache.putMany(space, list, 'boot')));
     const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
     if (failed) throw failed.reason;
   }
 
-  /** Whether `block` is cached (layered: a block whose owner is not known yet counts as missing; it is stored after a lookup). */
+  /**
+   * Whether `block` is cached, by content or in its own space (layered: a
+   * block whose owner is not known yet counts as missing; it is stored after a lookup).
+   */
   hasBlock(block: number): boolean {
+    if (this.content?.has(block)) return true;
     const space = this.layered ? this.ownerMemo.get(block) : this.space;
     return space !== undefined && this.cache.has(space, block);
   }

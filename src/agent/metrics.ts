@@ -23,7 +23,7 @@ export interface MetricsSources {
   storage(): Record<StorageKind, { requests: number; bytes: number; errors: number }>;
   storageRetries(): { retries: number; failed: number };
   prefetch(): { bytes: number; unusedBytes: number };
-  cache(): { usedBytes: number; capacityBytes: number; evictions: number };
+  cache(): { usedBytes: number; capacityBytes: number; evictions: number; logicalBytes: number; ratio: number };
   boots(): Record<BootOutcome, number>;
   publish(): { maps: number; segments: number; builds: number; conflicts: number };
   nbd(): { open: number; refused: number; dropped: number; protocolErrors: number; tlsSessions: number; tlsFailures: number } | undefined;
@@ -90,6 +90,9 @@ export class AgentMetrics {
     ]);
     readGauge(r, 'bootcache_cache_used_bytes', 'Bytes of blocks the cache device holds.', () => sources.cache().usedBytes);
     readGauge(r, 'bootcache_cache_capacity_bytes', 'The cache device\'s capacity (smaller than --cache-size after a full disk).', () => sources.cache().capacityBytes);
+    readGauge(r, 'bootcache_cache_logical_bytes', 'Bytes the cached blocks would take if every image kept its own copy (docs/cache-device.md, "Content-addressed blocks").', () => sources.cache().logicalBytes);
+    // The physical bytes are bootcache_cache_used_bytes.
+    readGauge(r, 'bootcache_cache_logical_physical_ratio', 'bootcache_cache_logical_bytes / bootcache_cache_used_bytes (1 when the cache is empty).', () => sources.cache().ratio);
     readCounter(r, 'bootcache_cache_evictions_total', 'Blocks evicted from the cache device.', [], () => [[{}, sources.cache().evictions]]);
     const outcomes: BootOutcome[] = ['recorded', 'skipped', 'discarded', 'failed'];
     readCounter(r, 'bootcache_boots_total', 'Recordings ended, by outcome: recorded (merged and published), skipped (a probe, empty, or the image changed), discarded (a whole-disk read), failed (the publish failed).', ['outcome'], () =>

@@ -7,12 +7,19 @@
  * Foreground reads never queue behind it: a block whose chunk is in flight
  * waits for that chunk; any other block is read directly (see CacheManager).
  * A paced stream (rateBytesPerS) keeps one read on the link; see pacedWorker().
+ *
+ * Its reads skip what the cache holds: the stream plans, when it starts, one
+ * ranged read per run of ranks the sink does not have (ReadPlan, at most a
+ * chunk each, short held runs read through), so a host holding most of the
+ * segment's content (another image, an earlier version) reads only the rest.
+ * "Chunk" below is one such planned read.
  */
 import { crc32 } from 'node:zlib';
 import { readSourceInto } from '../image/file-source.js';
 import type { ByteSource } from '../image/types.js';
 import type { Storage } from '../storage/types.js';
 import { BufferPool } from './buffer-pool.js';
+import { ReadPlan } from './prefetch-plan.js';
 import { ImageChangedError } from '../errors.js';
 
 /** What the prefetcher needs of a map: rank/select over its bitmap. */
@@ -138,7 +145,7 @@ export interface PrefetchProgress {
   bytesTotal: number;
   bytesRead: number;
   blocksLoaded: number;
-  /** Blocks of chunks skipped without a storage read because every block was cached already. */
+  /** Blocks not read from storage because they were cached already (the stream reads only the rest). */
   blocksCached: number;
   badBlocks: number;
   chunksInFlight: number;
@@ -156,7 +163,11 @@ export interface PrefetchProgress {
 export class Prefetcher {
   private state: PrefetchState = 'idle';
   private readonly blocksPerChunk: number;
-  private readonly chunkCount: number;
+  /** Held runs this short (ranks) are read through rather than split into two reads (see ReadPlan). */
+  private readonly gapRanks: number;
+  /** The stream's reads, planned when it starts (before that: none, nothing is pending). */
+  private plan: ReadPlan | undefined;
+  private chunkCount = 0;
   /** Chunk index -> its load (read + store), while in flight. */
   private readonly inFlight = new Map<number, Promise<void>>();
   /**
@@ -168,7 +179,7 @@ export class Prefetcher {
   /** Lowest chunk the sequential stream has not started; chunks below it are started or done. */
   private nextChunk = 0;
   /** 1 for every chunk started, by the stream or on demand. */
-  private readonly started: Uint8Array;
+  private started = new Uint8Array(0);
   /** Chunks started on demand (see demandChunk()), in flight now. */
   private readonly demanded = new Set<Promise<void>>();
   /** Storage reads of demand chunks in progress (a paced stream starts no read meanwhile). */
@@ -211,8 +222,8 @@ export class Prefetcher {
     private readonly options: PrefetchOptions,
   ) {
     this.blocksPerChunk = Math.max(1, Math.floor(options.chunkBytes / segment.blockSize));
-    this.chunkCount = Math.ceil(segment.blockCount / this.blocksPerChunk);
-    this.started = new Uint8Array(this.chunkCount);
+    // A read more costs a round trip; reading a sixteenth of a chunk through costs less.
+    this.gapRanks = Math.floor(this.blocksPerChunk / 16);
     this.buffers = options.buffers ?? new BufferPool(this.blocksPerChunk * segment.blockSize, options.depth + (options.demandDepth ?? options.depth));
     const rate = options.rateBytesPerS ?? 0;
     this.pace = rate > 0 ? new TokenBucket(rate, this.blocksPerChunk * segment.blockSize) : undefined;
@@ -223,6 +234,12 @@ export class Prefetcher {
     if (!this.finished) {
       this.state = 'streaming';
       this.startedAt = performance.now();
+      // Planned at once: from now on a guest read can join (or demand) the read of its block.
+      const plan = ReadPlan.make(this.segment.blockCount, this.blocksPerChunk, this.gapRanks, (rank) => this.sink.has(this.map.select(rank)));
+      this.blocksCached += plan.skippedRanks;
+      this.started = new Uint8Array(plan.length);
+      this.chunkCount = plan.length;
+      this.plan = plan;
       const expected = this.segment.version;
       this.source = this.storage.openSource(this.segment.key).then(async (source) => {
         if (expected !== undefined && source.version !== expected) {
@@ -261,13 +278,13 @@ export class Prefetcher {
    * data (undefined when it fails its checksum or the read fails).
    */
   pending(block: number): Promise<Buffer | undefined> | undefined {
-    if (this.state !== 'streaming' || !this.map.isSet(block)) return undefined;
+    if (this.state !== 'streaming' || !this.plan || !this.map.isSet(block)) return undefined;
     const rank = this.map.rank(block);
-    const chunk = Math.floor(rank / this.blocksPerChunk);
-    const data = this.chunkData.get(chunk);
+    const chunk = this.plan.readOf(rank);
+    const data = chunk < 0 ? undefined : this.chunkData.get(chunk);
     if (!data) return undefined;
     const bs = this.segment.blockSize;
-    const at = (rank - chunk * this.blocksPerChunk) * bs;
+    const at = (rank - this.plan.read(chunk).first) * bs;
     return data.then(
       (buf) => {
         const blockData = buf.subarray(at, at + bs);
@@ -279,8 +296,14 @@ export class Prefetcher {
 
   /** Whether `block` is unstreamed: in the segment, in a chunk the stream has not started. */
   unstreamed(block: number): boolean {
-    if (this.state !== 'streaming' || !this.map.isSet(block)) return false;
-    return this.started[Math.floor(this.map.rank(block) / this.blocksPerChunk)] === 0;
+    return this.unstreamedChunk(block) >= 0;
+  }
+
+  /** The chunk of `block` when it is unstreamed, else -1. */
+  private unstreamedChunk(block: number): number {
+    if (this.state !== 'streaming' || !this.plan || !this.map.isSet(block)) return -1;
+    const chunk = this.plan.readOf(this.map.rank(block));
+    return chunk >= 0 && this.started[chunk] === 0 ? chunk : -1;
   }
 
   /**
@@ -294,8 +317,8 @@ export class Prefetcher {
    * past that, undefined (the caller reads the block elsewhere).
    */
   demandChunk(block: number): Promise<Buffer | undefined> | undefined {
-    if (this.stopped || !this.unstreamed(block) || this.demanded.size >= (this.options.demandDepth ?? this.options.depth)) return undefined;
-    const chunk = Math.floor(this.map.rank(block) / this.blocksPerChunk);
+    const chunk = this.unstreamedChunk(block);
+    if (this.stopped || chunk < 0 || this.demanded.size >= (this.options.demandDepth ?? this.options.depth)) return undefined;
     this.chunksDemanded++;
     const load = this.startChunk(chunk);
     const read = this.chunkData.get(chunk);
@@ -467,15 +490,14 @@ export class Prefetcher {
     if (failure !== undefined) throw failure;
   }
 
-  /** Segment bytes of `chunk` (the last chunk may be short). */
+  /** Segment bytes of `chunk`. */
   private chunkBytesOf(chunk: number): number {
-    return Math.min(this.blocksPerChunk, this.segment.blockCount - chunk * this.blocksPerChunk) * this.segment.blockSize;
+    return this.plan!.read(chunk).count * this.segment.blockSize;
   }
 
   /** Segment bytes loadChunk() will read for `chunk`: 0 when every block of it is cached. */
   private chunkReadBytes(chunk: number): number {
-    const firstRank = chunk * this.blocksPerChunk;
-    const ranks = Math.min(this.blocksPerChunk, this.segment.blockCount - firstRank);
+    const { first: firstRank, count: ranks } = this.plan!.read(chunk);
     for (let i = 0; i < ranks; i++) {
       if (!this.sink.has(this.map.select(firstRank + i))) return this.chunkBytesOf(chunk);
     }
@@ -510,15 +532,14 @@ export class Prefetcher {
 
   private async loadChunk(chunk: number): Promise<void> {
     const { blockSize, dataOffset } = this.segment;
-    const firstRank = chunk * this.blocksPerChunk;
-    const ranks = Math.min(this.blocksPerChunk, this.segment.blockCount - firstRank);
+    const { first: firstRank, count: ranks } = this.plan!.read(chunk);
     const blocks = new Array<number>(ranks);
     let cached = 0;
     for (let i = 0; i < ranks; i++) {
       blocks[i] = this.map.select(firstRank + i);
       if (this.sink.has(blocks[i]!)) cached++;
     }
-    // A warm cache (second open, agent restart): no storage read for a chunk it holds entirely.
+    // Cached since the plan was made (a guest read, another image): no storage read.
     if (cached === ranks) {
       this.blocksCached += ranks;
       return;

@@ -18,6 +18,7 @@ import type { Storage } from '../storage/types.js';
 import type { BootRecorder } from './boot-recorder.js';
 import type { CacheManager } from './cache-manager.js';
 import type { PrefetchMap, PrefetchSegment } from './prefetcher.js';
+import type { SegmentDigests } from './content-blocks.js';
 
 export const MAP_SUFFIX = '.bcmap';
 export const SEGMENT_SUFFIX = '.bcseg';
@@ -27,6 +28,8 @@ export interface LoadedSidecars {
   map: BootMap;
   prefetchMap: PrefetchMap;
   segment: PrefetchSegment;
+  /** The segment's block digests (version 2), found by image block; undefined for version 1. */
+  digests?: SegmentDigests;
 }
 
 export class SidecarStore {
@@ -105,7 +108,11 @@ export class SidecarStore {
     }
     const { reader, version } = published;
     const index = map.index;
+    const digests: SegmentDigests | undefined = reader.hasDigests
+      ? { isSet: (block) => map.bitmap.get(block), rank: (block) => index.rank(block), table: reader.blockDigests(0, reader.blockCount) }
+      : undefined;
     return {
+      ...(digests ? { digests } : {}),
       map,
       prefetchMap: {
         blockSize: map.blockSize,

@@ -95,6 +95,10 @@ describe.skipIf(!haveTools)('agent metrics (promtool, Prometheus)', () => {
     expect(sample(after, 'bootcache_segment_uploads_total')).toBe(1);
     expect(sample(after, 'bootcache_map_uploads_total')).toBe(1);
     expect(sample(after, 'bootcache_nbd_connections')).toBe(0);
+    // No segment was streamed: nothing is shared by content, every cached byte counts once.
+    expect(sample(after, 'bootcache_cache_logical_bytes')).toBe(sample(after, 'bootcache_cache_used_bytes'));
+    expect(sample(after, 'bootcache_cache_used_bytes')).toBeGreaterThan(0);
+    expect(sample(after, 'bootcache_cache_logical_physical_ratio')).toBe(1);
   });
 
   it('a real Prometheus scrapes the agent and answers a query for the storage counter', async () => {

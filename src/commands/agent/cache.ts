@@ -1,5 +1,6 @@
 import type { CacheListing, CachedSpace } from '../../agent/cache-catalog.js';
 import { controlRequest } from '../../agent/control.js';
+import { CONTENT_SPACE } from '../../agent/content-blocks.js';
 import { controlFlag } from '../../cli/agent-control.js';
 import { BaseCommand, commandUsage, exitCodesHelp } from '../../cli/base-command.js';
 import { formatBytes } from '../../cli/progress.js';
@@ -38,7 +39,7 @@ function spaceTable(spaces: CachedSpace[]): string {
       formatBytes(s.bytes),
       formatBytes(s.bootBytes),
       s.lastBootedAt ?? '-',
-      s.layers === undefined ? '(unknown origin)' : s.layers.join(' > '),
+      s.space === CONTENT_SPACE ? '(content, every image)' : s.layers === undefined ? '(unknown origin)' : s.layers.join(' > '),
       [...s.images.map((i) => (s.openBy.includes(i) ? `${i} (open)` : i)), ...s.openBy.filter((o) => !s.images.includes(o)).map((o) => `${o} (open)`)].join(', ') || '-',
     ]),
   ];
