@@ -34,6 +34,9 @@ import { AgentMetrics, type MetricsServer } from './metrics.js';
 import type { PassedSocket } from './socket-activation.js';
 import { Prefetcher, type PrefetchProgress } from './prefetcher.js';
 import { SidecarStore, SIDECAR_SUFFIXES, type PublishCounters } from './sidecars.js';
+import { loadPredicted, predictBlocks, type PredictionResult } from './boot-prediction.js';
+import { resolvePreviousKey, type ImageIndex } from '../format/image-index.js';
+import type { SegmentDigests } from './content-blocks.js';
 import { warmUp, type WarmupReport } from './warmup.js';
 import { diskRule, hasRawExtension, isQcow2Head } from '../image/disk-names.js';
 import { evictSpaces, listCache, reclaimGone, type CacheListing, type CatalogContext, type EvictResult, type ReclaimReport } from './cache-catalog.js';
@@ -79,6 +82,9 @@ export interface WarmResult {
   seconds: number;
 }
 
+/** A boot predicted from the previous version's segment (boot-prediction.ts); storageBytes of every export meanwhile. */
+export type ExportPrediction = PredictionResult & { previous: string; state: 'loading' | 'done'; storageBytes: number; seconds: number };
+
 export interface ExportStatus {
   name: string;
   size: number;
@@ -91,6 +97,8 @@ export interface ExportStatus {
   /** startedAt: ISO 8601. */
   lastBoot?: Omit<BootSummary, 'startedAt'> & { startedAt: string };
   rebuild?: RebuildStatus;
+  /** Blocks loaded ahead of its boot as the previous version's segment predicts them. */
+  prediction?: ExportPrediction;
   /**
    * The image changed on storage under this service: reads that need
    * storage fail with EIO, cached blocks of the version opened are served.
@@ -128,6 +136,9 @@ interface ServiceEntry {
   retired: boolean;
   /** Its segment rebuilds, one after the other. */
   rebuilds: RebuildQueue;
+  /** Its boot predicted from a previous version (no segment of its own yet), and the prediction running or done. */
+  prediction?: ExportPrediction;
+  predicting?: Promise<void>;
 }
 
 export class Agent implements ExportProvider {
@@ -637,8 +648,18 @@ export class Agent implements ExportProvider {
       if (service.prefetch.progress().state === 'streaming') return;
     }
     try {
+      // The index names the content of every data block; else the segment names its own blocks'.
+      const index = await this.sidecars.loadIndex(service.name, service.image);
       const loaded = await this.sidecars.loadForPrefetch(service.name, service.image);
-      if (!loaded) return;
+      const digests = index ? indexDigests(index) : loaded?.map.blockSize === this.cache.blockSize ? loaded.digests : undefined;
+      if (digests && !service.contentKeys) {
+        service.setContent(digests, this.contentCounters);
+        if (service.contentKeys) this.contentLedger.record(service.image.identity, service.contentKeys);
+      }
+      if (!loaded) {
+        if (index?.previous) await (entry.predicting ??= this.predictFromPrevious(entry, index));
+        return;
+      }
       if (loaded.map.blockSize !== this.cache.blockSize) {
         // The cache manager places segment blocks by the agent's block size: another size would load the wrong bytes.
         // The next boot's end publishes a map and segment of the agent's block size (a stored map of another size is not merged).
@@ -648,9 +669,6 @@ export class Agent implements ExportProvider {
         );
         return;
       }
-      // Before the stream: its has() and stores go by content where the segment gives digests.
-      service.setContent(loaded.digests, this.contentCounters);
-      if (service.contentKeys) this.contentLedger.record(service.image.identity, service.contentKeys);
       const prefetcher = new Prefetcher(
         this.storage,
         loaded.prefetchMap,
@@ -674,6 +692,38 @@ export class Agent implements ExportProvider {
     } catch (err) {
       this.log.warn({ export: service.name, err: (err as Error).message }, 'prefetch skipped');
     }
+  }
+
+  /**
+   * A new version published with an index naming its previous version and no
+   * segment yet: loads the blocks the previous version's segment predicts
+   * (boot-prediction.ts). Its boot is recorded as usual.
+   */
+  private async predictFromPrevious(entry: ServiceEntry, index: ImageIndex): Promise<void> {
+    const service = entry.service;
+    const previous = resolvePreviousKey(service.name, index.previous!);
+    const prior = await this.serviceFor(previous);
+    const priorLoaded = await this.sidecars.loadForPrefetch(previous, prior.service.image);
+    if (!priorLoaded?.digests || priorLoaded.map.blockSize !== this.cache.blockSize) {
+      this.log.info({ export: service.name, previous }, 'previous version has no segment with block digests: no prediction');
+      return;
+    }
+    const started = performance.now();
+    const before = this.counting.counters.readBytes;
+    const { blocks, unmatched } = predictBlocks(index, priorLoaded.digests);
+    entry.prediction = { previous, state: 'loading', predicted: blocks.length, cached: 0, fetched: 0, unmatched, storageBytes: 0, seconds: 0 };
+    const signal = this.stopping.signal;
+    const { cached, fetched } = await loadPredicted(service, blocks, {
+      blockSize: this.cache.blockSize,
+      runBytes: this.config.prefetchChunk,
+      depth: this.config.prefetchDepth,
+      stopped: () => signal.aborted || service.stale !== undefined,
+    });
+    entry.prediction = {
+      previous, state: 'done', predicted: blocks.length, cached, fetched, unmatched,
+      storageBytes: this.counting.counters.readBytes - before, seconds: Math.round(performance.now() - started) / 1000,
+    };
+    this.log.info({ export: service.name, ...entry.prediction }, 'boot predicted from the previous version');
   }
 
   private onBootEnd(service: CacheManager, boot: BootRecorder): void {
@@ -772,6 +822,14 @@ export class Agent implements ExportProvider {
     if (service.prefetch?.progress().state === 'streaming') await service.prefetch.start();
     else if (service.prefetch?.progress().state !== 'done') await this.startPrefetch(entry);
     const p = service.prefetch?.progress();
+    const predicted = entry.prediction;
+    if (!p && predicted) {
+      return {
+        export: name, state: 'done', blocks: predicted.predicted, blocksLoaded: predicted.fetched, blocksCached: predicted.cached,
+        bytesTotal: predicted.predicted * this.cache.blockSize, storageBytes: this.counting.counters.readBytes - before,
+        seconds: Math.round(performance.now() - started) / 1000,
+      };
+    }
     if (!p) throw new FileNotFoundError(`no map and segment of ${JSON.stringify(name)} that belong together are published; nothing to warm`);
     if (p.state === 'failed') throw new StorageIOError(`warming ${name} failed: ${p.error ?? 'the stream failed'}`);
     return {
@@ -832,6 +890,7 @@ export class Agent implements ExportProvider {
       if (boot) s.lastBoot = { ...boot, startedAt: isoTime(boot.startedAt) };
       const stale = entry.service.stale;
       if (stale) s.stale = { since: new Date(stale.at).toISOString(), error: stale.error.message };
+      if (entry.prediction) s.prediction = { ...entry.prediction };
       if (entry.retired) s.retired = true;
       exports.push(s);
     }
@@ -883,6 +942,11 @@ function startupError(what: string, err: unknown): unknown {
 
 function emptyStorageKinds(): Record<'image' | 'segment' | 'map', { requests: number; bytes: number; errors: number }> {
   return { image: { requests: 0, bytes: 0, errors: 0 }, segment: { requests: 0, bytes: 0, errors: 0 }, map: { requests: 0, bytes: 0, errors: 0 } };
+}
+
+/** The index's digests as the content lookup takes them: every data block, by its rank among them. */
+function indexDigests(index: ImageIndex): SegmentDigests {
+  return { isSet: (block) => index.hasData(block), rank: (block) => index.dataRank(block), table: index.digestTable };
 }
 
 /** A performance.now() time as ISO 8601. */

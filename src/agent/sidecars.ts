@@ -13,6 +13,7 @@ import { ConflictError, FileNotFoundError, ImageChangedError, StorageIOError } f
 import type { Bitmap } from '../format/bitmap.js';
 import { BootMap, mergeBoots, parseMap, type MergePolicy } from '../format/map.js';
 import { SegmentReader } from '../format/segment.js';
+import { ImageIndex } from '../format/image-index.js';
 import type { DiskImage } from '../image/types.js';
 import type { Storage } from '../storage/types.js';
 import type { BootRecorder } from './boot-recorder.js';
@@ -22,7 +23,8 @@ import type { SegmentDigests } from './content-blocks.js';
 
 export const MAP_SUFFIX = '.bcmap';
 export const SEGMENT_SUFFIX = '.bcseg';
-export const SIDECAR_SUFFIXES = [MAP_SUFFIX, SEGMENT_SUFFIX];
+export const INDEX_SUFFIX = '.bcidx';
+export const SIDECAR_SUFFIXES = [MAP_SUFFIX, SEGMENT_SUFFIX, INDEX_SUFFIX];
 
 export interface LoadedSidecars {
   map: BootMap;
@@ -90,6 +92,41 @@ export class SidecarStore {
       return { map: undefined, version: source.version, ageMs };
     }
     return { map, version: source.version, ageMs };
+  }
+
+  /**
+   * The image's digest index (IMAGE.bcidx), table loaded, or undefined when
+   * there is none, or (with a warning) when it is for another version, of
+   * another block size, or unreadable: a wrong index must not name content.
+   */
+  async loadIndex(name: string, image: DiskImage): Promise<ImageIndex | undefined> {
+    const key = name + INDEX_SUFFIX;
+    if (!(await this.storage.stat(key))) return undefined;
+    let source;
+    try {
+      source = await this.storage.openSource(key);
+    } catch (err) {
+      if (err instanceof FileNotFoundError) return undefined;
+      throw err;
+    }
+    try {
+      const index = await ImageIndex.open(source);
+      if (!index.matches(image)) {
+        this.log.warn({ export: name }, 'index is for another version of the image (identity mismatch); ignoring it');
+        return undefined;
+      }
+      if (index.blockSize !== this.blockSize) {
+        this.log.warn({ export: name, indexBlockSize: index.blockSize, blockSize: this.blockSize }, 'index has another block size than the agent; ignoring it');
+        return undefined;
+      }
+      return index;
+    } catch (err) {
+      if (err instanceof StorageIOError || err instanceof ImageChangedError) throw err;
+      this.log.warn({ export: name, err: (err as Error).message }, 'index unreadable; ignoring it');
+      return undefined;
+    } finally {
+      await source.close();
+    }
   }
 
   /**

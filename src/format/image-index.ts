@@ -498,6 +498,12 @@ export class ImageIndex {
     return table.subarray(rank * BLOCK_DIGEST_LENGTH, (rank + 1) * BLOCK_DIGEST_LENGTH);
   }
 
+  /** The whole digest table (32 bytes per data block, in block order). Needs the table loaded. */
+  get digestTable(): Buffer {
+    if (!this.table) throw new Error(`${this.name}: the digest table is not loaded (call loadTable())`);
+    return this.table;
+  }
+
   /** The block index of the data block with rank `rank`. */
   blockAt(rank: number): number {
     return this.ranks.select(rank);

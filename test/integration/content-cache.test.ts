@@ -22,6 +22,7 @@ import { openImage } from '../../src/image/open.js';
 import { NbdClient } from '../../src/nbd/client/index.js';
 import { exportUri, startTestAgent, waitUntil } from '../helpers/agent.js';
 import { removeTmpDir, tmpDir } from '../helpers/qemu.js';
+import { writeRebuiltPair } from '../helpers/rebuilt-images.js';
 
 const MiB = 1024 * 1024;
 const BS = 4096;
@@ -43,25 +44,9 @@ beforeAll(async () => {
   root = await tmpDir('bc-content-');
   storage = join(root, 'storage');
   await mkdir(storage);
-  const a = randomBytes(SIZE);
-  const b = Buffer.from(a);
-  const aRuns: number[] = [];
-  const bRuns: number[] = [];
-  for (let i = 0; i < RUNS; i++) {
-    const at = runStart(i);
-    aRuns.push(at);
-    if (i < CHANGED) {
-      randomBytes(RUN * BS).copy(b, at * BS);
-      bRuns.push(at);
-    } else if (i < CHANGED + MOVED) {
-      // B reads A's bytes elsewhere; its old place holds other bytes it no longer reads.
-      a.copy(b, movedStart(i) * BS, at * BS, (at + RUN) * BS);
-      randomBytes(RUN * BS).copy(b, at * BS);
-      bRuns.push(movedStart(i));
-    } else bRuns.push(at);
-  }
-  await writeFile(join(storage, 'a.raw'), a);
-  await writeFile(join(storage, 'b.raw'), b);
+  const { aRuns, bRuns } = await writeRebuiltPair(join(storage, 'a.raw'), join(storage, 'b.raw'), {
+    size: SIZE, blockSize: BS, runs: RUNS, run: RUN, changed: CHANGED, moved: MOVED, runStart, movedStart,
+  });
   await publish('a.raw', aRuns);
   await publish('b.raw', bRuns);
 });
