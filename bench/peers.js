@@ -32,14 +32,16 @@
 // carries, default today).
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { stat } from 'node:fs/promises';
-import { cpus, totalmem, release, loadavg } from 'node:os';
+import { loadavg } from 'node:os';
 import { basename, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { run } from './lib/process.js';
-import { bootToMarker, MARKER } from './peers/boot.js';
+import { listEnv, numbersEnv, usage } from './lib/env.js';
+import { machine } from './lib/machine.js';
+import { measureBoot, MARKER } from './peers/boot.js';
 import { sampleStorage } from './peers/nbdkit-log.js';
 import {
-  startNbdkit, startLocalNbd, createCorOverlay, corBlockdevs, socketOf, startCorExport,
+  startNbdkit, startLocalNbd, createCorOverlay, startCorExport,
   freshStorageDir, startAgent, pollAgent, agentStorage,
 } from './peers/servers.js';
 import { writeReport } from './peers/report.js';
@@ -57,20 +59,6 @@ const jsonPath = join(resultsDir, 'peers.json');
 const ALL_CONFIGS = ['local', 'direct', 'nbdkit-cache', 'cor', 'bootcache'];
 const ALL_WORKLOADS = ['boot', 'replay', 'validate', 'storm'];
 
-function listEnv(name, fallback, allowed) {
-  const v = process.env[name];
-  const items = v === undefined || v === '' ? fallback : v.split(',').map((x) => x.trim()).filter(Boolean);
-  if (allowed) for (const x of items) if (!allowed.includes(x)) usage(`${name}: unknown "${x}" (one of ${allowed.join(', ')})`);
-  return items;
-}
-function numbersEnv(name, fallback) {
-  return listEnv(name, fallback).map((x) => {
-    const n = Number(x);
-    if (!Number.isFinite(n) || n < 0) usage(`${name}: not a number: ${x}`);
-    return n;
-  });
-}
-
 const DELAYS = numbersEnv('BENCH_DELAYS', ['2', '10']);
 const RUNS = numbersEnv('BENCH_RUNS', ['3'])[0];
 const REPLAY_RUNS = numbersEnv('BENCH_REPLAY_RUNS', ['1'])[0];
@@ -79,10 +67,6 @@ const WORKLOADS = listEnv('BENCH_WORKLOADS', ALL_WORKLOADS, ALL_WORKLOADS);
 const STORM_N = numbersEnv('BENCH_STORM_N', ['1', '4', '16', '32']);
 const STORM_DELAY = numbersEnv('BENCH_STORM_DELAY', ['10'])[0];
 const RATE = process.env.BENCH_RATE ? Number(process.env.BENCH_RATE) : undefined;
-function usage(message) {
-  console.error(`bench: ${message}`);
-  process.exit(2);
-}
 if (RATE !== undefined && !(RATE > 0)) usage(`BENCH_RATE must be a positive number of bytes/s, got ${process.env.BENCH_RATE}`);
 // The agent's storage wrapper has a delay but no bandwidth cap yet: a cap on the peers alone would not be a fair race.
 if (RATE !== undefined && (CONFIGS.includes('bootcache') || listEnv('BENCH_WORKLOADS', ALL_WORKLOADS).includes('storm'))) {
@@ -95,42 +79,6 @@ const log = (...a) => console.log(`[${new Date().toISOString().slice(11, 19)}] b
 
 // ---------------------------------------------------------------------------
 // Measurements: a boot or a replay, with the storage sampled around it.
-
-/** What a measurement attaches to: the local file, an NBD URI, or the copy-on-read graph. */
-function bootDiskArgs(target, dir) {
-  switch (target.kind) {
-    case 'file':
-      return ['-drive', `file=${target.path},format=raw,if=virtio,snapshot=on`];
-    case 'uri':
-      return ['-drive', `file=${target.uri},format=raw,if=virtio,snapshot=on`];
-    case 'cor': {
-      // The guest's writes go to a throwaway top overlay, so the copy-on-read
-      // overlay holds only what was read from the remote (warm = reused).
-      const top = join(dir, 'cor-top.qcow2');
-      const args = [];
-      for (const b of corBlockdevs(target.overlay, socketOf(target.remoteUri))) args.push('-blockdev', JSON.stringify(b));
-      args.push('-blockdev', JSON.stringify({ driver: 'qcow2', 'node-name': 'top', file: { driver: 'file', filename: top }, backing: 'cor' }));
-      args.push('-device', 'virtio-blk-pci,drive=top');
-      return { args, prepare: () => run('qemu-img', ['create', '-q', '-f', 'qcow2', '-u', '-F', 'qcow2', '-b', target.overlay, top, '2G']) };
-    }
-    default:
-      throw new Error(`unknown target ${target.kind}`);
-  }
-}
-
-async function measureBoot(ctx, target, storage) {
-  let diskArgs = bootDiskArgs(target, ctx.dir);
-  if (!Array.isArray(diskArgs)) {
-    await diskArgs.prepare();
-    diskArgs = diskArgs.args;
-  }
-  const sampler = storage ? await sampleStorage(storage) : undefined;
-  const boot = await bootToMarker({ accel: ctx.accel, serial: join(ctx.dir, 'serial.log'), diskArgs });
-  const io = sampler ? await sampler.stop() : undefined;
-  if (!boot.ok) throw new Error(`boot failed: ${boot.error}`);
-  ctx.commands.set(`boot ${target.kind}`, boot.command);
-  return { seconds: boot.markerS, qemuCpuS: boot.cpuS, load1: boot.load1, storage: io ? { requests: io.requests, bytes: io.bytes } : null, series: io?.series ?? null };
-}
 
 /** `bootcache replay` as its own process; the replay's own completion time (start-up excluded). */
 async function replayOnce(tracePath, uri) {
@@ -356,26 +304,6 @@ async function storm(ctx) {
 }
 
 // ---------------------------------------------------------------------------
-
-async function machine(accel) {
-  const version = async (cmd, args) => {
-    try {
-      return (await run(cmd, args)).stdout.split('\n')[0].trim();
-    } catch {
-      return null;
-    }
-  };
-  return {
-    cpus: cpus().length,
-    cpuModel: cpus()[0]?.model ?? null,
-    memGiB: Math.round((totalmem() / 2 ** 30) * 10) / 10,
-    kernel: release(),
-    node: process.version,
-    accel,
-    qemu: await version('qemu-system-x86_64', ['--version']),
-    nbdkit: await version('nbdkit', ['--version']),
-  };
-}
 
 function loadResults() {
   if (!existsSync(jsonPath)) return { date, sections: {} };

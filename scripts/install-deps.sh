@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Installs bootcache's system and npm dependencies (idempotent; needs root for apt).
+#   --bench  also the peers of the fleet benchmark (bench/fleet.js, docs/benchmarks-fleet.md):
+#            nbdkit's S3 plugin (python + boto3) and QEMU's curl block driver; not needed by the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
@@ -29,6 +31,12 @@ command -v virt-xml-validate >/dev/null || need+=(libvirt-clients)
 command -v xmllint >/dev/null || need+=(libxml2-utils)
 # psktool and certtool make the TLS tests' keys and certificates.
 command -v psktool >/dev/null || need+=(gnutls-bin)
+if [ "${1:-}" = --bench ]; then
+  # The fleet bench's peers: nbdkit S3 (a python plugin using boto3) and QEMU's http/https driver.
+  dpkg -s nbdkit-plugin-python >/dev/null 2>&1 || need+=(nbdkit-plugin-python)
+  python3 -c 'import boto3' 2>/dev/null || need+=(python3-boto3)
+  dpkg -s qemu-block-extra >/dev/null 2>&1 || need+=(qemu-block-extra)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need[*]}"
   apt-get update -qq

@@ -6,7 +6,10 @@ import { spawn } from 'node:child_process';
 import { readFileSync, existsSync, rmSync } from 'node:fs';
 import { loadavg } from 'node:os';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { track, stopChild } from '../lib/process.js';
+import { join } from 'node:path';
+import { track, stopChild, run } from '../lib/process.js';
+import { sampleStorage } from './nbdkit-log.js';
+import { corBlockdevs, nbdRemote, socketOf } from './servers.js';
 
 export const MARKER = 'BOOTCACHE-BOOT-COMPLETE';
 const CLOCK_TICKS = 100; // USER_HZ on Linux x86-64
@@ -56,4 +59,48 @@ export async function bootToMarker({ accel, serial, diskArgs, timeoutS = 600 }) 
   }
   await stopChild(child, 10_000);
   return { ...result, load1, command: `qemu-system-x86_64 ${args.join(' ')}` };
+}
+
+/**
+ * What a measurement attaches to: the local file, an NBD URI, or the
+ * copy-on-read graph over a remote (`remote`: a QEMU protocol blockdev, or
+ * the NBD export at `remoteUri`).
+ */
+function bootDiskArgs(target, dir) {
+  switch (target.kind) {
+    case 'file':
+      return ['-drive', `file=${target.path},format=raw,if=virtio,snapshot=on`];
+    case 'uri':
+      return ['-drive', `file=${target.uri},format=raw,if=virtio,snapshot=on`];
+    case 'cor': {
+      // The guest's writes go to a throwaway top overlay, so the copy-on-read
+      // overlay holds only what was read from the remote (warm = reused).
+      const top = join(dir, 'cor-top.qcow2');
+      const args = [];
+      for (const b of corBlockdevs(target.overlay, target.remote ?? nbdRemote(socketOf(target.remoteUri)))) args.push('-blockdev', JSON.stringify(b));
+      args.push('-blockdev', JSON.stringify({ driver: 'qcow2', 'node-name': 'top', file: { driver: 'file', filename: top }, backing: 'cor' }));
+      args.push('-device', 'virtio-blk-pci,drive=top');
+      return { args, prepare: () => run('qemu-img', ['create', '-q', '-f', 'qcow2', '-u', '-F', 'qcow2', '-b', target.overlay, top, '2G']) };
+    }
+    default:
+      throw new Error(`unknown target ${target.kind}`);
+  }
+}
+
+/**
+ * One real boot through `target`, the storage counters (`storage.totals()`)
+ * sampled during it; records the QEMU command in ctx.commands.
+ */
+export async function measureBoot(ctx, target, storage) {
+  let diskArgs = bootDiskArgs(target, ctx.dir);
+  if (!Array.isArray(diskArgs)) {
+    await diskArgs.prepare();
+    diskArgs = diskArgs.args;
+  }
+  const sampler = storage ? await sampleStorage(storage) : undefined;
+  const boot = await bootToMarker({ accel: ctx.accel, serial: join(ctx.dir, 'serial.log'), diskArgs });
+  const io = sampler ? await sampler.stop() : undefined;
+  if (!boot.ok) throw new Error(`boot failed: ${boot.error}`);
+  ctx.commands.set(`boot ${target.kind}`, boot.command);
+  return { seconds: boot.markerS, qemuCpuS: boot.cpuS, load1: boot.load1, storage: io ? { requests: io.requests, bytes: io.bytes } : null, series: io?.series ?? null };
 }

@@ -58,7 +58,8 @@ export async function startLocalNbd({ dir, image }) {
 /**
  * Configuration 4's node graph: a local qcow2 overlay (`cor.qcow2`) whose
  * backing is the remote, behind a copy-on-read filter, so every read from the
- * remote is copied into the overlay. `corBlockdevs` is shared by the real
+ * remote (any protocol node: NBD here, HTTP in the fleet bench) is copied
+ * into the overlay. `corBlockdevs` is shared by the real
  * boot (QEMU, with a throwaway top overlay for the guest's writes) and the
  * replay (qemu-storage-daemon exporting the filter node over NBD).
  */
@@ -68,12 +69,17 @@ export async function createCorOverlay(path, remoteUri) {
   await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-u', '-F', 'raw', '-b', remoteUri, path, '2G']);
 }
 
-export function corBlockdevs(overlay, remoteSocket) {
+export function corBlockdevs(overlay, remote) {
   return [
-    { driver: 'nbd', 'node-name': 'remote', server: { type: 'unix', path: remoteSocket }, 'read-only': true },
+    { ...remote, 'node-name': 'remote', 'read-only': true },
     { driver: 'qcow2', 'node-name': 'corcache', file: { driver: 'file', filename: overlay }, backing: 'remote' },
     { driver: 'copy-on-read', 'node-name': 'cor', file: 'corcache' },
   ];
+}
+
+/** The remote of corBlockdevs as an NBD export on a unix socket. */
+export function nbdRemote(socket) {
+  return { driver: 'nbd', server: { type: 'unix', path: socket } };
 }
 
 export function socketOf(uri) {
@@ -86,7 +92,7 @@ export function socketOf(uri) {
 export async function startCorExport({ dir, overlay, remoteUri }) {
   const sock = join(dir, 'cor-export.sock');
   const args = [];
-  for (const b of corBlockdevs(overlay, socketOf(remoteUri))) args.push('--blockdev', JSON.stringify(b));
+  for (const b of corBlockdevs(overlay, nbdRemote(socketOf(remoteUri)))) args.push('--blockdev', JSON.stringify(b));
   args.push('--nbd-server', `addr.type=unix,addr.path=${sock}`);
   args.push('--export', 'type=nbd,id=exp0,node-name=cor,name=disk,writable=off');
   const child = await startServer('qemu-storage-daemon', args, sock, 'qemu-storage-daemon', join(dir, 'cor-export.server.log'));

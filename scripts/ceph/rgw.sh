@@ -10,12 +10,15 @@
 #
 # Environment: BOOTCACHE_CEPH_DIR (state dir, default /var/tmp/bootcache-ceph),
 # BOOTCACHE_RGW_PORT (S3 port, default 7480), BOOTCACHE_CEPH_MON_PORT (mon,
-# msgr2 only, default 13300 so a real cluster's 3300/6789 stay free).
+# msgr2 only, default 13300 so a real cluster's 3300/6789 stay free),
+# BOOTCACHE_CEPH_MEMSTORE_BYTES (the OSD's RAM store, default 2 GiB).
 set -euo pipefail
 
 DIR=${BOOTCACHE_CEPH_DIR:-/var/tmp/bootcache-ceph}
 RGW_PORT=${BOOTCACHE_RGW_PORT:-7480}
 MON_PORT=${BOOTCACHE_CEPH_MON_PORT:-13300}
+MEMSTORE_BYTES=${BOOTCACHE_CEPH_MEMSTORE_BYTES:-2147483648}
+[[ $MEMSTORE_BYTES =~ ^[0-9]+$ ]] || { echo "rgw.sh: bad BOOTCACHE_CEPH_MEMSTORE_BYTES: $MEMSTORE_BYTES" >&2; exit 1; }
 for port in "$RGW_PORT" "$MON_PORT"; do
   [[ $port =~ ^[0-9]+$ ]] && ((port > 0 && port < 65536)) || { echo "rgw.sh: bad port: $port" >&2; exit 1; }
 done
@@ -141,11 +144,11 @@ mon cluster log file = $DIR/log/cluster.log
 
 [osd]
 osd data = $DIR/osd
-# memstore: objects live in RAM (at most 2 GiB) and are gone at stop. The
+# memstore: objects live in RAM (at most $MEMSTORE_BYTES bytes) and are gone at stop. The
 # tests need no durability, and the shared disk here is well filled, so the
 # gateway's objects never touch it.
 osd objectstore = memstore
-memstore device bytes = 2147483648
+memstore device bytes = $MEMSTORE_BYTES
 osd memory target = 1073741824
 osd crush update on start = true
 
