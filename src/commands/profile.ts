@@ -1,11 +1,15 @@
 import { Args, Flags } from '@oclif/core';
 import type { ListrTask } from 'listr2';
 import { BaseCommand, commandUsage, exitCodesHelp } from '../cli/base-command.js';
-import { imageFlags, openImageFromFlags } from '../cli/image-flags.js';
-import { checkInput } from '../cli/inputs.js';
+import { copyFile, mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { basename, join } from 'node:path';
+import { imageFlags } from '../cli/image-flags.js';
+import { s3Flags, withLocations, type Locations } from '../cli/locations.js';
 import { formatBytes, runTasks } from '../cli/progress.js';
 import { ExitCode, UsageError } from '../errors.js';
 import { isValidBlockSize } from '../format/binary.js';
+import { isS3Url } from '../storage/s3.js';
 import type { Accel } from '../profile/accel.js';
 import { parseUntil } from '../profile/console.js';
 import {
@@ -102,6 +106,7 @@ ${EXIT_CODES}`;
 
   static override flags = {
     ...imageFlags,
+    ...s3Flags,
     until: Flags.string({
       description: 'End of boot: a console line matching this regular expression (bare, or /pattern/flags).',
       default: DEFAULT_UNTIL,
@@ -155,7 +160,7 @@ ${EXIT_CODES}`;
     process.on('SIGINT', onSignal);
     process.on('SIGTERM', onSignal);
     try {
-      return await this.profile(controller.signal);
+      return await withLocations(this.flags, (loc) => this.profile(controller.signal, loc));
     } catch (err) {
       if (caught && err instanceof ProfileInterruptedError) {
         // Clean-up is done (VM stopped, temp files gone): die of the signal, as the user asked.
@@ -172,7 +177,20 @@ ${EXIT_CODES}`;
     }
   }
 
-  private async profile(signal: AbortSignal): Promise<ProfileCommandResult> {
+  private async profile(signal: AbortSignal, loc: Locations): Promise<ProfileCommandResult> {
+    // An image on an object store: the map and segment are written here first and put next to it
+    // (or where --out-map/--out-segment say) once verified; the trace and console log stay local.
+    const staging = isS3Url(this.args.image) || isS3Url(this.flags['out-map'] ?? '') || isS3Url(this.flags['out-segment'] ?? '')
+      ? await mkdtemp(join(tmpdir(), 'bootcache-profile-'))
+      : undefined;
+    try {
+      return await this.profileStaged(signal, loc, staging);
+    } finally {
+      if (staging !== undefined) await rm(staging, { recursive: true, force: true });
+    }
+  }
+
+  private async profileStaged(signal: AbortSignal, loc: Locations, staging: string | undefined): Promise<ProfileCommandResult> {
     const f = this.flags;
     const imagePath = this.args.image;
     if (!isValidBlockSize(f['block-size'])) {
@@ -182,8 +200,21 @@ ${EXIT_CODES}`;
     const hooks = hooksFromEnv(process.env);
     const defaults = defaultPaths(imagePath, f['out-map']);
     const outSegment = f.segment ? (f['out-segment'] ?? defaults.segment) : null;
-    await checkInput(imagePath, 'image');
-    const image = await openImageFromFlags(imagePath, f);
+    for (const [flag, value] of [['--out-trace', f['out-trace']], ['--console-log', f['console-log']]] as const) {
+      if (value !== undefined && isS3Url(value)) throw new UsageError(`${flag} must be a local path (the map and segment may go to s3://)`);
+    }
+    const remoteImage = isS3Url(imagePath);
+    const localName = (suffix: string): string => `${basename(imagePath)}${suffix}`;
+    // Where the profiler writes each output: the location itself, or a staged file for an s3:// one.
+    const uploads = new Map<string, string>();
+    const staged = (location: string): string => {
+      if (!isS3Url(location)) return location;
+      const path = join(staging!, `${uploads.size}-${basename(location)}`);
+      uploads.set(location, path);
+      return path;
+    };
+    await loc.check(imagePath, 'image');
+    const image = await loc.openImage(imagePath, f);
     const interactive = this.interactive;
     const notices: string[] = [];
     const profiler = new Profiler(
@@ -193,10 +224,10 @@ ${EXIT_CODES}`;
         policy: { until, idleMs: f.idle * 1000, timeoutMs: f.timeout * 1000, minReads: DEFAULT_MIN_READS },
         runs: f.runs,
         blockSize: f['block-size'],
-        outMap: defaults.map,
-        outSegment,
-        outTrace: f['out-trace'] ?? defaults.trace,
-        consoleLog: f['console-log'] ?? defaults.consoleLog,
+        outMap: staged(defaults.map),
+        outSegment: outSegment === null ? null : staged(outSegment),
+        outTrace: f['out-trace'] ?? (remoteImage ? localName('.trace.csv') : defaults.trace),
+        consoleLog: f['console-log'] ?? (remoteImage ? localName('.console.log') : defaults.consoleLog),
         memoryMb: f.memory,
         cpus: f.cpus,
         firmware: f.firmware,
@@ -271,6 +302,15 @@ ${EXIT_CODES}`;
           },
         );
       }
+      if (uploads.size > 0) {
+        tasks.push({
+          title: `Putting ${[...uploads.keys()].join(' and ')}`,
+          // The segment before the map: a reader that finds the new map finds its segment.
+          task: async () => {
+            for (const [location, path] of [...uploads].reverse()) await loc.output(location, (out) => copyFile(path, out));
+          },
+        });
+      }
       await runTasks(tasks, {}, interactive);
     } finally {
       await profiler.close();
@@ -297,7 +337,7 @@ ${EXIT_CODES}`;
       agreement: profiler.agreement(),
       map: { path: defaults.map, blockSize: map.blockSize, blocks: map.blocksSet, bytes: map.blocksSet * map.blockSize, boots: map.boots },
       segment: segment
-        ? { path: segment.path, blocks: segment.blocks, bytes: segment.bytes, fileBytes: segment.fileBytes, dataSha256: segment.dataSha256, verified: profiler.verify?.ok ?? false }
+        ? { path: outSegment ?? segment.path, blocks: segment.blocks, bytes: segment.bytes, fileBytes: segment.fileBytes, dataSha256: segment.dataSha256, verified: profiler.verify?.ok ?? false }
         : null,
       consoleLog: last.consoleLog,
       paths: {

@@ -15,7 +15,9 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadMap } from '../../src/format/map.js';
 import { readTrace, type TraceEvent } from '../../src/format/trace.js';
+import { HeadObjectCommand, PutObjectCommand, type S3Client } from '@aws-sdk/client-s3';
 import { qemuImg, removeTmpDir, tmpDir } from '../helpers/qemu.js';
+import { createTestBucket, deleteTestBucket, ensureRgw } from '../helpers/rgw.js';
 
 const bin = fileURLToPath(new URL('../../bin/run.js', import.meta.url));
 const MiB = 1024 * 1024;
@@ -485,3 +487,43 @@ function runCli(args: string[]): Promise<Run> {
     child.on('close', (status, signal) => resolve({ status, signal, stdout, stderr, json: undefined }));
   });
 }
+
+const rgw = await ensureRgw();
+
+describe.skipIf(rgw === undefined)('bootcache profile of an image on s3:// (Ceph RGW)', () => {
+  let bucket: string;
+  let admin: S3Client;
+
+  beforeAll(async () => {
+    ({ bucket, client: admin } = await createTestBucket(rgw!, 'bc-profile'));
+    const body = await readFile(raw);
+    await admin.send(new PutObjectCommand({ Bucket: bucket, Key: 'img/reader.raw', Body: body, ContentLength: body.length }));
+  }, 120_000);
+
+  afterAll(async () => {
+    if (rgw !== undefined) await deleteTestBucket(admin, bucket);
+  });
+
+  it('boots the object through ranged reads; map and segment go next to it, the trace and console log stay local', async () => {
+    const image = `s3://${bucket}/img/reader.raw`;
+    const work = join(dir, 's3-work');
+    await mkdir(work);
+    const r = await profile(
+      [image, '--accel', 'tcg', '--timeout', '120', '--s3-endpoint', rgw!.endpoint, '--s3-path-style',
+        '--out-trace', join(work, 'reader.trace.csv'), '--console-log', join(work, 'reader.console.log'), '--json'],
+      { TMPDIR: cliTmp },
+    );
+    expect(r.status, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout)).toMatchObject({ map: { path: `${image}.bcmap`, blocks: 101 }, segment: { path: `${image}.bcseg`, verified: true } });
+    for (const key of ['img/reader.raw.bcmap', 'img/reader.raw.bcseg']) await admin.send(new HeadObjectCommand({ Bucket: bucket, Key: key }));
+    expect(existsSync(join(work, 'reader.trace.csv'))).toBe(true);
+    expect(await readFile(join(work, 'reader.console.log'), 'utf8')).toContain('BOOTSECTOR: read 100 blocks');
+    // What it put verifies against the object, and nothing is left in TMPDIR.
+    const verify = await runCli(['verify', image, '--s3-endpoint', rgw!.endpoint, '--s3-path-style', '--json']);
+    expect(verify.status, verify.stderr).toBe(0);
+    expect(readdirSync(cliTmp)).toEqual([]);
+    const refused = await profile([image, '--accel', 'tcg', '--s3-endpoint', rgw!.endpoint, '--s3-path-style', '--out-trace', `s3://${bucket}/t.csv`]);
+    expect(refused.status).toBe(2);
+    expect(refused.stderr).toMatch(/--out-trace must be a local path/);
+  }, 180_000);
+});
