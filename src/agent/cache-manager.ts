@@ -249,7 +249,11 @@ export class CacheManager {
     let storageWaits = 0;
     let prefetchWaits = 0;
     let cacheBlocks = 0;
-    const spaces = this.layered ? await this.ownerSpaces(first, last) : undefined;
+    const content = this.content;
+    // Blocks cached by content need no owner space (a qcow2 overlay's would cost an L2 lookup),
+    // unless their entry fails its digest (readContent looks it up then).
+    const byContent = (block: number): boolean => content?.has(block) === true;
+    const spaces = this.layered ? await this.ownerSpaces(first, last, byContent) : undefined;
     const spaceOf = (block: number): string => spaces?.[block - first] ?? this.space;
     // Runs of cached blocks of one space: one cache read each.
     let hitStart = -1;
@@ -258,15 +262,14 @@ export class CacheManager {
       waits.push(this.readCached(hitStart, end - hitStart, spaceOf(hitStart), slice(hitStart, end - hitStart)));
       hitStart = -1;
     };
-    const content = this.content;
     for (let block = first; block <= last; block++) {
-      const space = spaceOf(block);
-      if (content?.has(block)) {
+      if (content && byContent(block)) {
         cacheBlocks++;
         flushHits(block);
-        waits.push(this.readContent(content, block, space, slice(block)));
+        waits.push(this.readContent(content, block, slice(block)));
         continue;
       }
+      const space = spaceOf(block);
       if (this.cache.has(space, block)) {
         cacheBlocks++;
         if (hitStart >= 0 && spaceOf(hitStart) !== space) flushHits(block);
@@ -317,9 +320,10 @@ export class CacheManager {
    * A block by content into `into`; an entry that fails its digest (or was
    * evicted meanwhile) is read from the block's own space or storage instead.
    */
-  private async readContent(content: ContentBlocks, block: number, space: string, into: Buffer): Promise<void> {
+  private async readContent(content: ContentBlocks, block: number, into: Buffer): Promise<void> {
     this.usedSpaces.add(CONTENT_SPACE);
     if (await content.read(block, into)) return;
+    const space = this.layered ? await this.ownerSpace(block) : this.space;
     if (this.cache.has(space, block)) return this.readCached(block, 1, space, into);
     (await this.refetch(block, space)).copy(into);
   }
@@ -339,9 +343,10 @@ export class CacheManager {
   }
 
   /** The cache space of blocks [first, last] (layered images only). */
-  private async ownerSpaces(first: number, last: number): Promise<string[]> {
+  /** The cache space of blocks [first, last] (layered images only); `skip`ped blocks get the chain's, unlooked-up. */
+  private async ownerSpaces(first: number, last: number, skip?: (block: number) => boolean): Promise<string[]> {
     const out: Array<string | Promise<string>> = [];
-    for (let block = first; block <= last; block++) out.push(this.ownerSpace(block));
+    for (let block = first; block <= last; block++) out.push(skip?.(block) ? this.space : this.ownerSpace(block));
     return Promise.all(out);
   }
 

@@ -69,7 +69,7 @@ describe('unknown commands and missing arguments', () => {
     expect(r.status).toBe(2);
     expect(lines(r.stderr)).toEqual([
       'bootcache inspect: error: missing argument FILE [BC_USAGE]',
-      'usage: bootcache inspect FILE [--json] [--debug] [--format raw|qcow2] [--force] [--s3-endpoint URL] [--[no-]s3-path-style] [--s3-region REGION] [--kind image|map|segment]',
+      'usage: bootcache inspect FILE [--json] [--debug] [--format raw|qcow2] [--force] [--s3-endpoint URL] [--[no-]s3-path-style] [--s3-region REGION] [--kind image|map|segment|index]',
     ]);
     const flag = await cli('build-map', image);
     expect(flag.status).toBe(2);
