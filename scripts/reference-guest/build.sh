@@ -4,11 +4,17 @@
 # multi-user.target is reached. Used by end-to-end tests and benchmarks of
 # `bootcache profile` and of boot times. See docs/reference-guest.md.
 #
-# Usage: scripts/reference-guest/build.sh [--out DIR] [--force]
+# Usage: scripts/reference-guest/build.sh [--out DIR] [--extra-packages LIST] [--force]
 #   --out DIR   output directory (default: $BOOTCACHE_REF_DIR, else
 #               /var/cache/bootcache/reference-guest)
+#   --extra-packages LIST
+#               comma-separated Debian packages installed on top of the
+#               default PACKAGES (a sibling guest, e.g. nginx,redis-server);
+#               part of the recipe, so give such a guest its own --out DIR.
+#               Without it the build is the default one, unchanged.
 #   --force     rebuild even if the output is up to date
-# Env: BOOTCACHE_REF_DIR (output dir), BOOTCACHE_DEBIAN_MIRROR (override the
+# Env: BOOTCACHE_REF_DIR (output dir), BOOTCACHE_EXTRA_PACKAGES (the same as
+#      --extra-packages; the option wins), BOOTCACHE_DEBIAN_MIRROR (override the
 #      mirror found in apt's sources), BOOTCACHE_ACCEL=kvm|tcg (skip
 #      detection), BOOTCACHE_NO_APT=1 (never apt-get install missing tools),
 #      BOOTCACHE_KEEP_WORK=1 (keep the temp dir of a failed build).
@@ -41,15 +47,25 @@ usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 
 out=""
 force=0
+extra=${BOOTCACHE_EXTRA_PACKAGES:-}
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --out) out=${2:?--out needs a directory}; shift 2 ;;
     --out=*) out=${1#--out=}; shift ;;
+    --extra-packages) extra=${2?--extra-packages needs a list}; shift 2 ;;
+    --extra-packages=*) extra=${1#--extra-packages=}; shift ;;
     --force) force=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;
   esac
 done
+# Comma-separated package names only (they go into debootstrap's --include).
+extra=${extra//[[:space:]]/}
+extra=${extra#,}
+extra=${extra%,}
+[[ -z $extra || $extra =~ ^[a-z0-9][a-z0-9.+-]*(,[a-z0-9][a-z0-9.+-]*)*$ ]] \
+  || die "--extra-packages: not a comma-separated list of Debian package names: $extra"
+[[ -z $extra ]] || PACKAGES="$PACKAGES,$extra"
 OUT=${out:-${BOOTCACHE_REF_DIR:-/var/cache/bootcache/reference-guest}}
 [[ $OUT == /* ]] || OUT="$PWD/$OUT"
 OUT=${OUT%/}
@@ -87,7 +103,8 @@ find_mirror() {
 }
 
 MIRROR=$(find_mirror)
-RECIPE=$( { cat "${RECIPE_FILES[@]}"; echo "mirror=$MIRROR"; } | sha256sum | cut -c1-64)
+# The extra packages are part of the recipe; the default build hashes what it always did.
+RECIPE=$( { cat "${RECIPE_FILES[@]}"; echo "mirror=$MIRROR"; [[ -z $extra ]] || echo "extra=$extra"; } | sha256sum | cut -c1-64)
 
 # manifest_value FILE KEY: a top-level string or number from our own manifest
 # format (one key per line); the manifest is written by write_manifest below.
@@ -437,6 +454,7 @@ file_entry() { # file_entry NAME LAST: one "files" line of the manifest
   echo "  \"marker\": \"$RG_MARKER\","
   echo "  \"hostname\": \"$GUEST_HOSTNAME\","
   echo "  \"packages\": \"$PACKAGES\","
+  [[ -z $extra ]] || echo "  \"extraPackages\": \"$extra\","
   echo "  \"installedPackages\": $PACKAGE_COUNT,"
   echo "  \"installedBytes\": $INSTALLED_BYTES,"
   echo "  \"rootPartition\": { \"startBytes\": $PART_START_BYTES, \"sizeBytes\": $PART_BYTES, \"fsUuid\": \"$FS_UUID\" },"
