@@ -12,7 +12,7 @@ import type { Logger } from 'pino';
 import { AgentError, BootcacheError, FileNotFoundError, StorageIOError } from '../errors.js';
 import { openImageFromSource } from '../image/open.js';
 import type { DiskImage, SourceOpener } from '../image/types.js';
-import { CountingStorage, FaultyStorage, RetryingStorage, type RetryCounters } from '../storage/filters.js';
+import { CountingStorage, FaultyStorage, RetryingStorage } from '../storage/filters.js';
 import { openStorage } from '../storage/open.js';
 import type { ObjectStat, Storage } from '../storage/types.js';
 import { BufferPool } from './buffer-pool.js';
@@ -22,21 +22,20 @@ import type { AgentConfig } from './config.js';
 import { ControlServer } from './control.js';
 import { applySocketAccess, resolveGroup } from './socket-access.js';
 import { MissWriter } from './miss-writer.js';
-import { CacheManager, type ReadCounters } from './cache-manager.js';
-import { emptyContentCounters, type ContentCounters } from './content-blocks.js';
-import { ContentLedger, type ContentBytes } from './content-ledger.js';
-import { RebuildQueue, type RebuildStatus } from './rebuild-queue.js';
+import { CacheManager } from './cache-manager.js';
+import { emptyContentCounters } from './content-blocks.js';
+import { ContentLedger } from './content-ledger.js';
+import { RebuildQueue } from './rebuild-queue.js';
 import { ExportNotFoundError } from '../nbd/errors.js';
 import type { ExportDescription, ExportProvider, NbdExport } from '../nbd/server/export.js';
-import { NbdServer, type NbdServerStats } from '../nbd/server/server.js';
+import { NbdServer } from '../nbd/server/server.js';
 import { isLoopbackHost, TlsCredentials } from '../nbd/server/tls.js';
 import { AgentMetrics, type MetricsServer } from './metrics.js';
 import type { PassedSocket } from './socket-activation.js';
-import { Prefetcher, type PrefetchProgress } from './prefetcher.js';
-import { SidecarStore, SIDECAR_SUFFIXES, type PublishCounters } from './sidecars.js';
-import { loadPredicted, predictBlocks, type PredictionResult } from './boot-prediction.js';
-import { resolvePreviousKey, type ImageIndex } from '../format/image-index.js';
-import type { SegmentDigests } from './content-blocks.js';
+import type { Prefetcher } from './prefetcher.js';
+import { SidecarStore, SIDECAR_SUFFIXES } from './sidecars.js';
+import { cacheStatus, exportStatus, isoTime, type AgentCounters, type AgentStatus, type CacheStatus, type ServiceEntry, type WarmResult } from './agent-status.js';
+import { ExportPrefetch } from './export-prefetch.js';
 import { warmUp, type WarmupReport } from './warmup.js';
 import { diskRule, hasRawExtension, isQcow2Head } from '../image/disk-names.js';
 import { evictSpaces, listCache, reclaimGone, type CacheListing, type CatalogContext, type EvictResult, type ReclaimReport } from './cache-catalog.js';
@@ -49,97 +48,10 @@ import { SpaceRegistry, type LayerRef } from './space-registry.js';
  */
 const CHUNK_BUFFERS_MAX_BYTES = 128 * 1024 * 1024;
 
+export type { AgentCounters, AgentStatus, CacheStatus, ExportPrediction, ExportStatus, WarmResult } from './agent-status.js';
+
 /** A rebuild waits at most this long for boots on this host to be past their first seconds. */
 const REBUILD_MAX_WAIT_MS = 120_000;
-
-export interface AgentCounters {
-  /** Read requests and bytes that reached storage, retries included. */
-  storage: { readRequests: number; readBytes: number };
-  /** Storage reads sent again after an I/O error (--storage-retries). */
-  storageRetries: RetryCounters;
-  /** Blocks of guest reads by where they came from: the cache device, a segment chunk in flight, the storage system. */
-  guestReads: ReadCounters;
-  prefetch: { bytes: number; unusedBytes: number };
-  /** recorded: merged and published; skipped: empty or a probe; discarded: a whole-disk read (boot.maxShare). */
-  boots: { recorded: number; skipped: number; failed: number; discarded: number };
-  /** Maps and segments this host put, and the races with other hosts it lost (see SidecarStore.publishBoot). */
-  publish: PublishCounters;
-}
-
-/** What `agent warm` reports. */
-export interface WarmResult {
-  export: string;
-  state: PrefetchProgress['state'];
-  /** Blocks in the segment. */
-  blocks: number;
-  /** Blocks this host's stream loaded into the cache (now or in an earlier stream). */
-  blocksLoaded: number;
-  /** Blocks that were in the cache already. */
-  blocksCached: number;
-  bytesTotal: number;
-  /** Bytes read from storage while warming (other exports' reads included). */
-  storageBytes: number;
-  seconds: number;
-}
-
-/** A boot predicted from the previous version's segment (boot-prediction.ts); storageBytes of every export meanwhile. */
-export type ExportPrediction = PredictionResult & { previous: string; state: 'loading' | 'done'; storageBytes: number; seconds: number };
-
-export interface ExportStatus {
-  name: string;
-  size: number;
-  connections: number;
-  identity: string;
-  /** Cache spaces its blocks may live in: its identity, its layers' (shared with other overlays). */
-  spaces: string[];
-  /** startedAt: ISO 8601. */
-  prefetch?: Omit<PrefetchProgress, 'startedAt'> & { startedAt?: string };
-  /** startedAt: ISO 8601. */
-  lastBoot?: Omit<BootSummary, 'startedAt'> & { startedAt: string };
-  rebuild?: RebuildStatus;
-  /** Blocks loaded ahead of its boot as the previous version's segment predicts them. */
-  prediction?: ExportPrediction;
-  /**
-   * The image changed on storage under this service: reads that need
-   * storage fail with EIO, cached blocks of the version opened are served.
-   */
-  stale?: { since: string; error: string };
-  /**
-   * A newer version of the image is served to new connections; this entry
-   * serves the connections still open on the version they opened, until they close.
-   */
-  retired?: true;
-}
-
-export interface AgentStatus {
-  pid: number;
-  uptimeSeconds: number;
-  storage: string;
-  socket: string;
-  listen?: string;
-  exports: ExportStatus[];
-  cache: CacheStatus;
-  /** The prefetch chunk buffers the agent keeps (see BufferPool). */
-  prefetchBuffers: ReturnType<BufferPool['stats']>;
-  /** The NBD server: connections (open, refused or dropped when full), requests, errors. */
-  nbd: NbdServerStats;
-  counters: AgentCounters;
-  /** The start-up warm-up (warmup.ts), when it ran to the end. */
-  warmup?: WarmupReport;
-}
-
-interface ServiceEntry {
-  service: CacheManager;
-  /** Storage versions (ObjectStat.version) of every layer the image was opened on, top first, joined. */
-  version: string;
-  /** Replaced by a newer version for new connections; closed when its last connection closes. */
-  retired: boolean;
-  /** Its segment rebuilds, one after the other. */
-  rebuilds: RebuildQueue;
-  /** Its boot predicted from a previous version (no segment of its own yet), and the prediction running or done. */
-  prediction?: ExportPrediction;
-  predicting?: Promise<void>;
-}
 
 export class Agent implements ExportProvider {
   private readonly counters: AgentCounters = {
@@ -155,6 +67,8 @@ export class Agent implements ExportProvider {
   /** The image versions with digests seen since start: logical bytes (status, metrics). */
   private readonly contentLedger = new ContentLedger((space, block) => this.cache.has(space, block));
   private readonly services = new Map<string, ServiceEntry>();
+  /** Starts each export's segment stream (or its predicted boot); made at start, once the cache is open. */
+  private prefetches!: ExportPrefetch;
   /** Services of older versions, kept for the connections still open on them. */
   private readonly retired = new Set<ServiceEntry>();
   /** Blocks being read from storage by any export (see CacheManagerOptions.inFlight). */
@@ -304,6 +218,20 @@ export class Agent implements ExportProvider {
         }
       },
       () => {
+        this.prefetches = new ExportPrefetch({
+          config: c,
+          log: this.log,
+          storage: this.storage,
+          counting: this.counting,
+          sidecars: this.sidecars,
+          cache: this.cache,
+          chunkBuffers: this.chunkBuffers,
+          contentCounters: this.contentCounters,
+          contentLedger: this.contentLedger,
+          prefetchCounters: this.counters.prefetch,
+          stopping: this.stopping.signal,
+          serviceFor: (name) => this.serviceFor(name),
+        });
         this.nbd = new NbdServer(this, {
           ...(this.tlsCredentials && c.tls.mode !== 'off' ? { tls: { mode: c.tls.mode, credentials: this.tlsCredentials } } : {}),
           maxConnections: c.maxConnections,
@@ -523,7 +451,7 @@ export class Agent implements ExportProvider {
     const entry = await this.serviceFor(name);
     const service = entry.service;
     service.open();
-    if (service.connections === 1) void this.startPrefetch(entry);
+    if (service.connections === 1) void this.prefetches.start(entry);
     let closed = false;
     const bs = this.cache.blockSize;
     return {
@@ -641,91 +569,6 @@ export class Agent implements ExportProvider {
     return { image, version: layers.map((l) => l.version).join('|'), layers };
   }
 
-  private async startPrefetch(entry: ServiceEntry): Promise<void> {
-    const service = entry.service;
-    if (service.prefetch && ['streaming', 'done'].includes(service.prefetch.progress().state)) {
-      // Another VM already streamed (or streams) this image's segment: one stream per image.
-      if (service.prefetch.progress().state === 'streaming') return;
-    }
-    try {
-      // The index names the content of every data block; else the segment names its own blocks'.
-      const index = await this.sidecars.loadIndex(service.name, service.image);
-      const loaded = await this.sidecars.loadForPrefetch(service.name, service.image);
-      const digests = index ? indexDigests(index) : loaded?.map.blockSize === this.cache.blockSize ? loaded.digests : undefined;
-      if (digests && !service.contentKeys) {
-        service.setContent(digests, this.contentCounters);
-        if (service.contentKeys) this.contentLedger.record(service.image.identity, service.contentKeys);
-      }
-      if (!loaded) {
-        if (index?.previous) await (entry.predicting ??= this.predictFromPrevious(entry, index));
-        return;
-      }
-      if (loaded.map.blockSize !== this.cache.blockSize) {
-        // The cache manager places segment blocks by the agent's block size: another size would load the wrong bytes.
-        // The next boot's end publishes a map and segment of the agent's block size (a stored map of another size is not merged).
-        this.log.warn(
-          { export: service.name, segmentBlockSize: loaded.map.blockSize, blockSize: this.cache.blockSize },
-          `segment of ${service.name} has ${loaded.map.blockSize}-byte blocks, the agent uses ${this.cache.blockSize}-byte blocks (--block-size); not prefetching`,
-        );
-        return;
-      }
-      const prefetcher = new Prefetcher(
-        this.storage,
-        loaded.prefetchMap,
-        loaded.segment,
-        { storeMany: (entries) => service.storeStreamed(entries), has: (block) => service.hasBlock(block) },
-        {
-          chunkBytes: this.config.prefetchChunk,
-          depth: this.config.prefetchDepth,
-          rateBytesPerS: this.config.prefetchRate,
-          buffers: this.chunkBuffers,
-          onWarning: (message) => this.log.warn({ export: service.name }, message),
-        },
-      );
-      service.setPrefetcher(prefetcher);
-      this.log.info({ export: service.name, blocks: loaded.segment.blockCount }, 'prefetch started');
-      const before = this.counting.counters.readBytes;
-      await prefetcher.start();
-      const p = prefetcher.progress();
-      this.counters.prefetch.bytes += p.bytesRead;
-      this.log.info({ export: service.name, ...p, storageBytesDuringPrefetch: this.counting.counters.readBytes - before }, 'prefetch finished');
-    } catch (err) {
-      this.log.warn({ export: service.name, err: (err as Error).message }, 'prefetch skipped');
-    }
-  }
-
-  /**
-   * A new version published with an index naming its previous version and no
-   * segment yet: loads the blocks the previous version's segment predicts
-   * (boot-prediction.ts). Its boot is recorded as usual.
-   */
-  private async predictFromPrevious(entry: ServiceEntry, index: ImageIndex): Promise<void> {
-    const service = entry.service;
-    const previous = resolvePreviousKey(service.name, index.previous!);
-    const prior = await this.serviceFor(previous);
-    const priorLoaded = await this.sidecars.loadForPrefetch(previous, prior.service.image);
-    if (!priorLoaded?.digests || priorLoaded.map.blockSize !== this.cache.blockSize) {
-      this.log.info({ export: service.name, previous }, 'previous version has no segment with block digests: no prediction');
-      return;
-    }
-    const started = performance.now();
-    const before = this.counting.counters.readBytes;
-    const { blocks, unmatched } = predictBlocks(index, priorLoaded.digests);
-    entry.prediction = { previous, state: 'loading', predicted: blocks.length, cached: 0, fetched: 0, unmatched, storageBytes: 0, seconds: 0 };
-    const signal = this.stopping.signal;
-    const { cached, fetched } = await loadPredicted(service, blocks, {
-      blockSize: this.cache.blockSize,
-      runBytes: this.config.prefetchChunk,
-      depth: this.config.prefetchDepth,
-      stopped: () => signal.aborted || service.stale !== undefined,
-    });
-    entry.prediction = {
-      previous, state: 'done', predicted: blocks.length, cached, fetched, unmatched,
-      storageBytes: this.counting.counters.readBytes - before, seconds: Math.round(performance.now() - started) / 1000,
-    };
-    this.log.info({ export: service.name, ...entry.prediction }, 'boot predicted from the previous version');
-  }
-
   private onBootEnd(service: CacheManager, boot: BootRecorder): void {
     const current = this.services.get(service.name);
     const entry = current?.service === service ? current : [...this.retired].find((e) => e.service === service);
@@ -820,7 +663,7 @@ export class Agent implements ExportProvider {
     const started = performance.now();
     const before = this.counting.counters.readBytes;
     if (service.prefetch?.progress().state === 'streaming') await service.prefetch.start();
-    else if (service.prefetch?.progress().state !== 'done') await this.startPrefetch(entry);
+    else if (service.prefetch?.progress().state !== 'done') await this.prefetches.start(entry);
     const p = service.prefetch?.progress();
     const predicted = entry.prediction;
     if (!p && predicted) {
@@ -870,30 +713,7 @@ export class Agent implements ExportProvider {
 
   status(): AgentStatus {
     const { counters, uptimeSeconds } = this.summary();
-    const exports: ExportStatus[] = [];
-    for (const entry of [...this.services.values(), ...this.retired]) {
-      const name = entry.service.name;
-      const s: ExportStatus = {
-        name,
-        size: entry.service.virtualSize,
-        connections: entry.service.connections,
-        identity: entry.service.image.identity,
-        spaces: entry.service.spaces,
-        rebuild: entry.rebuilds.status(),
-      };
-      const prefetch = entry.service.prefetch?.progress();
-      if (prefetch) {
-        const { startedAt, ...rest } = prefetch;
-        s.prefetch = startedAt === undefined ? rest : { ...rest, startedAt: isoTime(startedAt) };
-      }
-      const boot = entry.service.bootSummary();
-      if (boot) s.lastBoot = { ...boot, startedAt: isoTime(boot.startedAt) };
-      const stale = entry.service.stale;
-      if (stale) s.stale = { since: new Date(stale.at).toISOString(), error: stale.error.message };
-      if (entry.prediction) s.prediction = { ...entry.prediction };
-      if (entry.retired) s.retired = true;
-      exports.push(s);
-    }
+    const exports = [...this.services.values(), ...this.retired].map(exportStatus);
     const status: AgentStatus = {
       pid: process.pid,
       uptimeSeconds,
@@ -943,26 +763,3 @@ function startupError(what: string, err: unknown): unknown {
 function emptyStorageKinds(): Record<'image' | 'segment' | 'map', { requests: number; bytes: number; errors: number }> {
   return { image: { requests: 0, bytes: 0, errors: 0 }, segment: { requests: 0, bytes: 0, errors: 0 }, map: { requests: 0, bytes: 0, errors: 0 } };
 }
-
-/** The index's digests as the content lookup takes them: every data block, by its rank among them. */
-function indexDigests(index: ImageIndex): SegmentDigests {
-  return { isSet: (block) => index.hasData(block), rank: (block) => index.dataRank(block), table: index.digestTable };
-}
-
-/** A performance.now() time as ISO 8601. */
-function isoTime(monotonicMs: number): string {
-  return new Date(performance.timeOrigin + monotonicMs).toISOString();
-}
-
-/** The cache device's stats for `status`: its own lookups named as such, apart from the guest reads. */
-function cacheStatus(stats: ReturnType<CacheDevice['stats']>, content: CacheStatus['content']): CacheStatus {
-  const { hits, misses, ...rest } = stats;
-  return { ...rest, lookups: { hit: hits, miss: misses }, content };
-}
-
-/** `status.cache`: the cache device's state; `lookups` counts its get() calls (hit or miss), whoever made them. */
-export type CacheStatus = Omit<ReturnType<CacheDevice['stats']>, 'hits' | 'misses'> & {
-  lookups: { hit: number; miss: number };
-  /** The content space and what it saves (docs/cache-device.md, "Content-addressed blocks"). */
-  content: ContentCounters & ContentBytes;
-};
