@@ -48,8 +48,10 @@ export class ExportPrefetch {
     }
     try {
       // The index names the content of every data block; else the segment names its own blocks'.
-      const index = await this.ctx.sidecars.loadIndex(service.name, service.image);
-      const loaded = await this.ctx.sidecars.loadForPrefetch(service.name, service.image);
+      const [index, loaded] = await Promise.all([
+        this.ctx.sidecars.loadIndex(service.name, service.image),
+        this.ctx.sidecars.loadForPrefetch(service.name, service.image),
+      ]);
       const digests = index ? indexDigests(index) : loaded?.map.blockSize === this.ctx.cache.blockSize ? loaded.digests : undefined;
       if (digests && !service.contentKeys) {
         service.setContent(digests, this.ctx.contentCounters);

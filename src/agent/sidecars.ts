@@ -101,7 +101,7 @@ export class SidecarStore {
    */
   async loadIndex(name: string, image: DiskImage): Promise<ImageIndex | undefined> {
     const key = name + INDEX_SUFFIX;
-    if (!(await this.storage.stat(key))) return undefined;
+    // No stat first: opening finds out that there is none (an object store's open is a HEAD already).
     let source;
     try {
       source = await this.storage.openSource(key);
