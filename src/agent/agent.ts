@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import cron from 'node-cron';
 import type { Logger } from 'pino';
 import { AgentError, BootcacheError, FileNotFoundError, StorageIOError } from '../errors.js';
-import { openImageFromSource } from '../image/open.js';
+import { OPEN_HEAD_BYTES, openImageFromSource } from '../image/open.js';
 import type { DiskImage, SourceOpener } from '../image/types.js';
 import { CountingStorage, FaultyStorage, RetryingStorage } from '../storage/filters.js';
 import { openStorage } from '../storage/open.js';
@@ -475,6 +475,17 @@ export class Agent implements ExportProvider {
 
   private async serviceFor(name: string): Promise<ServiceEntry> {
     if (!isImageKey(name)) throw new ExportNotFoundError(`no export named ${JSON.stringify(name)}`);
+    if (!this.services.has(name) && hasRawExtension(name, this.config.rawExtensions)) {
+      // A raw image not loaded yet needs no stat first: its open (one GET of its head on an
+      // object store) finds it or finds it missing.
+      return this.openService(name).catch((err: unknown) => {
+        if (err instanceof FileNotFoundError) throw new ExportNotFoundError(`no export named ${JSON.stringify(name)}`);
+        if (err instanceof BootcacheError && !(err instanceof ExportNotFoundError)) {
+          throw new ExportNotFoundError(`no export named ${JSON.stringify(name)}: ${err.message}`);
+        }
+        throw err;
+      });
+    }
     const stat = await this.storage.stat(name).catch((err: unknown) => {
       if (err instanceof BootcacheError) throw new ExportNotFoundError(`no export named ${JSON.stringify(name)}: ${err.message}`);
       throw err;
@@ -499,6 +510,11 @@ export class Agent implements ExportProvider {
         this.log.info({ export: name, connections: existing.service.connections }, 'image changed on storage: new connections open the new version');
       }
     }
+    return this.openService(name);
+  }
+
+  /** The service being created for `name`, or a new one (one open at a time per name). */
+  private openService(name: string): Promise<ServiceEntry> {
     let pending = this.opening.get(name);
     if (!pending) {
       pending = this.createService(name).finally(() => this.opening.delete(name));
@@ -532,6 +548,7 @@ export class Agent implements ExportProvider {
       inFlight: this.inFlight,
       missWriter: this.missWriter,
       readaheadBytes: this.config.readahead,
+      missWindowBytes: this.config.missWindow,
       onBootEnd: (svc, boot) => this.onBootEnd(svc, boot),
       onGuestRead: (source, seconds) => this.metrics.guestRead(source, seconds),
       onStale: (svc, err) =>
@@ -557,12 +574,13 @@ export class Agent implements ExportProvider {
     const opener: SourceOpener = {
       async openRelative(from, name) {
         const backingKey = storage.resolveRelative(from.name, name);
-        const source = await storage.openSource(backingKey);
+        const source = await storage.openSource(backingKey, { head: OPEN_HEAD_BYTES });
         layers.push({ key: backingKey, stamp: source.stamp, version: source.version });
         return { source, key: backingKey };
       },
     };
-    const source = await storage.openSource(key);
+    // With the head the open reads anyway: one request on an object store, not a HEAD and a GET.
+    const source = await storage.openSource(key, { head: OPEN_HEAD_BYTES });
     layers.push({ key, stamp: source.stamp, version: source.version });
     // Backing files open top down, one at a time: `layers` is in chain order.
     const image = await openImageFromSource(source, opener, {}, [key]);

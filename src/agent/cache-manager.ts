@@ -20,8 +20,10 @@
  * and cached blocks, all read from the version opened, keep being served.
  * No request is ever answered with bytes of the new version.
  *
- * A miss that continues a sequential stream also starts the readahead: the
- * blocks after it, read in the background (SequentialReadahead).
+ * A guest miss is widened to its aligned window (widenMiss), one request for
+ * the blocks around it too; a miss that continues a sequential stream also
+ * starts the readahead: the blocks after it, read in the background
+ * (SequentialReadahead).
  *
  * One block size: the cache's, which is also the map's and the segment's
  * (the agent refuses a segment of another size), so map block i is cache
@@ -46,6 +48,7 @@ import { BootLifecycle } from './boot-lifecycle.js';
 import type { BootPolicy, BootRecorder, BootSummary } from './boot-recorder.js';
 import { ImageSpaces } from './cache/spaces.js';
 import { CONTENT_SPACE, ContentBlocks, type ContentCounters, type SegmentDigests } from './content-blocks.js';
+import { widenMiss } from './miss-window.js';
 import { MissWriter } from './miss-writer.js';
 import type { Prefetcher } from './prefetcher.js';
 import { DEFAULT_READAHEAD, SequentialReadahead } from './readahead.js';
@@ -76,6 +79,8 @@ export interface CacheManagerOptions {
   missWriter?: MissWriter;
   /** Largest sequential readahead window on guest misses, bytes; 0 or absent: off. */
   readaheadBytes?: number;
+  /** Aligned window a guest miss is widened to, bytes (miss-window.ts); 0 or absent: off. */
+  missWindowBytes?: number;
   /** Called once when a boot ends (idle, window, mark-booted, closed). */
   onBootEnd: (manager: CacheManager, boot: BootRecorder) => void;
   /** Called once, when a storage read finds the image changed (the cache manager is stale from then on). */
@@ -97,6 +102,8 @@ export class CacheManager {
   private readonly inFlight: Map<string, Promise<Buffer>>;
   private readonly missWriter: MissWriter;
   private readonly readaheadWindows: SequentialReadahead | undefined;
+  /** Miss window in blocks (0: off); single-layer images only, see readUnrecorded. */
+  private readonly missWindowBlocks: number;
   /** More than one layer: blocks may belong to a backing file's space. */
   private readonly layered: boolean;
   private readonly ownerMemo = new Map<number, string>();
@@ -128,6 +135,8 @@ export class CacheManager {
       ? new SequentialReadahead({ initialBytes: Math.min(DEFAULT_READAHEAD.initialBytes, ra), maxBytes: ra })
       : undefined;
     this.blockSize = cache.blockSize;
+    // A layered image would need an owner lookup (a qcow2 L2 read) per widened block.
+    this.missWindowBlocks = this.layered ? 0 : Math.floor((options.missWindowBytes ?? 0) / this.blockSize);
     this.now = options.now ?? (() => performance.now());
     this.boots = new BootLifecycle(image, this.blockSize, options.bootPolicy, this.now, (boot) => this.onBootEnd(boot));
   }
@@ -287,14 +296,22 @@ export class CacheManager {
       } else missing.push(block);
     }
     flushHits(last + 1);
-    // Contiguous runs of missing blocks: one storage read each.
+    // Contiguous runs of missing blocks: one storage read each, widened to the miss window for guests.
+    const windowBlocks = guest ? this.missWindowBlocks : 0;
+    const blocks = Math.ceil(this.image.virtualSize / bs);
     let i = 0;
     while (i < missing.length) {
       let j = i + 1;
       while (j < missing.length && missing[j] === missing[j - 1]! + 1) j++;
-      const runStart = missing[i]!;
-      const run = this.fetchRun(runStart, j - i, kind, spaces?.slice(runStart - first, missing[j - 1]! - first + 1));
-      run.forEach((p, k) => waits.push(p.then((data) => void data.copy(slice(runStart + k)))));
+      const own = { start: missing[i]!, end: missing[j - 1]! };
+      const run = windowBlocks > 1
+        ? widenMiss(own.start, own.end, first, last, windowBlocks, blocks, (b) => this.fetchable(b, this.space))
+        : own;
+      const fetched = this.fetchRun(run.start, run.end - run.start + 1, kind, spaces?.slice(run.start - first, run.end - first + 1), own);
+      fetched.forEach((p, k) => {
+        const block = run.start + k;
+        if (block >= first && block <= last) waits.push(p.then((data) => void data.copy(slice(block))));
+      });
       i = j;
     }
     if (guest && this.readaheadWindows) {
@@ -390,13 +407,16 @@ export class CacheManager {
       runStart = -1;
     };
     for (let block = first; block <= last; block++) {
-      const space = spaces?.[block - first] ?? this.space;
-      const skip = this.content?.has(block) === true || this.cache.has(space, block) || this.inFlight.has(flightKey(space, block)) ||
-        this.prefetcher?.unstreamed(block) === true || this.prefetcher?.pending(block) !== undefined;
-      if (skip) flush(block);
+      if (!this.fetchable(block, spaces?.[block - first] ?? this.space)) flush(block);
       else if (runStart < 0) runStart = block;
     }
     flush(last + 1);
+  }
+
+  /** Whether a readahead or a miss window may read `block`: nothing else brings it (cache, another read, the segment stream). */
+  private fetchable(block: number, space: string): boolean {
+    return !(this.content?.has(block) === true || this.cache.has(space, block) || this.inFlight.has(flightKey(space, block)) ||
+      this.prefetcher?.unstreamed(block) === true || this.prefetcher?.pending(block) !== undefined);
   }
 
   /** A block that vanished from the cache between has() and get() (evicted). */
@@ -408,8 +428,10 @@ export class CacheManager {
   /**
    * Reads blocks [start, start+count) from storage in one request; one promise
    * per block. `spaces`: each block's cache space (default: the chain's).
+   * `own`: the blocks cached as `kind` (default all); the others, a miss
+   * window's widening, are cached as 'other'.
    */
-  private fetchRun(start: number, count: number, kind: CacheBlockKind, spaces?: string[]): Array<Promise<Buffer>> {
+  private fetchRun(start: number, count: number, kind: CacheBlockKind, spaces?: string[], own?: { start: number; end: number }): Array<Promise<Buffer>> {
     const bs = this.blockSize;
     const stale = this.staleSince?.error;
     if (stale) {
@@ -442,10 +464,11 @@ export class CacheManager {
           if (!this.options.cacheMisses) return;
           // By content only when the bytes are the ones the segment describes.
           const key = this.content?.keyFor(block, data);
-          if (key === undefined) await this.missWriter.queue(space, block, data, kind);
+          const blockKind = !own || (block >= own.start && block <= own.end) ? kind : 'other';
+          if (key === undefined) await this.missWriter.queue(space, block, data, blockKind);
           else {
             this.usedSpaces.add(CONTENT_SPACE);
-            await this.missWriter.queue(CONTENT_SPACE, key, data, kind);
+            await this.missWriter.queue(CONTENT_SPACE, key, data, blockKind);
           }
         },
         () => undefined,

@@ -59,6 +59,8 @@ export interface AgentConfig {
   prefetchRate: number;
   /** Largest sequential readahead window on misses, bytes (0: off); see readahead.ts. */
   readahead: number;
+  /** Aligned window a guest miss is widened to, bytes (0: off); see miss-window.ts. */
+  missWindow: number;
   /** Map block size for recorded boots. */
   blockSize: number;
   /** node-cron schedule for maintenance (reclaiming the cache of images gone from storage, index compaction), or 'off'. */
@@ -109,6 +111,8 @@ export const CONFIG_DEFAULTS: Omit<AgentConfig, 'storage' | 'cache'> = {
   prefetchDepth: 4,
   prefetchRate: 0,
   readahead: DEFAULT_READAHEAD.maxBytes,
+  // 1 MiB: the reference boot's misses fall in 189 such windows (miss-window.ts).
+  missWindow: 1024 * 1024,
   blockSize: 4096,
   maintenance: '17 3 * * *',
   maxConnections: 128,
@@ -150,7 +154,7 @@ type Raw = Record<string, unknown>;
 
 const KNOWN_KEYS = new Set([
   'storage', 'cache', 'socket', 'listen', 'control', 'cacheSize', 'cacheMisses', 'storageDelayMs',
-  'storageErrorRate', 'storageRetries', 'storageRetryDelayMs', 'boot', 'merge', 'prefetchChunk', 'prefetchDepth', 'prefetchRate', 'readahead', 'blockSize', 'maintenance',
+  'storageErrorRate', 'storageRetries', 'storageRetryDelayMs', 'boot', 'merge', 'prefetchChunk', 'prefetchDepth', 'prefetchRate', 'readahead', 'missWindow', 'blockSize', 'maintenance',
   'maxConnections', 'socketMode', 'socketGroup', 'logLevel', 'warmup', 'maxConnectionsPerClient', 'maxBuffered',
   'storageTimeoutMs', 's3Endpoint', 's3PathStyle', 's3Region', 'metrics', 'rawExtensions',
   'tls', 'tlsCertificates', 'tlsVerifyPeer', 'tlsPsk', 'rebuildQuietMs',
@@ -219,6 +223,7 @@ export const FLAG_FOR_KEY: Readonly<Record<string, { flag: string; scale?: numbe
   prefetchDepth: { flag: 'prefetch-depth' },
   prefetchRate: { flag: 'prefetch-rate' },
   readahead: { flag: 'readahead' },
+  missWindow: { flag: 'miss-window' },
   logLevel: { flag: 'log-level' },
   maintenance: { flag: 'maintenance' },
   warmup: { flag: 'warmup' },
@@ -371,6 +376,7 @@ export function resolveConfig(fromFile: Raw, overrides: Raw = {}, fromFlags: Raw
     // A floor of 64K per second: a bare "25" (bytes) is a missing suffix, not a pace.
     prefetchRate: size('prefetchRate', 64 * 1024, Number.MAX_SAFE_INTEGER, '0 (unlimited) or at least 64K (bytes per second)', true),
     readahead: size('readahead', 64 * 1024, 32 * 1024 * 1024, '0 (off) or from 64K to 32M', true),
+    missWindow: size('missWindow', 8 * 1024, 32 * 1024 * 1024, '0 (off) or from 8K to 32M', true),
     blockSize,
     maintenance: maintenance.value,
     maxConnections,

@@ -17,7 +17,7 @@
 import { crc32 } from 'node:zlib';
 import { readSourceInto } from '../image/file-source.js';
 import type { ByteSource } from '../image/types.js';
-import type { Storage } from '../storage/types.js';
+import type { ObjectStat, Storage } from '../storage/types.js';
 import { BufferPool } from './buffer-pool.js';
 import { ReadPlan } from './prefetch-plan.js';
 import { ImageChangedError } from '../errors.js';
@@ -46,6 +46,8 @@ export interface PrefetchSegment {
    * this map. Undefined: any version (tests).
    */
   readonly version?: string;
+  /** That version's stat, when known: the stream's source opens without a request (OpenOptions.known). */
+  readonly stat?: ObjectStat;
   /** True when `data` (one segment block) matches the checksum stored for `rank`. */
   checkBlock(rank: number, data: Buffer): boolean;
   /**
@@ -129,10 +131,10 @@ export class TokenBucket {
  * at a time through a single lane, one slice per event-loop turn: a guest
  * read arriving meanwhile waits behind at most one slice of block checks and
  * cache bookkeeping, not behind every chunk in flight. A slice's cache writes
- * finish before the next slice is handed over, so the stream keeps one
- * slice's writes in the thread pool (a write per run of consecutive slots):
- * the pool's threads stay free for the boot's own I/O
- * (docs/benchmarks-agent.md has the figures).
+ * run while the next slice is checked, and finish before that one is handed
+ * over, so the stream keeps at most one slice's writes in the thread pool (a
+ * write per run of consecutive slots): the pool's threads stay free for the
+ * boot's own I/O (docs/benchmarks-agent.md has the figures).
  */
 const VERIFY_SLICE = 64;
 
@@ -241,7 +243,8 @@ export class Prefetcher {
       this.chunkCount = plan.length;
       this.plan = plan;
       const expected = this.segment.version;
-      this.source = this.storage.openSource(this.segment.key).then(async (source) => {
+      const known = this.segment.stat;
+      this.source = this.storage.openSource(this.segment.key, known ? { known } : undefined).then(async (source) => {
         if (expected !== undefined && source.version !== expected) {
           await source.close();
           throw new ImageChangedError('segment was republished since its map was read; not streaming it', { file: this.segment.key });
@@ -565,25 +568,36 @@ export class Prefetcher {
   /** Checks a chunk's blocks slice by slice and stores each slice in the cache before the next (see VERIFY_SLICE). */
   private async verifyAndStore(firstRank: number, blocks: number[], data: Buffer): Promise<void> {
     const { blockSize, key } = this.segment;
-    for (let start = 0; start < blocks.length; start += VERIFY_SLICE) {
-      if (start > 0) await new Promise<void>((resolve) => setImmediate(resolve));
-      if (this.stopped) break;
-      const entries: { block: number; data: Buffer; crc?: number }[] = [];
-      for (let i = start; i < Math.min(blocks.length, start + VERIFY_SLICE); i++) {
-        const rank = firstRank + i;
-        const block = blocks[i]!;
-        const blockData = data.subarray(i * blockSize, (i + 1) * blockSize);
-        const crc = this.segment.storedCrc32?.(rank);
-        if (crc !== undefined ? crc32(blockData) !== crc : !this.segment.checkBlock(rank, blockData)) {
-          this.badBlocks++;
-          if (this.badBlocks === 1) this.options.onWarning?.(`segment ${key}: block of rank ${rank} fails its checksum; skipped`);
-          continue;
+    // The previous slice's cache writes, in flight while this slice is checked.
+    let storing: Promise<void> | undefined;
+    try {
+      for (let start = 0; start < blocks.length; start += VERIFY_SLICE) {
+        if (start > 0) await new Promise<void>((resolve) => setImmediate(resolve));
+        if (this.stopped) break;
+        const entries: { block: number; data: Buffer; crc?: number }[] = [];
+        for (let i = start; i < Math.min(blocks.length, start + VERIFY_SLICE); i++) {
+          const rank = firstRank + i;
+          const block = blocks[i]!;
+          const blockData = data.subarray(i * blockSize, (i + 1) * blockSize);
+          const crc = this.segment.storedCrc32?.(rank);
+          if (crc !== undefined ? crc32(blockData) !== crc : !this.segment.checkBlock(rank, blockData)) {
+            this.badBlocks++;
+            if (this.badBlocks === 1) this.options.onWarning?.(`segment ${key}: block of rank ${rank} fails its checksum; skipped`);
+            continue;
+          }
+          this.loaded.add(block);
+          this.blocksLoaded++;
+          if (!this.sink.has(block)) entries.push(crc === undefined ? { block, data: blockData } : { block, data: blockData, crc });
         }
-        this.loaded.add(block);
-        this.blocksLoaded++;
-        if (!this.sink.has(block)) entries.push(crc === undefined ? { block, data: blockData } : { block, data: blockData, crc });
+        if (entries.length === 0) continue;
+        if (storing) await storing;
+        storing = this.sink.storeMany(entries);
+        storing.catch(() => undefined); // awaited below; not unhandled while the next slice is checked
       }
-      if (entries.length > 0) await this.sink.storeMany(entries);
+      if (storing) await storing;
+    } finally {
+      // Every write has finished before the caller reuses the chunk's buffer, failed or not.
+      if (storing) await storing.catch(() => undefined);
     }
   }
 }

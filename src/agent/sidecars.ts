@@ -12,10 +12,10 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { ConflictError, FileNotFoundError, ImageChangedError, StorageIOError } from '../errors.js';
 import type { Bitmap } from '../format/bitmap.js';
 import { BootMap, mergeBoots, parseMap, type MergePolicy } from '../format/map.js';
-import { SegmentReader } from '../format/segment.js';
-import { ImageIndex } from '../format/image-index.js';
-import type { DiskImage } from '../image/types.js';
-import type { Storage } from '../storage/types.js';
+import { SEGMENT_HEAD_READ, SegmentReader } from '../format/segment.js';
+import { INDEX_HEAD_READ, ImageIndex } from '../format/image-index.js';
+import type { ByteSource, DiskImage } from '../image/types.js';
+import type { ObjectStat, Storage } from '../storage/types.js';
 import type { BootRecorder } from './boot-recorder.js';
 import type { CacheManager } from './cache-manager.js';
 import type { PrefetchMap, PrefetchSegment } from './prefetcher.js';
@@ -67,16 +67,10 @@ export class SidecarStore {
 
   private async readMapOnce(name: string, image: DiskImage): Promise<{ map: BootMap | undefined; version: string | null; ageMs: number }> {
     const key = name + MAP_SUFFIX;
-    const st = await this.storage.stat(key);
-    if (!st) return { map: undefined, version: null, ageMs: Infinity };
-    const ageMs = st.modifiedMs === undefined ? 0 : Math.max(0, Date.now() - st.modifiedMs);
-    let source;
-    try {
-      source = await this.storage.openSource(key);
-    } catch (err) {
-      if (err instanceof FileNotFoundError) return { map: undefined, version: null, ageMs: Infinity };
-      throw err;
-    }
+    // No stat first, and the map's bytes with the open: one request on an object store.
+    const source = await this.openIfPresent(key, MAP_HEAD_READ);
+    if (!source) return { map: undefined, version: null, ageMs: Infinity };
+    const ageMs = source.modifiedMs === undefined ? 0 : Math.max(0, Date.now() - source.modifiedMs);
     let map: BootMap;
     try {
       map = parseMap(await source.read(0, source.size), key);
@@ -101,14 +95,8 @@ export class SidecarStore {
    */
   async loadIndex(name: string, image: DiskImage): Promise<ImageIndex | undefined> {
     const key = name + INDEX_SUFFIX;
-    // No stat first: opening finds out that there is none (an object store's open is a HEAD already).
-    let source;
-    try {
-      source = await this.storage.openSource(key);
-    } catch (err) {
-      if (err instanceof FileNotFoundError) return undefined;
-      throw err;
-    }
+    const source = await this.openIfPresent(key, INDEX_HEAD_READ);
+    if (!source) return undefined;
     try {
       const index = await ImageIndex.open(source);
       if (!index.matches(image)) {
@@ -135,15 +123,15 @@ export class SidecarStore {
    */
   async loadForPrefetch(name: string, image: DiskImage): Promise<LoadedSidecars | undefined> {
     const segKey = name + SEGMENT_SUFFIX;
-    if (!(await this.storage.stat(segKey))) return undefined;
-    const map = await this.currentMap(name, image);
-    if (!map) return undefined;
-    const published = await this.publishedSegment(name, image, map);
+    // Map and segment header together: two requests in one round trip; each open reads its head.
+    const [map, segment] = await Promise.all([this.currentMap(name, image), this.openSegment(name)]);
+    if (!map || !segment) return undefined;
+    const published = checkSegment(segment, image, map);
     if (!('reader' in published)) {
       this.log.warn({ export: name, ...(published.err === undefined ? {} : { err: published.err }) }, published.message);
       return undefined;
     }
-    const { reader, version } = published;
+    const { reader, version, stat } = published;
     const index = map.index;
     const digests: SegmentDigests | undefined = reader.hasDigests
       ? { isSet: (block) => map.bitmap.get(block), rank: (block) => index.rank(block), table: reader.blockDigests(0, reader.blockCount) }
@@ -165,6 +153,7 @@ export class SidecarStore {
         blockCount: reader.blockCount,
         dataOffset: reader.dataOffset,
         version,
+        stat,
         checkBlock: (rank, data) => reader.verifyBlock(rank, data),
         storedCrc32: (rank) => reader.storedCrc32(rank),
       },
@@ -176,28 +165,37 @@ export class SidecarStore {
    * version (header, table and size checked; block data is checked as it is
    * read), else why not.
    */
-  private async publishedSegment(
-    name: string,
-    image: DiskImage,
-    map: BootMap,
-  ): Promise<{ reader: SegmentReader; version: string } | { message: string; err?: string }> {
-    const source = await this.storage.openSource(name + SEGMENT_SUFFIX);
-    const version = source.version;
-    let reader: SegmentReader;
+  private async publishedSegment(name: string, image: DiskImage, map: BootMap): Promise<CheckedSegment | { message: string; err?: string }> {
+    const segment = await this.openSegment(name);
+    return segment ? checkSegment(segment, image, map) : { message: 'no segment' };
+  }
+
+  /**
+   * A sidecar opened with its first `head` bytes, or undefined when there is
+   * none. No stat first: opening finds out, in one request on an object store.
+   */
+  private async openIfPresent(key: string, head: number): Promise<ByteSource | undefined> {
     try {
-      reader = await SegmentReader.fromSource(source);
+      return await this.storage.openSource(key, { head });
     } catch (err) {
-      return { message: 'segment unreadable; not prefetching', err: (err as Error).message };
+      if (err instanceof FileNotFoundError) return undefined;
+      throw err;
+    }
+  }
+
+  /** The published segment's header and tables with the version they belong to (one request on an object store), or undefined when there is none. */
+  private async openSegment(name: string): Promise<OpenedSegment | undefined> {
+    const key = name + SEGMENT_SUFFIX;
+    const source = await this.openIfPresent(key, SEGMENT_HEAD_READ);
+    if (!source) return undefined;
+    const stat: ObjectStat = { key, size: source.size, stamp: source.stamp, version: source.version };
+    try {
+      return { reader: await SegmentReader.fromSource(source), stat };
+    } catch (err) {
+      return { unreadable: (err as Error).message, stat };
     } finally {
       await source.close();
     }
-    if (reader.identity !== image.identity) {
-      return { message: 'segment is for another version of the image (identity mismatch); not prefetching' };
-    }
-    if (reader.mapDigest !== map.mapDigest() || reader.blockCount !== map.blocksSet || reader.blockSize !== map.blockSize) {
-      return { message: 'segment was not built from the current map (digest mismatch); not prefetching' };
-    }
-    return { reader, version };
   }
 
   /**
@@ -301,7 +299,6 @@ export class SidecarStore {
 
   /** Whether the published segment was built from `map` for this image version. */
   private async segmentMatches(name: string, image: DiskImage, map: BootMap): Promise<boolean> {
-    if (!(await this.storage.stat(name + SEGMENT_SUFFIX))) return false;
     const published = await this.publishedSegment(name, image, map).catch(() => undefined);
     return published !== undefined && 'reader' in published;
   }
@@ -379,6 +376,34 @@ export class SidecarStore {
   }
 
 }
+
+/** A segment's header and tables as read, or why they could not be; `stat`: the version read. */
+type OpenedSegment = { reader: SegmentReader; stat: ObjectStat } | { unreadable: string; stat: ObjectStat };
+
+interface CheckedSegment {
+  reader: SegmentReader;
+  version: string;
+  stat: ObjectStat;
+}
+
+/** The segment when it was built from `map` for this image version (header, table and size checked; block data is checked as it is read), else why not. */
+function checkSegment(segment: OpenedSegment, image: DiskImage, map: BootMap): CheckedSegment | { message: string; err?: string } {
+  if (!('reader' in segment)) return { message: 'segment unreadable; not prefetching', err: segment.unreadable };
+  const { reader, stat } = segment;
+  if (reader.identity !== image.identity) {
+    return { message: 'segment is for another version of the image (identity mismatch); not prefetching' };
+  }
+  if (reader.mapDigest !== map.mapDigest() || reader.blockCount !== map.blocksSet || reader.blockSize !== map.blockSize) {
+    return { message: 'segment was not built from the current map (digest mismatch); not prefetching' };
+  }
+  return { reader, version: stat.version, stat };
+}
+
+/**
+ * Bytes read with a map's open: the whole map of an image up to 32 GiB at
+ * 4 KiB blocks (a 1 MiB bitmap); a larger map's rest is one more read.
+ */
+const MAP_HEAD_READ = 1024 * 1024 + 64 * 1024;
 
 /** Publish counters of one agent. */
 export interface PublishCounters {

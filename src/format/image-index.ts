@@ -39,7 +39,7 @@ const MAX_HEADER_LENGTH = 65536;
  * (up to about 30,000 data blocks) the digest table in one request, since on
  * an object store each read is a round trip.
  */
-const INDEX_HEAD_READ = 1024 * 1024;
+export const INDEX_HEAD_READ = 1024 * 1024;
 
 // Header field offsets (docs/formats.md, "Image index header").
 const OFF_VERSION = 8;

@@ -47,7 +47,7 @@ export const SEGMENT_DATA_ALIGNMENT = 4096;
  * bytes per block), the digest and checksum tables, in one request instead
  * of three.
  */
-const SEGMENT_HEAD_READ = 1024 * 1024;
+export const SEGMENT_HEAD_READ = 1024 * 1024;
 
 /**
  * Per-block checksum algorithms (docs/formats.md, "Segment header",

@@ -37,6 +37,7 @@ export class FileByteSource implements ByteSource {
     private readonly handle: FileHandle,
     /** fstat on the event loop (a local file system, see LOCAL_FS_TYPES). */
     private readonly syncCheck: boolean,
+    readonly modifiedMs?: number,
   ) {}
 
   static async open(path: string): Promise<FileByteSource> {
@@ -52,7 +53,7 @@ export class FileByteSource implements ByteSource {
         throw new StorageIOError('not a regular file', { file: path });
       }
       const local = await statfs(path).then((fs) => LOCAL_FS_TYPES.has(fs.type >>> 0), () => false);
-      return new FileByteSource(path, Number(st.size), fileStamp(st), fileVersion(st), handle, local);
+      return new FileByteSource(path, Number(st.size), fileStamp(st), fileVersion(st), handle, local, Number(st.mtimeMs));
     } catch (err) {
       await handle.close();
       throw fromSystemError(err, path, 'opening');

@@ -72,7 +72,7 @@ export async function openImageFromSource(
  * from one request instead of three or more, each a round trip on an object
  * store.
  */
-const OPEN_HEAD_BYTES = 64 * 1024;
+export const OPEN_HEAD_BYTES = 64 * 1024;
 
 /**
  * A source whose first bytes are served from memory, for as long as it is

@@ -22,6 +22,10 @@ export interface ByteSource {
    * a source never returns bytes of two versions.
    */
   readonly version: string;
+  /** When this version was written (ms since the epoch), when the storage says. */
+  readonly modifiedMs?: number;
+  /** Bytes from offset 0 held in memory since the open (OpenOptions.head): reads inside them make no request. */
+  readonly headLength?: number;
   /**
    * Reads exactly `length` bytes at `offset`. Throws StorageIOError when the
    * range goes past the end of the source, StorageReadError when the read

@@ -5,7 +5,7 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import { StorageReadError } from '../errors.js';
 import type { ByteSource } from '../image/types.js';
-import type { ObjectStat, PutOptions, Storage } from './types.js';
+import type { ObjectStat, OpenOptions, PutOptions, Storage } from './types.js';
 
 /** Base filter: forwards everything; subclasses override readHook. */
 abstract class StorageFilter implements Storage {
@@ -13,6 +13,10 @@ abstract class StorageFilter implements Storage {
 
   get description(): string {
     return this.inner.description;
+  }
+
+  get opensWithHead(): boolean | undefined {
+    return this.inner.opensWithHead;
   }
 
   /** Called around every data read (ranged reads, gets, source reads). */
@@ -38,19 +42,30 @@ abstract class StorageFilter implements Storage {
     return this.inner.list(prefix);
   }
 
-  async openSource(key: string): Promise<ByteSource> {
-    const source = await this.inner.openSource(key);
+  async openSource(key: string, options?: OpenOptions): Promise<ByteSource> {
+    // An open that reads a head is a data read (an object store's ranged GET); a plain open is a HEAD.
+    const head = options?.head ?? 0;
+    const source = head > 0 && options?.known === undefined && this.inner.opensWithHead === true
+      ? await this.readHook(key, head, () => this.inner.openSource(key, options))
+      : await this.inner.openSource(key, options);
+    // Reads inside the head held since the open are no requests: not counted, delayed or retried.
+    const held = source.headLength ?? 0;
+    const inHead = (offset: number, length: number): boolean => offset + length <= held;
     return {
       name: source.name,
       size: source.size,
       stamp: source.stamp,
       version: source.version,
-      read: (offset, length) => this.readHook(key, length, () => source.read(offset, length)),
+      ...(source.modifiedMs === undefined ? {} : { modifiedMs: source.modifiedMs }),
+      ...(held > 0 ? { headLength: held } : {}),
+      read: (offset, length) => (inHead(offset, length) ? source.read(offset, length) : this.readHook(key, length, () => source.read(offset, length))),
       ...(source.readInto === undefined
         ? {}
         : {
             readInto: (offset: number, length: number, target: Buffer, targetOffset: number) =>
-              this.readHook(key, length, () => source.readInto!(offset, length, target, targetOffset)),
+              inHead(offset, length)
+                ? source.readInto!(offset, length, target, targetOffset)
+                : this.readHook(key, length, () => source.readInto!(offset, length, target, targetOffset)),
           }),
       close: () => source.close(),
     };
@@ -129,8 +144,8 @@ export class CountingStorage extends StorageFilter {
       kind.errors++;
       throw err;
     }
-    // A read into the caller's buffer returns nothing: it read the `bytes` asked for.
-    const n = Buffer.isBuffer(result) ? result.length : bytes;
+    // A read into the caller's buffer returns nothing: it read the `bytes` asked for; an open with a head read its head.
+    const n = Buffer.isBuffer(result) ? result.length : headLengthOf(result) ?? bytes;
     this.counters.readBytes += n;
     kind.bytes += n;
     return result;
@@ -204,4 +219,11 @@ export class RetryingStorage extends StorageFilter {
       }
     }
   }
+}
+
+/** The head an open read (a source opened with OpenOptions.head), if `value` is such a source. */
+function headLengthOf(value: unknown): number | undefined {
+  if (typeof value !== 'object' || value === null || !('headLength' in value)) return undefined;
+  const n = (value as { headLength: unknown }).headLength;
+  return typeof n === 'number' ? n : undefined;
 }

@@ -214,6 +214,7 @@ function renamedSource(source: ByteSource, key: string): ByteSource {
     size: source.size,
     stamp: source.stamp,
     version: source.version,
+    ...(source.modifiedMs === undefined ? {} : { modifiedMs: source.modifiedMs }),
     read: (offset, length) => source.read(offset, length),
     ...(source.readInto === undefined
       ? {}

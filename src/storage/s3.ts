@@ -28,7 +28,7 @@ import { checkTarget } from '../image/file-source.js';
 import type { ByteSource } from '../image/types.js';
 import { validateKey } from './local.js';
 import { posix } from 'node:path';
-import type { ObjectStat, PutOptions, Storage } from './types.js';
+import type { ObjectStat, OpenOptions, PutOptions, Storage } from './types.js';
 
 /** A parsed `s3://BUCKET/PREFIX` location. */
 export interface S3Location {
@@ -155,11 +155,13 @@ export class S3Storage implements Storage {
   async put(key: string, body: Buffer | AsyncIterable<Buffer>, options: PutOptions = {}): Promise<ObjectStat> {
     const Key = this.objectKey(key);
     if (options.ifVersion !== undefined && !Buffer.isBuffer(body)) throw new RangeError('a conditional put takes a Buffer');
+    // A single PUT's response names the version written (its ETag): no HEAD after it.
+    let written: string | undefined;
     try {
       if (options.ifVersion !== undefined) {
-        await this.conditionalPut(key, Key, body as Buffer, options.ifVersion);
+        written = await this.conditionalPut(key, Key, body as Buffer, options.ifVersion);
       } else if (Buffer.isBuffer(body)) {
-        await this.client.send(new PutObjectCommand({ Bucket: this.location.bucket, Key, Body: body, ContentLength: body.length }));
+        written = (await this.client.send(new PutObjectCommand({ Bucket: this.location.bucket, Key, Body: body, ContentLength: body.length }))).ETag;
       } else {
         const upload = new Upload({
           client: this.client,
@@ -175,37 +177,44 @@ export class S3Storage implements Storage {
       const failure = s3Failure(err, key, 'publishing');
       throw failure instanceof StorageReadError ? new StorageIOError(failure.message, { file: key, cause: err }) : failure;
     }
+    if (written !== undefined && Buffer.isBuffer(body)) return objectStat(key, body.length, written)!;
     const st = await this.stat(key);
     if (!st) throw new StorageIOError('object vanished right after publishing', { file: key });
     return st;
   }
 
+  /** Set once the endpoint took a bare If-Match ETag after refusing the quoted one (Ceph RGW 16): later puts send it bare first. */
+  private bareIfMatch = false;
+
   /**
    * PUT with If-Match (or If-None-Match: *). Ceph RGW 16 compares If-Match
    * on PUT against the bare ETag, without the quotes that S3 and HTTP use: a
    * 412 while the object still carries the expected ETag is retried once
-   * with the bare value.
+   * with the bare value, which later puts then send first. Returns the ETag written.
    */
-  private async conditionalPut(key: string, Key: string, body: Buffer, ifVersion: string | null): Promise<void> {
-    const put = (condition: { IfMatch?: string; IfNoneMatch?: string }) =>
-      this.client.send(new PutObjectCommand({ Bucket: this.location.bucket, Key, Body: body, ContentLength: body.length, ...condition }));
+  private async conditionalPut(key: string, Key: string, body: Buffer, ifVersion: string | null): Promise<string | undefined> {
+    const put = async (condition: { IfMatch?: string; IfNoneMatch?: string }) =>
+      (await this.client.send(new PutObjectCommand({ Bucket: this.location.bucket, Key, Body: body, ContentLength: body.length, ...condition }))).ETag;
     const conflict = (err: unknown): ConflictError =>
       new ConflictError(`changed since it was read (expected ${ifVersion ?? 'no object'})`, { file: key, cause: err });
     if (ifVersion === null) {
-      await put({ IfNoneMatch: '*' }).catch((err: unknown) => {
+      return put({ IfNoneMatch: '*' }).catch((err: unknown) => {
         throw httpStatus(err) === 412 ? conflict(err) : err;
       });
-      return;
     }
-    const etag = ifVersion.slice(ifVersion.indexOf(':') + 1);
+    const quoted = ifVersion.slice(ifVersion.indexOf(':') + 1);
+    const bare = quoted.replace(/^"(.*)"$/, '$1');
+    const [first, second] = this.bareIfMatch ? [bare, quoted] : [quoted, bare];
     try {
-      await put({ IfMatch: etag });
+      return await put({ IfMatch: first });
     } catch (err) {
-      if (httpStatus(err) !== 412) throw err;
+      if (httpStatus(err) !== 412 || first === second) throw httpStatus(err) === 412 ? conflict(err) : err;
       if ((await this.stat(key))?.version !== ifVersion) throw conflict(err);
-      await put({ IfMatch: etag.replace(/^"(.*)"$/, '$1') }).catch((again: unknown) => {
+      const etag = await put({ IfMatch: second }).catch((again: unknown) => {
         throw httpStatus(again) === 412 ? conflict(again) : again;
       });
+      this.bareIfMatch = second === bare;
+      return etag;
     }
   }
 
@@ -239,10 +248,56 @@ export class S3Storage implements Storage {
     return out.sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0));
   }
 
-  async openSource(key: string): Promise<ByteSource> {
+  readonly opensWithHead = true;
+
+  /**
+   * One version of an object. With `known`, no request; with `head`, one
+   * ranged GET of the head, whose response names the version (ETag) and the
+   * size (Content-Range) as a HEAD would; otherwise a HEAD.
+   */
+  async openSource(key: string, options: OpenOptions = {}): Promise<ByteSource> {
+    if (options.known) return new S3ByteSource(this, key, options.known);
+    const head = options.head ?? 0;
+    if (head > 0) {
+      const opened = await this.getHead(key, head);
+      if (opened) return new S3ByteSource(this, key, opened.stat, opened.head);
+    }
     const st = await this.stat(key);
     if (!st) throw new FileNotFoundError('no such object (while opening)', { file: key });
     return new S3ByteSource(this, key, st);
+  }
+
+  /** The first `length` bytes (fewer if the object is shorter) and the version they belong to; undefined for an empty object (416). */
+  private async getHead(key: string, length: number): Promise<{ stat: ObjectStat; head: Buffer } | undefined> {
+    const doing = `opening with a read of its first ${length} bytes`;
+    let out: GetObjectCommandOutput;
+    try {
+      out = await this.client.send(new GetObjectCommand({ Bucket: this.location.bucket, Key: this.objectKey(key), Range: `bytes=0-${length - 1}` }));
+    } catch (err) {
+      if (isNotFound(err)) throw new FileNotFoundError('no such object (while opening)', { file: key, cause: err });
+      if (httpStatus(err) === 416) return undefined;
+      throw s3Failure(err, key, doing);
+    }
+    // "bytes 0-N/TOTAL" (RFC 9110, 14.4); a 200 without it is the whole object.
+    const total = /\/(\d+)$/.exec(out.ContentRange ?? '')?.[1];
+    const size = total !== undefined ? Number(total) : out.ContentLength;
+    const stat = objectStat(key, size, out.ETag, out.LastModified);
+    if (!stat) throw new StorageReadError(`response to ${doing} lacks a size or an ETag`, { file: key });
+    const want = Math.min(length, stat.size);
+    const head = Buffer.allocUnsafe(want);
+    let done = 0;
+    try {
+      for await (const chunk of out.Body as Readable) {
+        const bytes = chunk as Buffer;
+        if (done + bytes.length > want) throw new Error(`the response holds more than the ${want} bytes asked for`);
+        bytes.copy(head, done);
+        done += bytes.length;
+      }
+    } catch (err) {
+      throw s3Failure(err, key, doing);
+    }
+    if (done !== want) throw new StorageReadError(`response ended after ${done} of ${want} bytes (while ${doing})`, { file: key });
+    return { stat, head };
   }
 
   resolveRelative(fromKey: string, name: string): string {
@@ -320,6 +375,8 @@ class S3ByteSource implements ByteSource {
   readonly size: number;
   readonly stamp: string;
   readonly version: string;
+  readonly modifiedMs?: number;
+  readonly headLength?: number;
   private readonly etag: string;
   private changed: ImageChangedError | undefined;
 
@@ -327,11 +384,15 @@ class S3ByteSource implements ByteSource {
     private readonly storage: S3Storage,
     key: string,
     st: ObjectStat,
+    /** Bytes [0, head.length) of this version, read with the open. */
+    private readonly head?: Buffer,
   ) {
     this.name = key;
     this.size = st.size;
     this.stamp = st.stamp;
     this.version = st.version;
+    if (st.modifiedMs !== undefined) this.modifiedMs = st.modifiedMs;
+    if (head !== undefined && head.length > 0) this.headLength = head.length;
     this.etag = st.version.slice(st.version.indexOf(':') + 1);
   }
 
@@ -345,6 +406,10 @@ class S3ByteSource implements ByteSource {
     if (this.changed) throw this.changed;
     if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size) {
       throw new StorageIOError(`read of ${length} bytes at offset ${offset} is past the end of the object (${this.size} bytes)`, { file: this.name });
+    }
+    if (this.head !== undefined && offset + length <= this.head.length) {
+      this.head.copy(target, targetOffset, offset, offset + length);
+      return;
     }
     await this.storage.getInto(this.name, this.etag, offset, length, target, targetOffset, (err) => {
       this.changed = err;

@@ -35,6 +35,22 @@ export interface PutOptions {
   ifVersion?: string | null;
 }
 
+/** How to open a source: what an object store can save a round trip on. */
+export interface OpenOptions {
+  /**
+   * Bytes from the start the caller reads first (a header). An object store
+   * opens with one ranged GET of them instead of a HEAD, and the source serves
+   * reads inside them from memory. A file storage ignores it.
+   */
+  head?: number;
+  /**
+   * The version the caller has seen (a stat, or a source it opened before):
+   * an object store opens with no request, and a read of another version
+   * fails with ImageChangedError as usual. A file storage ignores it.
+   */
+  known?: ObjectStat;
+}
+
 export interface Storage {
   /** Human-readable location, e.g. "dir:/srv/images". */
   readonly description: string;
@@ -56,12 +72,14 @@ export interface Storage {
    * A ByteSource over one version of the object (ranged reads): once the
    * object changes, its reads fail with ImageChangedError.
    */
-  openSource(key: string): Promise<ByteSource>;
+  openSource(key: string, options?: OpenOptions): Promise<ByteSource>;
   /**
    * Optional: checks at start that the storage can be used at all (the
    * bucket exists, the credentials are accepted); throws a one-line error.
    */
   ready?(): Promise<void>;
+  /** Set when openSource honours OpenOptions.head (one ranged GET for open and head): the open is then a read request. */
+  readonly opensWithHead?: boolean;
   /** Opens `name` relative to the directory of `fromKey` (qcow2 backing files). */
   resolveRelative(fromKey: string, name: string): string;
 }

@@ -74,7 +74,7 @@ afterAll(async () => {
 });
 
 async function start(dir: string): Promise<{ agent: Agent; config: AgentConfig }> {
-  const started = await startTestAgent(storage, join(root, dir), { readahead: 0, boot: { idleMs: 60_000, windowMs: 600_000, minReads: 1e9 } });
+  const started = await startTestAgent(storage, join(root, dir), { readahead: 0, missWindow: 0, boot: { idleMs: 60_000, windowMs: 600_000, minReads: 1e9 } });
   agents.push(started.agent);
   return started;
 }

@@ -25,6 +25,20 @@ describe('agent configuration: readahead', () => {
   });
 });
 
+describe('agent configuration: missWindow (--miss-window)', () => {
+  it('defaults to 1 MiB, takes sizes from the flag or the key, and 0 turns it off', () => {
+    expect(CONFIG_DEFAULTS.missWindow).toBe(1024 * 1024);
+    expect(resolveConfig({}, base).missWindow).toBe(1024 * 1024);
+    expect(resolveConfig({ missWindow: '256K' }, base).missWindow).toBe(256 * 1024);
+    expect(resolveConfig({}, { ...base, missWindow: '0' }).missWindow).toBe(0);
+    expect(FLAG_FOR_KEY.missWindow).toEqual({ flag: 'miss-window' });
+  });
+
+  it('refuses windows outside 8K..32M and garbage, naming the key', () => {
+    for (const bad of ['4K', '64M', 'wide', -1]) expect(() => resolveConfig({ missWindow: bad }, base)).toThrow(/missWindow/);
+  });
+});
+
 describe('agent configuration: prefetchRate (--prefetch-rate)', () => {
   it('is unlimited (0) by default, takes sizes per second from the flag or the key, and 0 is unlimited', () => {
     expect(resolveConfig({}, base).prefetchRate).toBe(0);

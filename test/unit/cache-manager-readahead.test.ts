@@ -1,7 +1,8 @@
 /**
  * The miss path of the cache manager: sequential readahead on guest misses
- * (fewer storage requests for a boot loader's serial reads) and batched
- * cache writes of missed blocks (MissWriter).
+ * (fewer storage requests for a boot loader's serial reads), the miss window
+ * (one request for the blocks around a scattered miss) and batched cache
+ * writes of missed blocks (MissWriter).
  */
 import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -15,7 +16,7 @@ import type { DiskImage } from '../../src/image/types.js';
 const BS = 4096;
 const BLOCKS = 1024; // 4 MiB image
 
-function setup(readaheadBytes: number) {
+function setup(readaheadBytes: number, missWindowBytes = 0) {
   const bytes = randomBytes(BLOCKS * BS);
   const imageReads: Array<[number, number]> = [];
   const image: DiskImage = {
@@ -41,6 +42,7 @@ function setup(readaheadBytes: number) {
     cacheMisses: true,
     counters,
     readaheadBytes,
+    missWindowBytes,
     onBootEnd: () => undefined,
   });
   return { bytes, service, imageReads, cached, batches, counters };
@@ -90,6 +92,55 @@ describe('sequential readahead on misses', () => {
     const t = setup(1024 * 1024);
     for (let off = 0; off < 512 * 1024; off += 16 * 1024) await t.service.readUnrecorded(off, 16 * 1024);
     expect(t.imageReads.length).toBe(32);
+  });
+});
+
+describe('miss window', () => {
+  const WINDOW = 64 * 1024; // 16 blocks
+
+  it('reads the aligned window around a miss in one request, serves the reads after it from the cache, same bytes', async () => {
+    const t = setup(0, WINDOW);
+    t.service.open();
+    // Scattered small reads within two windows: [16, 32) and [512, 528).
+    for (const b of [20, 17, 30, 16, 31, 515, 512, 527]) {
+      const got = await t.service.read(b * BS + 100, 500);
+      expect(got.equals(t.bytes.subarray(b * BS + 100, b * BS + 600))).toBe(true);
+      await sleep(10); // the window's blocks are written to the cache (MissWriter)
+    }
+    await sleep(20);
+    expect(t.imageReads).toEqual([[16 * BS, WINDOW], [512 * BS, WINDOW]]);
+    // Only the blocks guests read count as their misses; the widening is cached as 'other'.
+    expect(t.counters.storage).toBe(2);
+    expect(t.counters.cache).toBe(6);
+  });
+
+  it('widens only over blocks nothing else brings: a cached neighbour ends the window', async () => {
+    const t = setup(0, WINDOW);
+    t.service.open();
+    await t.service.readUnrecorded(40 * BS, BS); // unrecorded: no widening, block 40 cached
+    await sleep(20);
+    await t.service.read(36 * BS, BS);
+    await sleep(20);
+    // Window [32, 48) from block 36, stopped before the cached block 40.
+    expect(t.imageReads).toEqual([[40 * BS, BS], [32 * BS, 8 * BS]]);
+    for (let b = 32; b < 48; b++) {
+      const got = await t.service.read(b * BS, BS);
+      expect(got.equals(t.bytes.subarray(b * BS, (b + 1) * BS))).toBe(true);
+    }
+    await sleep(20);
+    expect(t.imageReads.length).toBe(3); // blocks 41..47: one more request
+  });
+
+  it('never reads past the end of the image, and is off at 0', async () => {
+    const t = setup(0, 1024 * 1024);
+    t.service.open();
+    await t.service.read((BLOCKS - 3) * BS, BS);
+    await sleep(20);
+    expect(t.imageReads).toEqual([[(BLOCKS - 256) * BS, 256 * BS]]);
+    const off = setup(0, 0);
+    off.service.open();
+    await off.service.read(5 * BS, BS);
+    expect(off.imageReads).toEqual([[5 * BS, BS]]);
   });
 });
 

@@ -23,7 +23,7 @@ export default class AgentRun extends BaseCommand<typeof AgentRun> {
 
 Runs in the foreground until SIGTERM or SIGINT: it then stops accepting, finishes in-flight requests, and flushes maps and the cache index (a signal during the start makes it give up cleanly, exit status 0). Logs are JSON lines (pino) on stdout. TCP is used only with --listen (default port ${DEFAULT_NBD_PORT}).
 
-Settings come from flags or a JSON config file (--config); flags win. Config keys: storage, cache, socket, listen, control, metrics, rawExtensions, cacheSize, cacheMisses, storageDelayMs, storageErrorRate, storageRetries, storageRetryDelayMs, storageTimeoutMs, s3Endpoint, s3PathStyle, s3Region, tls, tlsCertificates, tlsVerifyPeer, tlsPsk, boot {idleMs, windowMs, minReads, maxShare, maxShareFloor}, merge {minSeen, window}, prefetchChunk, prefetchDepth, prefetchRate, readahead, blockSize, maintenance, maxConnections, maxConnectionsPerClient, maxBuffered, socketMode, socketGroup, logLevel, warmup.
+Settings come from flags or a JSON config file (--config); flags win. Config keys: storage, cache, socket, listen, control, metrics, rawExtensions, cacheSize, cacheMisses, storageDelayMs, storageErrorRate, storageRetries, storageRetryDelayMs, storageTimeoutMs, s3Endpoint, s3PathStyle, s3Region, tls, tlsCertificates, tlsVerifyPeer, tlsPsk, boot {idleMs, windowMs, minReads, maxShare, maxShareFloor}, merge {minSeen, window}, prefetchChunk, prefetchDepth, prefetchRate, readahead, missWindow, blockSize, maintenance, maxConnections, maxConnectionsPerClient, maxBuffered, socketMode, socketGroup, logLevel, warmup.
 
 ${EXIT_CODES}`;
 
@@ -72,6 +72,7 @@ ${EXIT_CODES}`;
     'prefetch-depth': Flags.integer({ description: 'Prefetch reads in flight (the bounded buffer, default 4).', helpValue: 'N' }),
     'prefetch-rate': Flags.string({ description: 'Pace the segment stream to this many bytes per second on a shared storage link, e.g. 25M; it then keeps one read in flight. Guest reads are never paced (default 0, unlimited).', helpValue: 'BYTES_PER_S' }),
     readahead: Flags.string({ description: 'Largest sequential readahead on cache misses, e.g. 2M; 0 turns it off (default 2M).', helpValue: 'BYTES' }),
+    'miss-window': Flags.string({ description: 'Widen each guest miss to its aligned window of this size, one storage request for the blocks around it too, e.g. 1M; 0 turns it off (default 1M).', helpValue: 'BYTES' }),
     'log-level': Flags.string({ description: 'pino log level.', options: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] }),
     maintenance: Flags.string({ description: 'Cron schedule for maintenance (reclaiming the cached blocks of images gone from storage, cache index compaction), or "off".', helpValue: 'CRON' }),
     warmup: Flags.boolean({ description: `Before listening, boot a scratch image through a private agent (about 2 s) so the first real boot runs on optimised code (default ${CONFIG_DEFAULTS.warmup ? 'on' : 'off'}).`, allowNo: true }),
