@@ -253,7 +253,6 @@ export class DecodePool {
   private startWorker(source: string): PoolWorker {
     const worker = new Worker(source, { eval: true, resourceLimits: HELPER_RESOURCE_LIMITS });
     const entry: PoolWorker = { worker, pending: new Map(), pendingBytes: 0 };
-    worker.unref();
     worker.on('message', (reply: WorkerReply) => {
       const pending = entry.pending.get(reply.id);
       if (!pending) return;
@@ -271,6 +270,9 @@ export class DecodePool {
     };
     worker.on('error', fail);
     worker.on('exit', (code) => fail(new Error(`exited with code ${code}`)));
+    // After the listeners: adding a 'message' listener refs the worker's port again,
+    // and an idle worker that was never sent a batch would then keep the process alive.
+    worker.unref();
     return entry;
   }
 }
