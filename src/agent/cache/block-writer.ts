@@ -8,7 +8,7 @@ import { AgentError, fromSystemError } from '../../errors.js';
 import type { CacheBlockKind, CacheEntry } from '../block-cache.js';
 import type { CacheState } from './cache-state.js';
 import { isNoSpace } from './disk-space.js';
-import { pwriteAll, writevAll } from './file-io.js';
+import { coalesceViews, pwriteAll, writevAll } from './file-io.js';
 import type { GroupCommit } from './group-commit.js';
 import type { Reclaimer } from './reclaim.js';
 import { SlotFlag, type Space } from './slot-index.js';
@@ -64,7 +64,7 @@ export class BlockWriter {
         sp.writers.set(block, batch);
         locked++;
       }
-      await this.writeLocked(sp, blocks, byBlock, kind === 'boot');
+      await this.writeLocked(sp, byBlock, kind === 'boot');
     } finally {
       for (let i = 0; i < locked; i++) sp.writers.delete(blocks[i]!);
       release();
@@ -82,14 +82,16 @@ export class BlockWriter {
     }
   }
 
-  /** Runs with every key of `blocks` locked. */
-  private async writeLocked(sp: Space, blocks: number[], byBlock: Map<number, CacheEntry>, boot: boolean): Promise<void> {
+  /** Runs with every key of `byBlock` locked. */
+  private async writeLocked(sp: Space, byBlock: Map<number, CacheEntry>, boot: boolean): Promise<void> {
     const { state, commit, reclaim } = this;
     const index = state.index;
     const writes: Write[] = [];
     let promoted = false;
-    for (const block of blocks) {
-      const { data, crc: given } = byBlock.get(block)!;
+    // In the order given, not the (locking) order of the keys: slots are taken in this order, so a
+    // segment chunk's blocks land in consecutive slots in their order in memory, one write for the
+    // run (coalesceViews), also when they are keyed by content.
+    for (const [block, { data, crc: given }] of byBlock) {
       const crc = given ?? crc32(data);
       const existing = sp.blocks.get(block);
       if (existing !== undefined && index.crcOf[existing] === crc && !(index.flags[existing] & SlotFlag.UNVERIFIED)) {
@@ -167,7 +169,8 @@ export class BlockWriter {
       let j = i + 1;
       while (j < taken.length && taken[j]!.slot === taken[j - 1]!.slot + 1) j++;
       const position = taken[i]!.slot * blockSize;
-      runs.push(j === i + 1 ? pwriteAll(files.data.fd, taken[i]!.data, position) : writevAll(files.data, taken.slice(i, j).map((w) => w.data), position));
+      const chunks = j === i + 1 ? [taken[i]!.data] : coalesceViews(taken.slice(i, j).map((w) => w.data));
+      runs.push(chunks.length === 1 ? pwriteAll(files.data.fd, chunks[0]!, position) : writevAll(files.data, chunks, position));
       i = j;
     }
     const results = await Promise.allSettled(runs);

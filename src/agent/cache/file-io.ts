@@ -22,6 +22,29 @@ export function pwriteAll(fd: number, buf: Buffer, position: number): Promise<vo
   });
 }
 
+/**
+ * The buffers with neighbours in memory (views of one ArrayBuffer, each
+ * starting where the previous ends) merged into one view: a segment chunk's
+ * blocks stored in consecutive slots become one write instead of one iovec
+ * per block (each iovec costs a conversion when the write is submitted).
+ */
+export function coalesceViews(chunks: Buffer[]): Buffer[] {
+  const out: Buffer[] = [];
+  let i = 0;
+  while (i < chunks.length) {
+    const first = chunks[i]!;
+    let length = first.length;
+    let j = i + 1;
+    while (j < chunks.length && chunks[j]!.buffer === first.buffer && chunks[j]!.byteOffset === first.byteOffset + length) {
+      length += chunks[j]!.length;
+      j++;
+    }
+    out.push(j === i + 1 ? first : Buffer.from(first.buffer, first.byteOffset, length));
+    i = j;
+  }
+  return out;
+}
+
 /** Writes the buffers back to back at `position`, resuming after short writes. */
 export async function writevAll(handle: FileHandle, chunks: Buffer[], position: number): Promise<void> {
   let pending = chunks.filter((c) => c.length > 0);
