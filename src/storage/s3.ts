@@ -285,18 +285,7 @@ export class S3Storage implements Storage {
     if (!stat) throw new StorageReadError(`response to ${doing} lacks a size or an ETag`, { file: key });
     const want = Math.min(length, stat.size);
     const head = Buffer.allocUnsafe(want);
-    let done = 0;
-    try {
-      for await (const chunk of out.Body as Readable) {
-        const bytes = chunk as Buffer;
-        if (done + bytes.length > want) throw new Error(`the response holds more than the ${want} bytes asked for`);
-        bytes.copy(head, done);
-        done += bytes.length;
-      }
-    } catch (err) {
-      throw s3Failure(err, key, doing);
-    }
-    if (done !== want) throw new StorageReadError(`response ended after ${done} of ${want} bytes (while ${doing})`, { file: key });
+    await readBodyInto(out.Body as Readable, head, 0, want, key, doing);
     return { stat, head };
   }
 
@@ -348,19 +337,24 @@ export class S3Storage implements Storage {
       }
       throw s3Failure(err, key, doing);
     }
-    let done = 0;
-    try {
-      for await (const chunk of out.Body as Readable) {
-        const bytes = chunk as Buffer;
-        if (done + bytes.length > length) throw new Error(`the response holds more than the ${length} bytes asked for`);
-        bytes.copy(target, targetOffset + done);
-        done += bytes.length;
-      }
-    } catch (err) {
-      throw s3Failure(err, key, doing);
-    }
-    if (done !== length) throw new StorageReadError(`response ended after ${done} of ${length} bytes (while ${doing})`, { file: key });
+    await readBodyInto(out.Body as Readable, target, targetOffset, length, key, doing);
   }
+}
+
+/** Copies a response body of exactly `length` bytes into `target` at `targetOffset`; more or fewer is an error. */
+async function readBodyInto(body: Readable, target: Buffer, targetOffset: number, length: number, key: string, doing: string): Promise<void> {
+  let done = 0;
+  try {
+    for await (const chunk of body) {
+      const bytes = chunk as Buffer;
+      if (done + bytes.length > length) throw new Error(`the response holds more than the ${length} bytes asked for`);
+      bytes.copy(target, targetOffset + done);
+      done += bytes.length;
+    }
+  } catch (err) {
+    throw s3Failure(err, key, doing);
+  }
+  if (done !== length) throw new StorageReadError(`response ended after ${done} of ${length} bytes (while ${doing})`, { file: key });
 }
 
 /** An ObjectStat from a size and an ETag; undefined when the listing lacks either. */
